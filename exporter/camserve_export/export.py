@@ -1,0 +1,145 @@
+"""export_contract: trace, export, check, then (and only then) put the file in place."""
+
+import contextlib
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import torch
+
+from . import __version__
+from .check import TOLERANCE, check_parity, check_signature
+from .errors import UserError
+from .metadata import INPUT_NAMES, OUTPUT_NAMES, Preprocess, metadata_props, numbered_labels, set_metadata
+from .split import accepts_other_sizes, validate
+from .trace import trace
+
+EXAMPLE_N = 2  # for the eager probes; the traced shapes come from trace_shapes
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    num_classes: int
+    activations_shape: tuple  # [Ch, h, w] at the input size
+    dynamic_hw: bool
+    errors: dict  # worst relative error per output, from check_parity
+    seconds: float
+    notes: list = field(default_factory=list)
+
+
+def trace_shapes(size: int, num_classes: int, dynamic_hw: bool):
+    """Example shapes whose unrelated dims all differ: make_fx gives equal sizes one symbol (duck sizing), which
+    would tie N to C (a 2-class model) or K to C or H to W in the graph. K may exceed C (see ContractGraph)."""
+    taken = {0, 1, 3, num_classes}  # 0 and 1 are always specialized; 3 is the RGB axis
+
+    def pick(candidates):
+        value = next(v for v in candidates if v not in taken)
+        taken.add(value)
+        return value
+
+    n = pick(range(2, 64))
+    k = pick(range(5, 64))
+    h = pick(range(size, size + 64))
+    w = pick(range(h + 16, h + 96)) if dynamic_hw else h
+    return (n, 3, h, w), (n, k, num_classes)
+
+
+def _reserve_temp(out: Path) -> Path:
+    """A temporary file next to the output, so the final rename is atomic; created first so an unwritable
+    path fails before minutes of tracing."""
+    if out.is_dir():
+        raise UserError(f"output path {str(out)!r} is a directory")
+    if not out.parent.is_dir():
+        raise UserError(f"cannot write {str(out)!r}: directory {str(out.parent)!r} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as e:
+        raise UserError(f"cannot write {str(out)!r}: {e.strerror}") from None
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def _frozen(module: torch.nn.Module):
+    """eval() and no parameter gradients while exporting (parameters become constants of the trace);
+    requires_grad is restored afterwards, eval mode is kept."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    module.eval().requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _onnx_export(graph, x, w, dynamic_hw: bool, path: Path) -> None:
+    n = torch.export.Dim("N", min=1, max=1024)
+    k = torch.export.Dim("K", min=1, max=4096)
+    input_dims = {0: n}
+    if dynamic_hw:
+        input_dims.update({2: torch.export.Dim("H", min=32, max=4096), 3: torch.export.Dim("W", min=32, max=4096)})
+    with warnings.catch_warnings():
+        # N names the batch axis of both inputs; torch.onnx warns that the second use of the name is redundant
+        warnings.filterwarnings("ignore", message="# The axis name")
+        program = torch.onnx.export(graph.eval(), (x, w), dynamo=True, dynamic_shapes=(input_dims, {0: n, 1: k}),
+                                    input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), verbose=False)
+    program.save(str(path), external_data=False)
+
+
+def export_contract(split, out, *, input_size: int = 224, labels=None, preprocess: Preprocess = Preprocess(),
+                    source: str = "", dynamic_hw: bool | None = None, tolerance: float = TOLERANCE,
+                    extra_check=None, log=lambda msg: None) -> ExportResult:
+    """Export `split` (HookSplit or ExplicitSplit) to `out` in contract v1. dynamic_hw=None decides by probing
+    the head at another size. extra_check(session) may raise CheckFailed too. Raises UserError or CheckFailed;
+    on any failure `out` is left untouched."""
+    started = time.monotonic()
+    out = Path(out)
+    tmp = _reserve_temp(out)
+    try:
+        with _frozen(split.root):
+            example = torch.randn(EXAMPLE_N, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+            A, logits = validate(split, example)
+            num_classes = logits.shape[1]
+            labels = list(labels) if labels is not None else numbered_labels(num_classes)
+            if len(labels) != num_classes:
+                raise UserError(f"{len(labels)} labels for a model with {num_classes} classes")
+            notes = []
+            if dynamic_hw is None:
+                dynamic_hw = accepts_other_sizes(split, input_size)
+                if not dynamic_hw:
+                    notes.append(f"the head needs the fixed input size: H and W are fixed at {input_size}")
+            log(f"target {split.name!r}: activations {list(A.shape[1:])}, {num_classes} classes, "
+                f"H/W {'dynamic' if dynamic_hw else 'fixed'}")
+
+            x_shape, w_shape = trace_shapes(input_size, num_classes, dynamic_hw)
+            log("tracing (make_fx over torch.func.vjp)")
+            graph = trace(split, torch.randn(x_shape), torch.zeros(w_shape))
+            log("exporting (torch.onnx, dynamo)")
+            _onnx_export(graph, torch.randn(x_shape), torch.zeros(w_shape), dynamic_hw, tmp)
+
+            model = onnx.load(str(tmp))
+            check_signature(model, num_classes, dynamic_hw)
+            source = source or f"target {split.name}"
+            set_metadata(model, metadata_props(labels, split.name, (input_size, input_size), preprocess,
+                                               f"{source}; camserve-export {__version__} (torch {torch.__version__})"))
+            onnx.save(model, str(tmp))
+
+            log("checking against PyTorch autograd with ONNX Runtime")
+            session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            errors = check_parity(session, split, input_size, dynamic_hw, tolerance)
+            if extra_check is not None:
+                extra_check(session)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp made it 0600; the model is read by the server, maybe as another user
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return ExportResult(out, num_classes, tuple(A.shape[1:]), dynamic_hw, errors, time.monotonic() - started, notes)

@@ -1,0 +1,82 @@
+"""Contract v1 names and the camserve.* metadata_props that make an ONNX file self-describing."""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+
+CONTRACT_VERSION = "1"
+INPUT_NAMES = ("input", "class_weights")
+OUTPUT_NAMES = ("logits", "activations", "gradients", "target_class")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What the server does before `input`: stretch-resize to input_size, pixel/255 mapped onto value_range,
+    then (x - mean) / std per channel, channels in channel_order."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    resize: str = "stretch"
+    channel_order: str = "RGB"
+    value_range: tuple[float, float] = field(default=(0.0, 1.0))
+
+    def tensor(self, image, size: int):
+        """A PIL image -> the [1,3,size,size] float32 input the server would feed (bilinear stretch if needed)."""
+        import numpy as np
+        import torch
+
+        image = image.convert("RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), resample=2)  # PIL.Image.BILINEAR
+        lo, hi = self.value_range
+        x = np.asarray(image, dtype=np.float32) / 255.0 * (hi - lo) + lo
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        order = ("resize", "mean", "std", "channel_order", "value_range")
+        return json.dumps({k: list(d[k]) if isinstance(d[k], tuple) else d[k] for k in order})
+
+
+def metadata_props(labels, target_layer, input_size, preprocess, source) -> dict[str, str]:
+    return {
+        "camserve.contract_version": CONTRACT_VERSION,
+        "camserve.labels": json.dumps(list(labels)),
+        "camserve.target_layer": target_layer,
+        "camserve.input_size": json.dumps([int(input_size[0]), int(input_size[1])]),
+        "camserve.preprocess": preprocess.to_json(),
+        "camserve.source": source,
+    }
+
+
+def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
+    keep = [p for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def load_labels(path: str | Path) -> list[str]:
+    """A JSON array of strings, or one label per line (blank lines and surrounding spaces ignored)."""
+    text = Path(path).read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        labels = json.loads(text)
+        if not all(isinstance(x, str) for x in labels):
+            raise ValueError("the JSON labels file must be an array of strings")
+        return labels
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def numbered_labels(n: int) -> list[str]:
+    return [f"class_{i}" for i in range(n)]

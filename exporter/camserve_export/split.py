@@ -1,0 +1,112 @@
+"""Cutting a classifier at the Grad-CAM target: activations(x) -> A and head(x, A) -> logits.
+
+Two ways: a forward hook on a module (HookSplit, works for any model whose target runs exactly once per forward),
+or an explicit (backbone, head) pair (ExplicitSplit, for targets a hook can't name, e.g. a shared module)."""
+
+import difflib
+
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+
+
+class _Stop(Exception):
+    """Raised by the backbone's hook to skip the rest of the forward."""
+
+
+class HookSplit:
+    def __init__(self, model: nn.Module, layer: nn.Module, name: str):
+        self.model, self.layer, self.name = model, layer, name
+        self.root, self.target_module = model, layer  # (model, target) as pytorch-grad-cam takes them
+
+    def activations(self, x):
+        handle = self.layer.register_forward_hook(_raise_output)
+        try:
+            self.model(x)
+        except _Stop as stop:
+            return stop.args[0]
+        finally:
+            handle.remove()
+        raise RuntimeError(f"layer {self.name!r} was not reached")  # validate() rules this out
+
+    def head(self, x, A):
+        """The whole model again with the layer's output replaced by A. The prefix it recomputes is dead code
+        that make_fx's DCE drops. The clone keeps in-place ops after the layer (DenseNet's F.relu(inplace=True)
+        after features.norm5) from writing into A, which is also the `activations` output."""
+        handle = self.layer.register_forward_hook(lambda mod, inp, out: A.clone())
+        try:
+            return self.model(x)
+        finally:
+            handle.remove()
+
+    def logits(self, x):
+        return self.model(x)
+
+
+class ExplicitSplit:
+    def __init__(self, backbone: nn.Module, head: nn.Module, name: str):
+        self.backbone, self.head_module, self.name = backbone, head, name
+        self.root, self.target_module = nn.Sequential(backbone, head), backbone
+
+    def activations(self, x):
+        return self.backbone(x)
+
+    def head(self, x, A):
+        return self.head_module(A)
+
+    def logits(self, x):
+        return self.root(x)
+
+
+def _raise_output(mod, inp, out):
+    raise _Stop(out)
+
+
+def hook_split(model: nn.Module, path: str) -> HookSplit:
+    """Resolve a module path like 'layer4' or 'features.norm5'; unknown paths list the closest names."""
+    names = [n for n, _ in model.named_modules() if n]
+    if path not in names:
+        close = difflib.get_close_matches(path, names, n=5, cutoff=0.4)
+        hint = f"; close names: {', '.join(close)}" if close else f"; top-level modules: {', '.join(n for n in names if '.' not in n)}"
+        raise UserError(f"no layer {path!r} in the model{hint}")
+    return HookSplit(model, model.get_submodule(path), path)
+
+
+def validate(split, example: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One eager forward: the target must run exactly once and give [N,Ch,h,w]; returns (A, logits)."""
+    if isinstance(split, HookSplit):
+        calls = []
+        handle = split.layer.register_forward_hook(lambda mod, inp, out: calls.append(out))
+        try:
+            with torch.no_grad():
+                split.model(example)
+        finally:
+            handle.remove()
+        if not calls:
+            raise UserError(f"layer {split.name!r} is never called in the model's forward (not reached)")
+        if len(calls) > 1:
+            raise UserError(f"layer {split.name!r} is called {len(calls)} times per forward (a shared module?); "
+                            "a hook can't pick one call: use an explicit split (--split module:function)")
+    with torch.no_grad():
+        A = split.activations(example)
+        logits = split.head(example, A)
+    if not isinstance(A, torch.Tensor) or A.dim() != 4:
+        shape = tuple(A.shape) if isinstance(A, torch.Tensor) else type(A).__name__
+        raise UserError(f"target {split.name!r} gives {shape}; Grad-CAM needs a 4-D [N,Ch,h,w] feature map")
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise UserError(f"the model returns {shape}; camserve needs logits [N,C]")
+    return A, logits
+
+
+def accepts_other_sizes(split, size: int) -> bool:
+    """Dynamic H/W is only offered when the head copes with another feature-map size (global or adaptive
+    pooling). A flatten+linear head fails here, and the export stays at the fixed input size."""
+    try:
+        with torch.no_grad():
+            x = torch.zeros(1, 3, size + 32, size + 16)
+            split.head(x, split.activations(x))
+        return True
+    except Exception:  # any failure at another size means: keep H/W fixed
+        return False

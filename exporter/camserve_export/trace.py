@@ -1,0 +1,110 @@
+"""The contract-v1 graph as a PyTorch function, traced to a symbolic FX graph.
+
+Neither torch.onnx exporter can export torch.autograd.grad or torch.func.vjp directly. make_fx can: it traces the
+vjp into plain aten ops (backward ops decomposed), and that graph exports like any forward graph."""
+
+import contextlib
+
+import torch
+import torch.nn as nn
+from torch._decomp import decomposition_table
+from torch.fx.experimental.proxy_tensor import make_fx
+
+aten = torch.ops.aten
+
+
+class ContractGraph(nn.Module):
+    """(input [N,3,H,W], class_weights [N,K,C]) -> logits [N,C], activations [N,Ch,h,w],
+    gradients [N,K,Ch,h,w], target_class [N,K] int64."""
+
+    def __init__(self, split):
+        super().__init__()
+        self.split = split
+
+    def forward(self, x, class_weights):
+        n, k, c = class_weights.shape
+        A = self.split.activations(x)
+
+        # The K seeds are folded into the batch: vjp_fn is linear but has to be called once per seed, and K is
+        # symbolic. The head runs on N*K rows; logits come from its first copy.
+        def rep(t):
+            return t.unsqueeze(1).expand(n, k, *t.shape[1:]).reshape(n * k, *t.shape[1:])
+
+        logits_rep, vjp_fn = torch.func.vjp(lambda a: self.split.head(rep(x), a), rep(A))
+        logits = logits_rep.reshape(n, k, -1)[:, 0]
+
+        # All-zero row k means "k-th best class". A full sort keeps TopK's k static (= C), so K may exceed C
+        # (rows past C clamp to the last-ranked class) and tracing works for any K.
+        ranked = torch.topk(logits, logits.shape[1], dim=1).indices
+        kth = ranked.index_select(1, torch.arange(k).clamp(max=logits.shape[1] - 1))
+        onehot = (kth.unsqueeze(-1) == torch.arange(c)).to(class_weights.dtype)
+        seeds = torch.where(class_weights.abs().sum(-1, keepdim=True) == 0, onehot, class_weights)
+
+        gradients = vjp_fn(seeds.reshape(n * k, c))[0].reshape(n, k, *A.shape[1:])
+        return logits, A, gradients, seeds.argmax(-1)
+
+
+def _pool_matrix(n_in, n_out, dtype):
+    """[n_out, n_in] averaging matrix of adaptive_avg_pool along one axis, built from tensor ops so that
+    symbolic sizes stay symbolic (int() on a SymInt would specialize H and W)."""
+    i = torch.arange(n_out).unsqueeze(1)
+    j = torch.arange(n_in).unsqueeze(0)
+    start = (i * n_in) // n_out
+    end = ((i + 1) * n_in + n_out - 1) // n_out
+    inside = (j >= start) & (j < end)
+    return inside.to(dtype) / (end - start).to(dtype)
+
+
+def _adaptive_avg_pool2d_backward(grad, inp):
+    # torch._decomp has no entry for this op and ONNX has no translation: grad_in = Ph^T @ grad @ Pw.
+    ph = _pool_matrix(inp.shape[-2], grad.shape[-2], grad.dtype)
+    pw = _pool_matrix(inp.shape[-1], grad.shape[-1], grad.dtype)
+    return ph.t() @ grad @ pw
+
+
+def _convolution_backward(grad, inp, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
+                          groups, output_mask):
+    """Input gradient of a 2-D convolution (a conv in the head, e.g. SqueezeNet's classifier); torch._decomp has
+    none. A transposed conv without padding gives the gradient of the zero-padded input, minus rows/columns no
+    window reached (stride remainder): pad those back with zeros, then crop the padding. All sizes stay symbolic."""
+    if transposed or inp.dim() != 4 or list(output_mask) != [True, False, False]:
+        return NotImplemented  # weight/bias gradients are never needed: parameters are constants here
+    full = torch.nn.functional.conv_transpose2d(grad, weight, stride=stride, dilation=dilation, groups=groups)
+    (ph, pw), (h, w) = padding, inp.shape[-2:]
+    full = torch.nn.functional.pad(full, [0, w + 2 * pw - full.shape[-1], 0, h + 2 * ph - full.shape[-2]])
+    return full[:, :, ph:ph + h, pw:pw + w], None, None
+
+
+# Only backward ops are decomposed; forward ops stay whole for the ONNX exporter's own translations.
+DECOMPOSITIONS = {op: fn for op, fn in decomposition_table.items() if "backward" in op.name()}
+DECOMPOSITIONS[aten._adaptive_avg_pool2d_backward.default] = _adaptive_avg_pool2d_backward
+DECOMPOSITIONS[aten.convolution_backward.default] = _convolution_backward
+
+
+@contextlib.contextmanager
+def _out_of_place(root: nn.Module):
+    """Switch modules like ReLU(inplace=True) to out-of-place while tracing. Same numbers; but every in-place op
+    left in the graph costs ~0.2 s of symbolic-shape work when the ONNX exporter functionalizes it (MobileNetV2:
+    37 s -> 10 s to export)."""
+    flipped = [m for m in root.modules() if getattr(m, "inplace", None) is True]
+    for m in flipped:
+        m.inplace = False
+    try:
+        yield
+    finally:
+        for m in flipped:
+            m.inplace = True
+
+
+def trace(split, x: torch.Tensor, class_weights: torch.Tensor) -> torch.fx.GraphModule:
+    """Symbolic trace: every input dim becomes a symbol, so the example sizes must not coincide where the
+    dims are unrelated (duck sizing would give them one symbol); see export.trace_shapes."""
+    # functionalize removes the in-place ops modules can't switch off (x += y in ResNet, F.relu(inplace=True)
+    # in DenseNet) at trace time, where it is cheap.
+    with _out_of_place(split.root):
+        graph = make_fx(torch.func.functionalize(ContractGraph(split), remove="mutations"),
+                        decomposition_table=DECOMPOSITIONS, tracing_mode="symbolic",
+                        _allow_non_fake_inputs=True)(x, class_weights)
+    graph.graph.eliminate_dead_code()  # the prefix HookSplit.head recomputes
+    graph.recompile()
+    return graph

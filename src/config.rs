@@ -1,0 +1,304 @@
+//! One typed configuration: a TOML file, then command-line and environment overrides, validated at start.
+//!
+//! Relative paths in the file are resolved against the file's own directory, so the service starts the same
+//! from any working directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::preprocess::DecodeLimits;
+
+pub const DEFAULT_CONFIG_PATH: &str = "config/default.toml";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub runtime: RuntimeConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub bind: SocketAddr,
+    /// Seconds a request may take end to end before it is answered with 503 `timeout`.
+    pub request_timeout_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            request_timeout_secs: 30,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Path of `libonnxruntime.so.1.31.x` (from the PyPI wheel; `make ort` installs it).
+    pub library: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    /// Checked from the image header, before the pixels are decoded.
+    pub max_image_side: u32,
+    pub max_image_pixels: u64,
+    pub max_classes_per_request: usize,
+}
+
+impl Limits {
+    pub fn decode_limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_width: self.max_image_side,
+            max_height: self.max_image_side,
+            max_pixels: self.max_image_pixels,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 32 * 1024 * 1024,
+            max_image_side: 16_384,
+            max_image_pixels: 40_000_000,
+            max_classes_per_request: 32,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionProvider {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub name: String,
+    pub file: PathBuf,
+    #[serde(default = "default_providers")]
+    pub execution_providers: Vec<ExecutionProvider>,
+    /// ONNX Runtime sessions, each serving one Run at a time on its own thread.
+    #[serde(default = "one")]
+    pub sessions: usize,
+    /// Intra-op threads per session.
+    #[serde(default = "one")]
+    pub threads: usize,
+    /// Requests that may wait for a session; past it the service answers 503 at once.
+    #[serde(default = "default_queue")]
+    pub queue_capacity: usize,
+    /// Overrides of what the model's own metadata says.
+    #[serde(default)]
+    pub overrides: ModelOverrides,
+}
+
+/// Anything here replaces the value from the ONNX file's `camserve.*` metadata.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelOverrides {
+    /// A text file with one label per line.
+    pub labels_file: Option<PathBuf>,
+    pub target_layer: Option<String>,
+    /// [height, width]
+    pub input_size: Option<[usize; 2]>,
+    pub mean: Option<[f32; 3]>,
+    pub std: Option<[f32; 3]>,
+    pub channel_order: Option<String>,
+    pub value_range: Option<[f32; 2]>,
+}
+
+fn default_providers() -> Vec<ExecutionProvider> {
+    vec![ExecutionProvider::Cpu]
+}
+fn one() -> usize {
+    1
+}
+fn default_queue() -> usize {
+    64
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml(&text, base).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses `text`, resolving relative paths against `base`, and validates the result.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::new(),
+            source,
+        })?;
+        config.runtime.library = resolve(base, &config.runtime.library);
+        for model in &mut config.models {
+            model.file = resolve(base, &model.file);
+            if let Some(labels) = &model.overrides.labels_file {
+                model.overrides.labels_file = Some(resolve(base, labels));
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.models.is_empty() {
+            return invalid("no models: add at least one [[models]] entry".into());
+        }
+        for (i, model) in self.models.iter().enumerate() {
+            let valid_name = !model.name.is_empty()
+                && model
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !valid_name {
+                return invalid(format!(
+                    "model name `{}`: use letters, digits, `-`, `_` and `.`",
+                    model.name
+                ));
+            }
+            if self.models[..i].iter().any(|m| m.name == model.name) {
+                return invalid(format!("model `{}` is listed twice", model.name));
+            }
+            if model.sessions == 0 || model.threads == 0 || model.queue_capacity == 0 {
+                return invalid(format!(
+                    "model `{}`: sessions, threads and queue_capacity must be >= 1",
+                    model.name
+                ));
+            }
+            if model.execution_providers.is_empty() {
+                return invalid(format!(
+                    "model `{}`: execution_providers is empty",
+                    model.name
+                ));
+            }
+        }
+        if self.limits.max_classes_per_request == 0 || self.limits.max_body_bytes == 0 {
+            return invalid(
+                "limits.max_classes_per_request and limits.max_body_bytes must be >= 1".into(),
+            );
+        }
+        if self.server.request_timeout_secs == 0 {
+            return invalid("server.request_timeout_secs must be >= 1".into());
+        }
+        Ok(())
+    }
+}
+
+fn resolve(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_owned()
+    } else {
+        base.join(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [runtime]
+        library = "lib/libonnxruntime.so"
+        [[models]]
+        name = "m"
+        file = "models/m.onnx"
+    "#;
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let config = Config::from_toml(MINIMAL, Path::new("/etc/camserve")).unwrap();
+        assert_eq!(config.server.bind.to_string(), "127.0.0.1:8080");
+        assert_eq!(
+            config.runtime.library,
+            Path::new("/etc/camserve/lib/libonnxruntime.so")
+        );
+        let model = &config.models[0];
+        assert_eq!(model.file, Path::new("/etc/camserve/models/m.onnx"));
+        assert_eq!(model.execution_providers, vec![ExecutionProvider::Cpu]);
+        assert_eq!(
+            (model.sessions, model.threads, model.queue_capacity),
+            (1, 1, 64)
+        );
+    }
+
+    #[test]
+    fn rejects_duplicates_unknown_keys_and_bad_names() {
+        let twice = format!("{MINIMAL}\n[[models]]\nname = \"m\"\nfile = \"x.onnx\"\n");
+        let err = Config::from_toml(&twice, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model `m` is listed twice"), "{err}");
+
+        let typo = MINIMAL.replace("file =", "fiel =");
+        let err = Config::from_toml(&typo, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `fiel`"), "{err}");
+
+        let bad_name = MINIMAL.replace("name = \"m\"", "name = \"a/b\"");
+        let err = Config::from_toml(&bad_name, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model name `a/b`"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_default_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
+        let config = Config::from_file(&path).unwrap();
+        assert!(
+            config.models[0]
+                .file
+                .ends_with("models/efficientnet_lite0.onnx")
+        );
+    }
+}

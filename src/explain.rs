@@ -1,0 +1,185 @@
+//! The one pipeline behind `POST /explain`, `POST /predict` and `camserve explain`: bytes -> image -> tensor ->
+//! one Run -> a map and boxes per target class. CPU-heavy steps run on blocking threads, never on the async runtime.
+
+use std::sync::Arc;
+
+use image::RgbImage;
+
+use crate::boxes::{self, Region};
+use crate::cam::{self, CamMethod, Map};
+use crate::config::Limits;
+use crate::engine::EngineError;
+use crate::preprocess::{self, DecodeError};
+use crate::registry::Model;
+
+/// Which classes to explain.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Targets {
+    /// The model's k best classes.
+    TopK(usize),
+    /// These class indices, in this order.
+    Classes(Vec<usize>),
+}
+
+#[derive(Debug, Clone)]
+pub struct ExplainOptions {
+    pub targets: Targets,
+    pub method: CamMethod,
+    /// Fraction of the map's maximum at which it is binarized for boxes (the Grad-CAM paper uses 0.15).
+    pub threshold: f32,
+    pub max_boxes: usize,
+}
+
+impl Default for ExplainOptions {
+    fn default() -> Self {
+        Self {
+            targets: Targets::TopK(1),
+            method: CamMethod::GradCam,
+            threshold: 0.15,
+            max_boxes: 1,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Everything one request computed: the scores, and per target class its map and boxes.
+pub struct Explanation {
+    pub image: RgbImage,
+    pub logits: Vec<f32>,
+    pub probabilities: Vec<f32>,
+    pub targets: Vec<TargetMap>,
+}
+
+pub struct TargetMap {
+    pub class: usize,
+    /// The method's map on the target layer's grid, before ReLU and normalization.
+    pub raw: Map,
+    /// pytorch-grad-cam's display map: ReLU, min-max normalized, upsampled to the image. Overlays and boxes use it.
+    pub heat: Map,
+    pub boxes: Vec<Region>,
+}
+
+/// Class indices by descending score.
+pub fn ranked(scores: &[f32]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    order
+}
+
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    exp.into_iter().map(|e| e / sum).collect()
+}
+
+/// Decodes and preprocesses on a blocking thread.
+async fn prepare(
+    model: &Arc<Model>,
+    bytes: Vec<u8>,
+    limits: &Limits,
+) -> Result<(RgbImage, Vec<f32>), DecodeError> {
+    let model = model.clone();
+    let limits = limits.clone();
+    tokio::task::spawn_blocking(move || {
+        let image = preprocess::decode(&bytes, &limits.decode_limits())?;
+        let p = &model.info.preprocess;
+        let mut tensor = vec![0.0f32; 3 * p.height * p.width];
+        p.write_tensor(&image, &mut tensor);
+        Ok((image, tensor))
+    })
+    .await
+    .expect("preprocessing panicked")
+}
+
+/// Class scores only: one Run with a single all-zero seed row.
+pub async fn predict(
+    model: &Arc<Model>,
+    bytes: Vec<u8>,
+    limits: &Limits,
+) -> Result<Vec<f32>, ExplainError> {
+    let (_, tensor) = prepare(model, bytes, limits).await?;
+    let seeds = vec![0.0; model.info.num_classes()];
+    Ok(model.runner.run(tensor, seeds, 1).await?.logits)
+}
+
+pub async fn explain(
+    model: &Arc<Model>,
+    bytes: Vec<u8>,
+    limits: &Limits,
+    options: &ExplainOptions,
+) -> Result<Explanation, ExplainError> {
+    let (image, tensor) = prepare(model, bytes, limits).await?;
+    let classes = model.info.num_classes();
+    // All targets ride in one Run: one seed row each; an all-zero row k means "the k-th best class".
+    let (seeds, k) = match &options.targets {
+        Targets::TopK(k) => (vec![0.0; k * classes], *k),
+        Targets::Classes(list) => {
+            let mut seeds = vec![0.0; list.len() * classes];
+            for (row, &class) in list.iter().enumerate() {
+                seeds[row * classes + class] = 1.0;
+            }
+            (seeds, list.len())
+        }
+    };
+    let output = model.runner.run(tensor, seeds, k).await?;
+    let options = options.clone();
+    tokio::task::spawn_blocking(move || {
+        let [channels, height, width] = output.activation_shape;
+        let targets = (0..k)
+            .map(|row| {
+                let raw = cam::compute(
+                    options.method,
+                    &output.activations,
+                    output.gradient(row),
+                    channels,
+                    height,
+                    width,
+                );
+                let heat = cam::display_map(&raw, image.width() as usize, image.height() as usize);
+                let boxes = boxes::regions(&heat, options.threshold, options.max_boxes);
+                TargetMap {
+                    class: output.target_class[row],
+                    raw,
+                    heat,
+                    boxes,
+                }
+            })
+            .collect();
+        let probabilities = softmax(&output.logits);
+        Ok(Explanation {
+            image,
+            logits: output.logits,
+            probabilities,
+            targets,
+        })
+    })
+    .await
+    .expect("explaining panicked")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranking_and_softmax_by_hand() {
+        assert_eq!(ranked(&[0.5, 2.0, -1.0, 1.0]), vec![1, 3, 0, 2]);
+        // softmax([0, ln 3]) = [1/4, 3/4]
+        let p = softmax(&[0.0, 3f32.ln()]);
+        assert!(
+            (p[0] - 0.25).abs() < 1e-6 && (p[1] - 0.75).abs() < 1e-6,
+            "{p:?}"
+        );
+        // Large logits must not overflow.
+        let p = softmax(&[1000.0, 1000.0]);
+        assert_eq!(p, vec![0.5, 0.5]);
+    }
+}

@@ -1,0 +1,398 @@
+//! Route handlers: parse, call the pipeline, encode the answer. No math here.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::extract::{FromRequest, Path, RawQuery, Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde::Serialize;
+
+use crate::boxes::Region;
+use crate::cam::{CamMethod, Map};
+use crate::explain::{self, Explanation, TargetMap};
+use crate::http::SharedState;
+use crate::http::error::{ApiError, ErrorCode};
+use crate::http::image_body::ImageBody;
+use crate::http::params::{self, ExplainParams, HeatmapEncoding, MapSize, Output};
+use crate::model::ModelInfo;
+use crate::registry::Model;
+use crate::render;
+
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+pub async fn readyz(State(state): State<SharedState>) -> Response {
+    let models: Vec<&str> = state
+        .registry
+        .iter()
+        .map(|m| m.info.name.as_str())
+        .collect();
+    if state.ready.load(Ordering::SeqCst) {
+        Json(serde_json::json!({ "status": "ready", "models": models })).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "shutting_down", "models": models })),
+        )
+            .into_response()
+    }
+}
+
+pub async fn route_not_found() -> ApiError {
+    ApiError::new(ErrorCode::RouteNotFound, "no such route; see openapi.yaml")
+}
+
+#[derive(Serialize)]
+pub struct ModelView<'a> {
+    name: &'a str,
+    input_size: Size,
+    num_classes: usize,
+    labels: &'a [String],
+    target_layer: &'a str,
+    activation: ActivationShape,
+    methods: Vec<&'static str>,
+    device: crate::config::ExecutionProvider,
+    preprocess: PreprocessView,
+    source: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Size {
+    width: usize,
+    height: usize,
+}
+
+#[derive(Serialize)]
+struct ActivationShape {
+    channels: usize,
+    height: usize,
+    width: usize,
+}
+
+#[derive(Serialize)]
+struct PreprocessView {
+    resize: &'static str,
+    mean: [f32; 3],
+    std: [f32; 3],
+    channel_order: &'static str,
+    value_range: [f32; 2],
+}
+
+impl<'a> From<&'a ModelInfo> for ModelView<'a> {
+    fn from(info: &'a ModelInfo) -> Self {
+        let p = &info.preprocess;
+        let [channels, height, width] = info.activation_shape;
+        Self {
+            name: &info.name,
+            input_size: Size {
+                width: p.width,
+                height: p.height,
+            },
+            num_classes: info.num_classes(),
+            labels: &info.labels,
+            target_layer: &info.target_layer,
+            activation: ActivationShape {
+                channels,
+                height,
+                width,
+            },
+            methods: CamMethod::ALL.iter().map(|m| m.name()).collect(),
+            device: info.device,
+            preprocess: PreprocessView {
+                resize: "stretch",
+                mean: p.mean,
+                std: p.std,
+                channel_order: p.channel_order.name(),
+                value_range: [p.value_range.0, p.value_range.1],
+            },
+            source: info.source.as_deref(),
+        }
+    }
+}
+
+pub async fn list_models(State(state): State<SharedState>) -> Response {
+    let models: Vec<ModelView> = state
+        .registry
+        .iter()
+        .map(|m| ModelView::from(&m.info))
+        .collect();
+    Json(serde_json::json!({ "models": models })).into_response()
+}
+
+fn find_model(state: &SharedState, name: &str) -> Result<Arc<Model>, ApiError> {
+    state.registry.get(name).cloned().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::ModelNotFound,
+            format!("no model named `{name}`; GET /v1/models lists them"),
+        )
+    })
+}
+
+pub async fn get_model(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let model = find_model(&state, &name)?;
+    Ok(Json(ModelView::from(&model.info)).into_response())
+}
+
+#[derive(Serialize)]
+struct Prediction<'a> {
+    class: usize,
+    label: &'a str,
+    probability: f32,
+    logit: f32,
+}
+
+fn predictions<'a>(
+    info: &'a ModelInfo,
+    logits: &[f32],
+    probabilities: &[f32],
+    top_k: usize,
+) -> Vec<Prediction<'a>> {
+    explain::ranked(logits)
+        .into_iter()
+        .take(top_k)
+        .map(|class| Prediction {
+            class,
+            label: &info.labels[class],
+            probability: probabilities[class],
+            logit: logits[class],
+        })
+        .collect()
+}
+
+// The model and the query are checked before the body is read, so those errors come first and cost nothing.
+pub async fn predict(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let model = find_model(&state, &name)?;
+    let top_k = params::predict_top_k(query.as_deref(), &model.info)?;
+    let ImageBody(bytes) = ImageBody::from_request(request, &()).await?;
+    let logits = explain::predict(&model, bytes, &state.limits).await?;
+    let probabilities = explain::softmax(&logits);
+    let body = serde_json::json!({
+        "model": model.info.name,
+        "predictions": predictions(&model.info, &logits, &probabilities, top_k),
+    });
+    Ok(Json(body).into_response())
+}
+
+pub async fn explain(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let model = find_model(&state, &name)?;
+    let params = params::explain(
+        query.as_deref(),
+        &model.info,
+        state.limits.max_classes_per_request,
+    )?;
+    let ImageBody(bytes) = ImageBody::from_request(request, &()).await?;
+    let explanation = explain::explain(&model, bytes, &state.limits, &params.options).await?;
+    let response = tokio::task::spawn_blocking(move || encode(&model.info, &explanation, &params))
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::Internal, "encoding the answer failed"))?;
+    Ok(response)
+}
+
+#[derive(Serialize)]
+struct ExplainBody<'a> {
+    model: &'a str,
+    method: &'static str,
+    image: Size,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    predictions: Option<Vec<Prediction<'a>>>,
+    explanations: Vec<TargetBody<'a>>,
+}
+
+#[derive(Serialize)]
+struct TargetBody<'a> {
+    class: usize,
+    label: &'a str,
+    probability: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    boxes: Option<Vec<BoxBody>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    map: Option<MapBody>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    overlay_png: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heatmap_png: Option<String>,
+}
+
+#[derive(Serialize)]
+struct BoxBody {
+    x_min: usize,
+    y_min: usize,
+    x_max: usize,
+    y_max: usize,
+    width: usize,
+    height: usize,
+    area: usize,
+    mean: f32,
+    peak: f32,
+}
+
+impl From<&Region> for BoxBody {
+    fn from(r: &Region) -> Self {
+        Self {
+            x_min: r.x_min,
+            y_min: r.y_min,
+            x_max: r.x_max,
+            y_max: r.y_max,
+            width: r.x_max - r.x_min,
+            height: r.y_max - r.y_min,
+            area: r.area,
+            mean: r.mean,
+            peak: r.peak,
+        }
+    }
+}
+
+/// A map with its shape and its range on the target layer's grid (upsampled values stay within that range).
+#[derive(Serialize)]
+struct MapBody {
+    shape: [usize; 2],
+    min: f32,
+    max: f32,
+    data: Vec<f32>,
+}
+
+/// Grad-CAM's map: the method's raw map after ReLU, not normalized, on the grid `size` asks for.
+fn cam_map(target: &TargetMap, size: MapSize, info: &ModelInfo, image: Size) -> (Map, (f32, f32)) {
+    let map = target.raw.clone().relu();
+    let range = map.min_max().unwrap_or((0.0, 0.0));
+    let map = match size {
+        MapSize::Activation => map,
+        MapSize::Input => map.resize_bilinear(info.preprocess.width, info.preprocess.height),
+        MapSize::Image => map.resize_bilinear(image.width, image.height),
+    };
+    (map, range)
+}
+
+fn image_size(explanation: &Explanation) -> Size {
+    Size {
+        width: explanation.image.width() as usize,
+        height: explanation.image.height() as usize,
+    }
+}
+
+fn encode(info: &ModelInfo, explanation: &Explanation, params: &ExplainParams) -> Response {
+    let png = |bytes: Vec<u8>| ([(header::CONTENT_TYPE, "image/png")], bytes).into_response();
+    let first = &explanation.targets[0];
+    match params.output {
+        Output::Overlay => {
+            let overlay = render::overlay(&explanation.image, &first.heat, params.alpha);
+            with_map_headers(png(encode_png(&overlay)), first)
+        }
+        Output::Heatmap => {
+            let bytes = match params.heatmap {
+                HeatmapEncoding::Color => encode_png(&render::colormap(&first.heat)),
+                HeatmapEncoding::Gray8 => encode_png(&render::gray8(&first.heat)),
+                HeatmapEncoding::Gray16 => encode_png(&render::gray16(&first.heat)),
+            };
+            with_map_headers(png(bytes), first)
+        }
+        Output::Npy => {
+            let maps: Vec<Map> = explanation
+                .targets
+                .iter()
+                .map(|t| cam_map(t, params.map_size, info, image_size(explanation)).0)
+                .collect();
+            let data: Vec<f32> = maps.iter().flat_map(|m| m.data.iter().copied()).collect();
+            let shape = [maps.len(), maps[0].height, maps[0].width];
+            (
+                [(header::CONTENT_TYPE, "application/x-npy")],
+                render::encode_npy_f32(&shape, &data),
+            )
+                .into_response()
+        }
+        Output::Json | Output::Raw | Output::Boxes => {
+            Json(json_body(info, explanation, params)).into_response()
+        }
+    }
+}
+
+fn json_body<'a>(
+    info: &'a ModelInfo,
+    explanation: &Explanation,
+    params: &ExplainParams,
+) -> ExplainBody<'a> {
+    let with_images = params.output == Output::Json;
+    let with_boxes = matches!(params.output, Output::Json | Output::Boxes);
+    let with_map = matches!(params.output, Output::Json | Output::Raw);
+    let explanations = explanation
+        .targets
+        .iter()
+        .map(|target| TargetBody {
+            class: target.class,
+            label: &info.labels[target.class],
+            probability: explanation.probabilities[target.class],
+            boxes: with_boxes.then(|| target.boxes.iter().map(BoxBody::from).collect()),
+            map: with_map.then(|| {
+                let (map, (min, max)) =
+                    cam_map(target, params.map_size, info, image_size(explanation));
+                MapBody {
+                    shape: [map.height, map.width],
+                    min,
+                    max,
+                    data: map.data,
+                }
+            }),
+            overlay_png: with_images.then(|| {
+                base64_png(encode_png(&render::overlay(
+                    &explanation.image,
+                    &target.heat,
+                    params.alpha,
+                )))
+            }),
+            heatmap_png: with_images
+                .then(|| base64_png(encode_png(&render::colormap(&target.heat)))),
+        })
+        .collect();
+    ExplainBody {
+        model: &info.name,
+        method: params.options.method.name(),
+        image: image_size(explanation),
+        predictions: (params.output == Output::Json)
+            .then(|| predictions(info, &explanation.logits, &explanation.probabilities, 5)),
+        explanations,
+    }
+}
+
+/// Encoding into memory fails only on an internal bug (a zero-sized image), never on client input.
+fn encode_png<P>(image: &image::ImageBuffer<P, Vec<P::Subpixel>>) -> Vec<u8>
+where
+    P: image::PixelWithColorType,
+    [P::Subpixel]: image::EncodableLayout,
+{
+    render::encode_png(image).expect("encoding a PNG into memory")
+}
+
+fn base64_png(bytes: Vec<u8>) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Which class an image answer shows, and the range of the map its colours span.
+fn with_map_headers(mut response: Response, target: &TargetMap) -> Response {
+    let (min, max) = target.raw.clone().relu().min_max().unwrap_or((0.0, 0.0));
+    let headers = response.headers_mut();
+    headers.insert(
+        HeaderName::from_static("x-cam-class"),
+        HeaderValue::from(target.class),
+    );
+    if let Ok(range) = HeaderValue::from_str(&format!("{min},{max}")) {
+        headers.insert(HeaderName::from_static("x-cam-range"), range);
+    }
+    response
+}

@@ -1,0 +1,137 @@
+//! Routes, the request middleware (request ids, error envelopes, access logs) and the server loop.
+
+mod error;
+mod handlers;
+mod image_body;
+mod params;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::{HeaderValue, header};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+pub use error::{ApiError, ErrorCode};
+
+use crate::config::Limits;
+use crate::registry::Registry;
+
+pub struct AppState {
+    pub registry: Registry,
+    pub limits: Limits,
+    /// False once shutdown has begun, so that load balancers stop sending new requests.
+    pub ready: AtomicBool,
+}
+
+pub type SharedState = Arc<AppState>;
+
+/// The request id of the request being served, from `x-request-id` or made here.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+pub fn router(state: SharedState) -> Router {
+    let body_limit = state.limits.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
+        .route("/v1/models", get(handlers::list_models))
+        .route("/v1/models/{model}", get(handlers::get_model))
+        .route("/v1/models/{model}/predict", post(handlers::predict))
+        .route("/v1/models/{model}/explain", post(handlers::explain))
+        .fallback(handlers::route_not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(request_context))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves, then stops taking requests and lets those in flight finish.
+pub async fn serve(
+    listener: TcpListener,
+    state: SharedState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(state.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            state.ready.store(false, Ordering::SeqCst);
+        })
+        .await
+}
+
+/// Gives every request an id, turns every error into the JSON envelope carrying that id, and logs the request.
+async fn request_context(mut request: Request, next: Next) -> Response {
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(new_request_id, str::to_owned);
+    request
+        .extensions_mut()
+        .insert(RequestId(request_id.clone()));
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let method = request.method().clone();
+    let span = tracing::info_span!("request", request_id = %request_id, %method, route = %route);
+    let started = Instant::now();
+
+    let mut response = next.run(request).instrument(span.clone()).await;
+
+    let status = response.status();
+    if let Some(error) = response.extensions_mut().remove::<ApiError>() {
+        response = error.envelope(&request_id);
+    } else if (status.is_client_error() || status.is_server_error()) && !is_json(&response) {
+        // Rejections from axum itself (unknown method, body limit) come as plain text.
+        let code = ErrorCode::for_status(status);
+        let message = status.canonical_reason().unwrap_or("error").to_lowercase();
+        let headers = std::mem::take(response.headers_mut());
+        response = ApiError::new(code, message).envelope(&request_id);
+        if let Some(allow) = headers.get(header::ALLOW) {
+            response.headers_mut().insert(header::ALLOW, allow.clone());
+        }
+    }
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    span.in_scope(|| {
+        tracing::info!(
+            status = response.status().as_u16(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "served"
+        )
+    });
+    response
+}
+
+fn is_json(response: &Response) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"))
+}
+
+/// A process-unique id: a random per-process prefix and a counter, so ids never repeat and need no RNG.
+fn new_request_id() -> String {
+    use std::hash::{BuildHasher, RandomState};
+    static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| RandomState::new().hash_one(std::process::id()));
+    format!(
+        "{:016x}-{:08x}",
+        prefix,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}

@@ -1,0 +1,275 @@
+//! Query parameters of `predict` and `explain`, parsed by hand: `class` repeats, and every mistake gets a message
+//! that names the parameter. Unknown parameters are refused so that a typo never silently falls back to a default.
+
+use crate::cam::CamMethod;
+use crate::explain::{ExplainOptions, Targets};
+use crate::http::error::{ApiError, ErrorCode};
+use crate::model::ModelInfo;
+
+/// What `explain` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Json,
+    Overlay,
+    Heatmap,
+    Raw,
+    Npy,
+    Boxes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeatmapEncoding {
+    Color,
+    Gray8,
+    Gray16,
+}
+
+/// The grid a raw map is returned on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapSize {
+    /// The target layer's own grid, e.g. 7x7.
+    Activation,
+    /// The model's input size, as pytorch-grad-cam returns maps.
+    Input,
+    /// The uploaded image's size.
+    Image,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExplainParams {
+    pub options: ExplainOptions,
+    pub output: Output,
+    pub alpha: f32,
+    pub heatmap: HeatmapEncoding,
+    pub map_size: MapSize,
+}
+
+const EXPLAIN_KEYS: &[&str] = &[
+    "class",
+    "top_k",
+    "method",
+    "output",
+    "alpha",
+    "heatmap",
+    "threshold",
+    "max_boxes",
+    "map_size",
+];
+
+fn pairs(query: Option<&str>, allowed: &[&str]) -> Result<Vec<(String, String)>, ApiError> {
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if let Some((key, _)) = pairs.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::new(
+            ErrorCode::UnknownParameter,
+            format!(
+                "unknown query parameter `{key}`; this route takes {}",
+                allowed.join(", ")
+            ),
+        ));
+    }
+    Ok(pairs)
+}
+
+/// The single value of `key`, parsed; a parameter given twice is an error rather than a guess.
+fn single<T: std::str::FromStr>(
+    pairs: &[(String, String)],
+    key: &str,
+    expected: &str,
+) -> Result<Option<T>, ApiError> {
+    let mut values = pairs.iter().filter(|(k, _)| k == key).map(|(_, v)| v);
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(invalid(format!("`{key}` is given more than once")));
+    }
+    value
+        .parse()
+        .map(Some)
+        .map_err(|_| invalid(format!("`{key}` must be {expected}, got `{value}`")))
+}
+
+fn invalid(message: String) -> ApiError {
+    ApiError::new(ErrorCode::InvalidParameter, message)
+}
+
+fn choice<T: Copy>(
+    pairs: &[(String, String)],
+    key: &str,
+    choices: &[(&str, T)],
+    default: T,
+) -> Result<T, ApiError> {
+    let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+    match single::<String>(pairs, key, "")? {
+        None => Ok(default),
+        Some(value) => choices
+            .iter()
+            .find(|(name, _)| *name == value)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "`{key}` must be one of {}, got `{value}`",
+                    names.join(", ")
+                ))
+            }),
+    }
+}
+
+/// `top_k` for `predict` (default 5, clipped to the class count).
+pub fn predict_top_k(query: Option<&str>, model: &ModelInfo) -> Result<usize, ApiError> {
+    let pairs = pairs(query, &["top_k"])?;
+    let top_k = single::<usize>(&pairs, "top_k", "a positive integer")?.unwrap_or(5);
+    if top_k == 0 {
+        return Err(invalid("`top_k` must be at least 1".into()));
+    }
+    Ok(top_k.min(model.num_classes()))
+}
+
+pub fn explain(
+    query: Option<&str>,
+    model: &ModelInfo,
+    max_classes: usize,
+) -> Result<ExplainParams, ApiError> {
+    let pairs = pairs(query, EXPLAIN_KEYS)?;
+    let classes: Vec<&str> = pairs
+        .iter()
+        .filter(|(k, _)| k == "class")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let top_k = single::<usize>(&pairs, "top_k", "a positive integer")?;
+    let targets = match (classes.is_empty(), top_k) {
+        (false, Some(_)) => return Err(invalid("give either `class` or `top_k`, not both".into())),
+        (true, None) => Targets::TopK(1),
+        (true, Some(0)) => return Err(invalid("`top_k` must be at least 1".into())),
+        (true, Some(k)) => Targets::TopK(k),
+        (false, None) => Targets::Classes(
+            classes
+                .iter()
+                .map(|c| resolve_class(c, model))
+                .collect::<Result<_, _>>()?,
+        ),
+    };
+    let count = match &targets {
+        Targets::TopK(k) => *k,
+        Targets::Classes(list) => list.len(),
+    };
+    if count > model.num_classes() {
+        return Err(ApiError::new(
+            ErrorCode::ClassOutOfRange,
+            format!(
+                "{count} classes asked for, the model has {}",
+                model.num_classes()
+            ),
+        ));
+    }
+    if count > max_classes {
+        return Err(ApiError::new(
+            ErrorCode::TooManyClasses,
+            format!("{count} classes asked for; at most {max_classes} per request"),
+        ));
+    }
+
+    let methods: Vec<(&str, CamMethod)> = CamMethod::ALL.iter().map(|m| (m.name(), *m)).collect();
+    let method = choice(&pairs, "method", &methods, CamMethod::GradCam)?;
+    let output = choice(
+        &pairs,
+        "output",
+        &[
+            ("json", Output::Json),
+            ("overlay", Output::Overlay),
+            ("heatmap", Output::Heatmap),
+            ("raw", Output::Raw),
+            ("npy", Output::Npy),
+            ("boxes", Output::Boxes),
+        ],
+        Output::Json,
+    )?;
+    let heatmap = choice(
+        &pairs,
+        "heatmap",
+        &[
+            ("color", HeatmapEncoding::Color),
+            ("gray8", HeatmapEncoding::Gray8),
+            ("gray16", HeatmapEncoding::Gray16),
+        ],
+        HeatmapEncoding::Color,
+    )?;
+    let map_size = choice(
+        &pairs,
+        "map_size",
+        &[
+            ("activation", MapSize::Activation),
+            ("input", MapSize::Input),
+            ("image", MapSize::Image),
+        ],
+        MapSize::Activation,
+    )?;
+    let alpha = single::<f32>(&pairs, "alpha", "a number from 0 to 1")?.unwrap_or(0.5);
+    if !(0.0..=1.0).contains(&alpha) {
+        return Err(invalid(format!("`alpha` must be from 0 to 1, got {alpha}")));
+    }
+    let threshold =
+        single::<f32>(&pairs, "threshold", "a number above 0, at most 1")?.unwrap_or(0.15);
+    if !(threshold > 0.0 && threshold <= 1.0) {
+        return Err(invalid(format!(
+            "`threshold` must be above 0 and at most 1, got {threshold}"
+        )));
+    }
+    let max_boxes = single::<usize>(&pairs, "max_boxes", "an integer from 0 to 100")?.unwrap_or(1);
+    if max_boxes > 100 {
+        return Err(invalid(format!(
+            "`max_boxes` must be from 0 to 100, got {max_boxes}"
+        )));
+    }
+    if matches!(output, Output::Overlay | Output::Heatmap) && count != 1 {
+        return Err(ApiError::new(
+            ErrorCode::SingleTargetRequired,
+            format!(
+                "output={} draws one class, {count} were asked for; use output=json for several",
+                output_name(output)
+            ),
+        ));
+    }
+    Ok(ExplainParams {
+        options: ExplainOptions {
+            targets,
+            method,
+            threshold,
+            max_boxes,
+        },
+        output,
+        alpha,
+        heatmap,
+        map_size,
+    })
+}
+
+fn output_name(output: Output) -> &'static str {
+    match output {
+        Output::Json => "json",
+        Output::Overlay => "overlay",
+        Output::Heatmap => "heatmap",
+        Output::Raw => "raw",
+        Output::Npy => "npy",
+        Output::Boxes => "boxes",
+    }
+}
+
+fn resolve_class(class: &str, model: &ModelInfo) -> Result<usize, ApiError> {
+    model.class_index(class).ok_or_else(|| {
+        let message = if class.parse::<usize>().is_ok() {
+            format!(
+                "class {class} is out of range: the model has classes 0 to {}",
+                model.num_classes() - 1
+            )
+        } else {
+            format!(
+                "no class is labelled `{class}`; GET /v1/models/{} lists the labels",
+                model.name
+            )
+        };
+        ApiError::new(ErrorCode::ClassOutOfRange, message)
+    })
+}

@@ -1,0 +1,228 @@
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use camserve::config::{Config, DEFAULT_CONFIG_PATH};
+use camserve::explain::{self, ExplainOptions, Targets};
+use camserve::http::{self, AppState};
+use camserve::registry::Registry;
+use camserve::{render, runtime};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Grad-CAM explanations for ONNX image classifiers, over HTTP"
+)]
+struct Cli {
+    /// Log format: plain text, or one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        env = "CAMSERVE_LOG_FORMAT",
+        default_value = "plain"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct Setup {
+    #[arg(long, env = "CAMSERVE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Overrides `runtime.library` of the config.
+    #[arg(long, env = "CAMSERVE_ORT_LIBRARY")]
+    ort_library: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the configured models over HTTP.
+    Serve {
+        #[command(flatten)]
+        setup: Setup,
+        /// Overrides `server.bind` of the config.
+        #[arg(long, env = "CAMSERVE_BIND")]
+        bind: Option<SocketAddr>,
+    },
+    /// Explain one image with one model, without HTTP: writes the overlay PNG, prints the JSON summary.
+    Explain {
+        #[command(flatten)]
+        setup: Setup,
+        #[arg(long)]
+        model: String,
+        image: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// A class index or label; repeatable. Default: the top class.
+        #[arg(long)]
+        class: Vec<String>,
+        #[arg(long, default_value_t = 0.5)]
+        alpha: f32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Serve { setup, bind } => serve(setup, bind),
+        Command::Explain {
+            setup,
+            model,
+            image,
+            output,
+            class,
+            alpha,
+        } => explain_file(setup, &model, &image, &output, &class, alpha),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("camserve: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    // ONNX Runtime's own log is verbose; keep its warnings only.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Plain => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
+}
+
+/// Reads the config and loads ONNX Runtime and the models (only `only` when given).
+fn load(setup: &Setup, only: Option<&str>) -> anyhow::Result<(Config, Registry)> {
+    let mut config = Config::from_file(&setup.config)?;
+    if let Some(library) = &setup.ort_library {
+        config.runtime.library = library.clone();
+    }
+    let runtime = runtime::init(&config.runtime.library)?;
+    tracing::info!(version = %runtime.version, library = %config.runtime.library.display(), "ONNX Runtime loaded");
+    let models: Vec<_> = config
+        .models
+        .iter()
+        .filter(|m| only.is_none_or(|name| m.name == name))
+        .cloned()
+        .collect();
+    if let Some(name) = only
+        && models.is_empty()
+    {
+        bail!("no model named `{name}` in {}", setup.config.display());
+    }
+    let registry = Registry::load(&runtime, &models)?;
+    Ok((config, registry))
+}
+
+fn serve(setup: Setup, bind: Option<SocketAddr>) -> anyhow::Result<()> {
+    let (config, registry) = load(&setup, None)?;
+    let bind = bind.unwrap_or(config.server.bind);
+    let state = Arc::new(AppState {
+        registry,
+        limits: config.limits.clone(),
+        ready: AtomicBool::new(true),
+    });
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(bind)
+            .await
+            .with_context(|| format!("cannot bind {bind}"))?;
+        tracing::info!(address = %listener.local_addr()?, "serving");
+        http::serve(listener, state, shutdown_signal()).await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = interrupt => {},
+        _ = terminate.recv() => {},
+    }
+    tracing::info!("shutdown requested: finishing requests in flight");
+}
+
+fn explain_file(
+    setup: Setup,
+    model_name: &str,
+    image: &Path,
+    output: &Path,
+    classes: &[String],
+    alpha: f32,
+) -> anyhow::Result<()> {
+    let (config, registry) = load(&setup, Some(model_name))?;
+    let model = registry.get(model_name).expect("loaded above").clone();
+    let targets = if classes.is_empty() {
+        Targets::TopK(1)
+    } else {
+        Targets::Classes(
+            classes
+                .iter()
+                .map(|c| {
+                    model
+                        .info
+                        .class_index(c)
+                        .with_context(|| format!("model `{model_name}` has no class `{c}`"))
+                })
+                .collect::<anyhow::Result<_>>()?,
+        )
+    };
+    let bytes = std::fs::read(image).with_context(|| format!("cannot read {}", image.display()))?;
+    let options = ExplainOptions {
+        targets,
+        ..ExplainOptions::default()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let explanation =
+        runtime.block_on(explain::explain(&model, bytes, &config.limits, &options))?;
+    let target = &explanation.targets[0];
+    let overlay = render::overlay(&explanation.image, &target.heat, alpha);
+    std::fs::write(output, render::encode_png(&overlay)?)
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    let summary: Vec<_> = explanation
+        .targets
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "class": t.class,
+                "label": model.info.labels[t.class],
+                "probability": explanation.probabilities[t.class],
+                "boxes": t.boxes.iter().map(|b| [b.x_min, b.y_min, b.x_max, b.y_max]).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(
+            &serde_json::json!({ "model": model_name, "explanations": summary })
+        )?
+    );
+    Ok(())
+}

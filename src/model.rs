@@ -1,0 +1,510 @@
+//! A model file checked against camserve's contract (DESIGN.md §1), its metadata, and one Run of it.
+//!
+//! Contract v1: inputs `input` f32 [N,3,H,W] and `class_weights` f32 [N,K,C]; outputs `logits` f32 [N,C],
+//! `activations` f32 [N,Ch,h,w], `gradients` f32 [N,K,Ch,h,w] and `target_class` i64 [N,K]. An all-zero seed row
+//! k asks for the model's k-th best class.
+
+use std::path::{Path, PathBuf};
+
+use ort::session::Session;
+use ort::value::{Outlet, TensorElementType, TensorRef, ValueType};
+use serde::Deserialize;
+
+use crate::config::{ExecutionProvider, ModelConfig, ModelOverrides};
+use crate::preprocess::{ChannelOrder, Preprocess};
+use crate::runtime::Runtime;
+
+pub const CONTRACT_VERSION: &str = "1";
+
+/// (name, element type, rank) of every input and output the contract requires.
+const INPUTS: [(&str, TensorElementType, usize); 2] = [
+    ("input", TensorElementType::Float32, 4),
+    ("class_weights", TensorElementType::Float32, 3),
+];
+const OUTPUTS: [(&str, TensorElementType, usize); 4] = [
+    ("logits", TensorElementType::Float32, 2),
+    ("activations", TensorElementType::Float32, 4),
+    ("gradients", TensorElementType::Float32, 5),
+    ("target_class", TensorElementType::Int64, 2),
+];
+
+/// What the service knows about a loaded model; immutable once loaded.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    pub file: PathBuf,
+    pub labels: Vec<String>,
+    pub target_layer: String,
+    pub preprocess: Preprocess,
+    /// [channels, height, width] of the target layer at the model's input size.
+    pub activation_shape: [usize; 3],
+    /// The execution provider the sessions really run on.
+    pub device: ExecutionProvider,
+    pub source: Option<String>,
+}
+
+impl ModelInfo {
+    pub fn num_classes(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// A class given as an index or as a label (exact, else case-insensitive when that is unambiguous).
+    pub fn class_index(&self, class: &str) -> Option<usize> {
+        if let Ok(index) = class.parse::<usize>() {
+            return (index < self.num_classes()).then_some(index);
+        }
+        if let Some(index) = self.labels.iter().position(|l| l == class) {
+            return Some(index);
+        }
+        let mut matches = self
+            .labels
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.eq_ignore_ascii_case(class));
+        match (matches.next(), matches.next()) {
+            (Some((index, _)), None) => Some(index),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("model `{name}` ({file}) refused: {reason}")]
+pub struct ModelError {
+    pub name: String,
+    pub file: PathBuf,
+    pub reason: String,
+}
+
+/// The outputs of one Run for one image: logits [C], activations [Ch,h,w], gradients [K,Ch,h,w], classes [K].
+#[derive(Debug, Clone)]
+pub struct RunOutput {
+    pub logits: Vec<f32>,
+    pub activations: Vec<f32>,
+    pub activation_shape: [usize; 3],
+    pub gradients: Vec<f32>,
+    pub target_class: Vec<usize>,
+}
+
+impl RunOutput {
+    /// The gradient block of the k-th seed, [Ch,h,w].
+    pub fn gradient(&self, k: usize) -> &[f32] {
+        let len = self.activations.len();
+        &self.gradients[k * len..(k + 1) * len]
+    }
+}
+
+/// One Run: `input` is one preprocessed image [3,H,W], `seeds` K rows of C class weights.
+pub fn run(
+    session: &mut Session,
+    input: &[f32],
+    size: [usize; 2],
+    seeds: &[f32],
+    k: usize,
+) -> ort::Result<RunOutput> {
+    let classes = seeds.len() / k;
+    let outputs = session.run(ort::inputs![
+        "input" => TensorRef::from_array_view(([1, 3, size[0], size[1]], input))?,
+        "class_weights" => TensorRef::from_array_view(([1, k, classes], seeds))?,
+    ])?;
+    let (_, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
+    let (act_shape, activations) = outputs["activations"].try_extract_tensor::<f32>()?;
+    let (_, gradients) = outputs["gradients"].try_extract_tensor::<f32>()?;
+    let (_, target_class) = outputs["target_class"].try_extract_tensor::<i64>()?;
+    let activation_shape = [
+        act_shape[1] as usize,
+        act_shape[2] as usize,
+        act_shape[3] as usize,
+    ];
+    let shape_error =
+        |what: &str| ort::Error::new(format!("the model returned {what} of an unexpected size"));
+    if logits.len() != classes {
+        return Err(shape_error("logits"));
+    }
+    if gradients.len() != k * activations.len() {
+        return Err(shape_error("gradients"));
+    }
+    if target_class.len() != k || target_class.iter().any(|&c| c < 0 || c as usize >= classes) {
+        return Err(shape_error("target_class"));
+    }
+    Ok(RunOutput {
+        logits: logits.to_vec(),
+        activations: activations.to_vec(),
+        activation_shape,
+        gradients: gradients.to_vec(),
+        target_class: target_class.iter().map(|&c| c as usize).collect(),
+    })
+}
+
+/// Opens `config.sessions` sessions, checks the contract and the metadata, and probes the model once.
+pub fn load(
+    runtime: &Runtime,
+    config: &ModelConfig,
+) -> Result<(ModelInfo, Vec<Session>), ModelError> {
+    let refuse = |reason: String| ModelError {
+        name: config.name.clone(),
+        file: config.file.clone(),
+        reason,
+    };
+    if !config.file.is_file() {
+        return Err(refuse("the file does not exist".into()));
+    }
+    let (mut first, device) = open_session(runtime, config).map_err(refuse)?;
+
+    let problems = signature_problems(&first);
+    if !problems.is_empty() {
+        return Err(refuse(format!(
+            "it does not meet camserve contract v{CONTRACT_VERSION}: {}",
+            problems.join("; ")
+        )));
+    }
+    let meta = read_metadata(&first, &config.overrides).map_err(refuse)?;
+    let classes_in_graph = [
+        static_dim(&first, true, "logits", 1),
+        static_dim(&first, false, "class_weights", 2),
+    ];
+    for (what, dim) in ["logits", "class_weights"].iter().zip(classes_in_graph) {
+        if let Some(dim) = dim.filter(|&d| d != meta.labels.len()) {
+            return Err(refuse(format!(
+                "{what} has {dim} classes but there are {} labels",
+                meta.labels.len()
+            )));
+        }
+    }
+    let activation_shape = probe(&mut first, &meta).map_err(refuse)?;
+
+    let mut sessions = vec![first];
+    for _ in 1..config.sessions {
+        sessions.push(open_session(runtime, config).map_err(refuse)?.0);
+    }
+    let info = ModelInfo {
+        name: config.name.clone(),
+        file: config.file.clone(),
+        labels: meta.labels,
+        target_layer: meta.target_layer,
+        preprocess: meta.preprocess,
+        activation_shape,
+        device,
+        source: meta.source,
+    };
+    Ok((info, sessions))
+}
+
+/// Builds a session on the first execution provider that registers; ONNX Runtime would otherwise fall back to CPU
+/// without a word, so each failure is logged and the device that was really obtained is returned.
+fn open_session(
+    runtime: &Runtime,
+    config: &ModelConfig,
+) -> Result<(Session, ExecutionProvider), String> {
+    let ort_error = |e: ort::Error| format!("ONNX Runtime cannot open it: {e}");
+    let mut builder = Session::builder(&runtime.environment)
+        .and_then(|b| {
+            Ok(b.with_intra_threads(config.threads)?
+                .with_inter_threads(1)?)
+        })
+        .map_err(ort_error)?;
+    let mut device = ExecutionProvider::Cpu;
+    for provider in &config.execution_providers {
+        match provider {
+            ExecutionProvider::Cpu => break,
+            ExecutionProvider::Cuda => {
+                let cuda = ort::ep::CUDA::default().build().error_on_failure();
+                match builder.with_execution_providers([cuda]) {
+                    Ok(b) => {
+                        builder = b;
+                        device = ExecutionProvider::Cuda;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(model = %config.name, error = %e, "CUDA execution provider unavailable");
+                        builder = e.recover();
+                    }
+                }
+            }
+        }
+    }
+    if !config.execution_providers.contains(&device) {
+        return Err(format!(
+            "none of the execution providers {:?} is available",
+            config.execution_providers
+        ));
+    }
+    let session = builder.commit_from_file(&config.file).map_err(ort_error)?;
+    Ok((session, device))
+}
+
+/// Every way the session's inputs and outputs differ from the contract, in words.
+fn signature_problems(session: &Session) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut check =
+        |kind: &str, outlets: &[Outlet], (name, ty, rank): (&str, TensorElementType, usize)| {
+            let Some(outlet) = outlets.iter().find(|o| o.name() == name) else {
+                problems.push(format!(
+                    "missing {kind} `{name}` ({} rank {rank})",
+                    type_name(ty)
+                ));
+                return;
+            };
+            match outlet.dtype() {
+                ValueType::Tensor {
+                    ty: actual, shape, ..
+                } => {
+                    if *actual != ty {
+                        problems.push(format!(
+                            "{kind} `{name}` is {}, expected {}",
+                            type_name(*actual),
+                            type_name(ty)
+                        ));
+                    }
+                    if shape.len() != rank {
+                        problems.push(format!(
+                            "{kind} `{name}` has rank {}, expected {rank}",
+                            shape.len()
+                        ));
+                    }
+                }
+                _ => problems.push(format!("{kind} `{name}` is not a tensor")),
+            }
+        };
+    for spec in INPUTS {
+        check("input", session.inputs(), spec);
+    }
+    for spec in OUTPUTS {
+        check("output", session.outputs(), spec);
+    }
+    problems
+}
+
+fn type_name(ty: TensorElementType) -> String {
+    match ty {
+        TensorElementType::Float32 => "float32".into(),
+        TensorElementType::Int64 => "int64".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+fn static_dim(session: &Session, output: bool, name: &str, axis: usize) -> Option<usize> {
+    let outlets = if output {
+        session.outputs()
+    } else {
+        session.inputs()
+    };
+    let ValueType::Tensor { shape, .. } = outlets.iter().find(|o| o.name() == name)?.dtype() else {
+        return None;
+    };
+    usize::try_from(*shape.get(axis)?).ok()
+}
+
+struct Metadata {
+    labels: Vec<String>,
+    target_layer: String,
+    preprocess: Preprocess,
+    source: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreprocessMetadata {
+    resize: String,
+    mean: [f32; 3],
+    std: [f32; 3],
+    channel_order: String,
+    value_range: [f32; 2],
+}
+
+/// The `camserve.*` metadata, with config overrides taking precedence; names every missing or malformed key.
+fn read_metadata(session: &Session, overrides: &ModelOverrides) -> Result<Metadata, String> {
+    let metadata = session
+        .metadata()
+        .map_err(|e| format!("cannot read its metadata: {e}"))?;
+    let get = |key: &str| metadata.custom(&format!("camserve.{key}"));
+    let mut problems = Vec::new();
+
+    if let Some(version) = get("contract_version").filter(|v| v != CONTRACT_VERSION) {
+        problems.push(format!("metadata `camserve.contract_version` is {version:?}, this server speaks {CONTRACT_VERSION:?}"));
+    }
+    let labels = match &overrides.labels_file {
+        Some(path) => read_labels_file(path).map_err(|e| problems.push(e)).ok(),
+        None => parse_key(
+            get("labels"),
+            "labels",
+            "a JSON array of class names",
+            &mut problems,
+        ),
+    };
+    let target_layer = overrides
+        .target_layer
+        .clone()
+        .or_else(|| get("target_layer"))
+        .unwrap_or_default();
+    let input_size = overrides.input_size.or_else(|| {
+        parse_key::<[usize; 2]>(
+            get("input_size"),
+            "input_size",
+            "JSON [height, width]",
+            &mut problems,
+        )
+    });
+    let meta = if [overrides.mean, overrides.std].iter().all(Option::is_some)
+        && overrides.channel_order.is_some()
+    {
+        None
+    } else {
+        parse_key::<PreprocessMetadata>(
+            get("preprocess"),
+            "preprocess",
+            "a JSON object",
+            &mut problems,
+        )
+    };
+    if let Some(meta) = &meta
+        && meta.resize != "stretch"
+    {
+        problems.push(format!(
+            "metadata `camserve.preprocess.resize` is {:?}; only \"stretch\" is supported",
+            meta.resize
+        ));
+    }
+    let channel_order = overrides
+        .channel_order
+        .clone()
+        .or(meta.as_ref().map(|m| m.channel_order.clone()));
+    let channel_order = match channel_order.as_deref() {
+        Some("RGB") | None => ChannelOrder::Rgb,
+        Some("BGR") => ChannelOrder::Bgr,
+        Some(other) => {
+            problems.push(format!(
+                "channel_order {other:?} is neither \"RGB\" nor \"BGR\""
+            ));
+            ChannelOrder::Rgb
+        }
+    };
+    if let Some(labels) = &labels
+        && labels.is_empty()
+    {
+        problems.push("the label list is empty".into());
+    }
+    match (labels, input_size) {
+        (Some(labels), Some([height, width])) if problems.is_empty() => {
+            let mean = overrides
+                .mean
+                .or(meta.as_ref().map(|m| m.mean))
+                .unwrap_or_default();
+            let std = overrides
+                .std
+                .or(meta.as_ref().map(|m| m.std))
+                .unwrap_or([1.0; 3]);
+            let [lo, hi] = overrides
+                .value_range
+                .or(meta.as_ref().map(|m| m.value_range))
+                .unwrap_or([0.0, 1.0]);
+            if std.contains(&0.0) || height == 0 || width == 0 {
+                return Err("std must be non-zero and input_size positive".into());
+            }
+            Ok(Metadata {
+                labels,
+                target_layer,
+                preprocess: Preprocess {
+                    width,
+                    height,
+                    mean,
+                    std,
+                    channel_order,
+                    value_range: (lo, hi),
+                },
+                source: get("source"),
+            })
+        }
+        _ => Err(format!(
+            "{} (export it with camserve-export, or set the values under [models.overrides])",
+            problems.join("; ")
+        )),
+    }
+}
+
+fn parse_key<T: for<'de> Deserialize<'de>>(
+    value: Option<String>,
+    key: &str,
+    expected: &str,
+    problems: &mut Vec<String>,
+) -> Option<T> {
+    let Some(value) = value else {
+        problems.push(format!("metadata `camserve.{key}` is missing"));
+        return None;
+    };
+    serde_json::from_str(&value)
+        .map_err(|e| problems.push(format!("metadata `camserve.{key}` is not {expected}: {e}")))
+        .ok()
+}
+
+fn read_labels_file(path: &Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read labels file {}: {e}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Runs the model once on a fixed pattern and checks what the contract promises: the shapes, that seeds pick the
+/// classes they name, that an all-zero row picks the k-th best class, and that gradients change with the class
+/// (a gradient that ignores the seed is the signature of a broken export). Doubles as the warm-up Run.
+fn probe(session: &mut Session, meta: &Metadata) -> Result<[usize; 3], String> {
+    let (height, width) = (meta.preprocess.height, meta.preprocess.width);
+    let classes = meta.labels.len();
+    let input: Vec<f32> = (0..3 * height * width)
+        .map(|i| ((i % 251) as f32 / 125.0 - 1.0) * 0.7)
+        .collect();
+    // Seeds: class 0, class 1, then an all-zero row (k = 2: the third best class).
+    let k = classes.min(3);
+    let mut seeds = vec![0.0f32; k * classes];
+    for (row, class) in (0..k.min(2)).enumerate() {
+        seeds[row * classes + class] = 1.0;
+    }
+    let out = run(session, &input, [height, width], &seeds, k)
+        .map_err(|e| format!("the probe Run failed: {e}"))?;
+    if out.logits.len() != classes {
+        return Err(format!(
+            "logits has {} classes but there are {classes} labels",
+            out.logits.len()
+        ));
+    }
+    if out
+        .logits
+        .iter()
+        .chain(&out.gradients)
+        .any(|v| !v.is_finite())
+    {
+        return Err("the probe Run returned NaN or infinite values".into());
+    }
+    let explicit: Vec<usize> = (0..k.min(2)).collect();
+    if out.target_class[..explicit.len()] != explicit[..] {
+        return Err(format!(
+            "target_class is {:?} for one-hot seeds of classes {explicit:?}",
+            out.target_class
+        ));
+    }
+    if k == 3 {
+        let third_best = crate::explain::ranked(&out.logits)[2];
+        if out.target_class[2] != third_best {
+            return Err(format!(
+                "an all-zero seed in row 2 resolved to class {} instead of the 3rd best class {third_best}",
+                out.target_class[2]
+            ));
+        }
+    }
+    if k >= 2 {
+        let (g0, g1) = (out.gradient(0), out.gradient(1));
+        let scale = g0.iter().chain(g1).fold(0.0f32, |m, v| m.max(v.abs()));
+        let diff = g0
+            .iter()
+            .zip(g1)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        if scale == 0.0 || diff <= 1e-6 * scale {
+            return Err("gradients do not change with the chosen class (a broken export)".into());
+        }
+    }
+    Ok(out.activation_shape)
+}

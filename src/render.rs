@@ -1,0 +1,283 @@
+//! Pictures of maps: the JET colormap, overlays, grayscale heatmaps, and their encodings.
+
+use crate::cam::Map;
+use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+use image::{
+    EncodableLayout, GrayImage, ImageBuffer, ImageError, Luma, PixelWithColorType, RgbImage,
+};
+
+/// A 16-bit grayscale image.
+pub type Gray16Image = ImageBuffer<Luma<u16>, Vec<u16>>;
+
+/// OpenCV's `COLORMAP_JET`, as RGB (OpenCV returns BGR).
+pub static JET: [[u8; 3]; 256] = jet_table();
+
+const fn jet_table() -> [[u8; 3]; 256] {
+    let mut table = [[0u8; 3]; 256];
+    let mut i = 0;
+    while i < 256 {
+        // Each channel rises and falls by 4 levels per entry, blue first, then green, then red.
+        let x = i as i32;
+        table[i] = [
+            ramp(4 * x - 382, 1148 - 4 * x),
+            ramp(4 * x - 128, 892 - 4 * x),
+            ramp(4 * x + 128, 638 - 4 * x),
+        ];
+        i += 1;
+    }
+    // OpenCV builds its table by float interpolation, which rounds this one entry down.
+    table[159][2] = 1;
+    table
+}
+
+const fn ramp(rising: i32, falling: i32) -> u8 {
+    let level = if rising < falling { rising } else { falling };
+    if level < 0 {
+        0
+    } else if level > 255 {
+        255
+    } else {
+        level as u8
+    }
+}
+
+/// The 8-bit level of a normalized value, truncated as pytorch-grad-cam's `np.uint8(255 * mask)`.
+fn level(value: f32) -> u8 {
+    // `as` saturates and sends NaN to 0.
+    (255.0 * value) as u8
+}
+
+/// `(1 - alpha) * image + alpha * jet(heat)`, rounded, per pixel: alpha is the heatmap's weight.
+/// `heat` is normalized to [0, 1] and has the image's size.
+///
+/// # Panics
+/// If `heat` and `image` differ in size.
+pub fn overlay(image: &RgbImage, heat: &Map, alpha: f32) -> RgbImage {
+    assert_same_size(image, heat);
+    let alpha = alpha.clamp(0.0, 1.0);
+    let mut out = image.clone();
+    for (pixel, &value) in out.chunks_exact_mut(3).zip(&heat.data) {
+        let color = JET[usize::from(level(value))];
+        for (channel, heat_channel) in pixel.iter_mut().zip(color) {
+            // + 0.5 then truncation rounds these non-negative values, without a call to `round`.
+            *channel =
+                ((1.0 - alpha) * f32::from(*channel) + alpha * f32::from(heat_channel) + 0.5) as u8;
+        }
+    }
+    out
+}
+
+fn assert_same_size(image: &RgbImage, heat: &Map) {
+    let image_size = (image.width() as usize, image.height() as usize);
+    assert_eq!(
+        image_size,
+        (heat.width, heat.height),
+        "image and heatmap sizes differ"
+    );
+}
+
+/// The normalized map in JET colours.
+pub fn colormap(heat: &Map) -> RgbImage {
+    let pixels = heat
+        .data
+        .iter()
+        .flat_map(|&v| JET[usize::from(level(v))])
+        .collect();
+    RgbImage::from_raw(width_u32(heat), height_u32(heat), pixels)
+        .expect("one RGB pixel per map value")
+}
+
+/// The normalized map as 8-bit gray, with the same levels as [`colormap`] indexes JET with.
+pub fn gray8(heat: &Map) -> GrayImage {
+    let pixels = heat.data.iter().map(|&v| level(v)).collect();
+    GrayImage::from_raw(width_u32(heat), height_u32(heat), pixels).expect("one pixel per map value")
+}
+
+/// The normalized map as 16-bit gray, rounded to nearest so that `pixel / 65535` is within
+/// 0.5 / 65535 of the value.
+pub fn gray16(heat: &Map) -> Gray16Image {
+    let pixels = heat
+        .data
+        .iter()
+        .map(|&v| (65535.0 * v + 0.5) as u16)
+        .collect();
+    Gray16Image::from_raw(width_u32(heat), height_u32(heat), pixels)
+        .expect("one pixel per map value")
+}
+
+fn width_u32(map: &Map) -> u32 {
+    u32::try_from(map.width).expect("map width fits an image")
+}
+
+fn height_u32(map: &Map) -> u32 {
+    u32::try_from(map.height).expect("map height fits an image")
+}
+
+/// PNG with fast settings: zlib's fastest level with the Up filter (see `examples/measure.rs`
+/// for the numbers behind this choice). Works for RGB8, Luma8 and Luma16 images.
+pub fn encode_png<P>(image: &ImageBuffer<P, Vec<P::Subpixel>>) -> Result<Vec<u8>, ImageError>
+where
+    P: PixelWithColorType,
+    [P::Subpixel]: EncodableLayout,
+{
+    let mut png = Vec::new();
+    image.write_with_encoder(PngEncoder::new_with_quality(
+        &mut png,
+        CompressionType::Fast,
+        FilterType::Up,
+    ))?;
+    Ok(png)
+}
+
+/// A NumPy `.npy` file (format 1.0): little-endian float32 in C order, readable by `np.load`.
+///
+/// # Panics
+/// If `data.len()` is not the product of `shape`.
+pub fn encode_npy_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
+    assert_eq!(
+        data.len(),
+        shape.iter().product::<usize>(),
+        "data does not fill shape {shape:?}"
+    );
+    let dims = match shape {
+        [single] => format!("{single},"),
+        _ => shape
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({dims}), }}");
+    // Magic (6) + version (2) + length (2) + header + newline, padded with spaces to 64 bytes.
+    let unpadded = 10 + header.len() + 1;
+    header.extend(std::iter::repeat_n(
+        ' ',
+        unpadded.next_multiple_of(64) - unpadded,
+    ));
+    header.push('\n');
+
+    let mut npy = Vec::with_capacity(10 + header.len() + 4 * data.len());
+    npy.extend_from_slice(b"\x93NUMPY\x01\x00");
+    let header_len = u16::try_from(header.len()).expect("npy v1 header fits 64 KiB");
+    npy.extend_from_slice(&header_len.to_le_bytes());
+    npy.extend_from_slice(header.as_bytes());
+    npy.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    npy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::Rgb;
+
+    #[test]
+    fn jet_matches_opencv() {
+        // cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(1, 256), cv2.COLORMAP_JET),
+        // BGR reversed to RGB (opencv-python-headless 4.x). All 256 entries were compared once;
+        // these are the ends of each linear piece and the one irregular entry (159).
+        let cases: [(usize, [u8; 3]); 19] = [
+            (0, [0, 0, 128]),
+            (1, [0, 0, 132]),
+            (31, [0, 0, 252]),
+            (32, [0, 0, 255]),
+            (63, [0, 124, 255]),
+            (64, [0, 128, 255]),
+            (95, [0, 252, 255]),
+            (96, [2, 255, 254]),
+            (127, [126, 255, 130]),
+            (128, [130, 255, 126]),
+            (158, [250, 255, 6]),
+            (159, [254, 255, 1]),
+            (160, [255, 252, 0]),
+            (191, [255, 128, 0]),
+            (192, [255, 124, 0]),
+            (223, [255, 0, 0]),
+            (224, [252, 0, 0]),
+            (254, [132, 0, 0]),
+            (255, [128, 0, 0]),
+        ];
+        for (index, rgb) in cases {
+            assert_eq!(JET[index], rgb, "entry {index}");
+        }
+    }
+
+    #[test]
+    fn overlay_blends_and_rounds() {
+        // Heat 1.0 is JET[255] = (128, 0, 0); heat 0.0 is JET[0] = (0, 0, 128).
+        let image = RgbImage::from_fn(2, 1, |x, _| {
+            if x == 0 {
+                Rgb([101, 50, 200])
+            } else {
+                Rgb([10, 20, 30])
+            }
+        });
+        let heat = Map::new(2, 1, vec![1.0, 0.0]);
+        let out = overlay(&image, &heat, 0.5);
+        // (101 + 128) / 2 = 114.5 -> 115 (half away from zero); 50 / 2 = 25; 200 / 2 = 100.
+        assert_eq!(out.get_pixel(0, 0), &Rgb([115, 25, 100]));
+        // 0.25 * (0, 0, 128) + 0.75 * (10, 20, 30) = (7.5, 15, 54.5) -> (8, 15, 55).
+        assert_eq!(
+            overlay(&image, &heat, 0.25).get_pixel(1, 0),
+            &Rgb([8, 15, 55])
+        );
+        assert_eq!(overlay(&image, &heat, 0.0), image);
+    }
+
+    #[test]
+    fn levels_truncate_like_pytorch_grad_cam() {
+        // np.uint8(255 * 0.5) = 127 (127.5 truncated); out-of-range and NaN saturate.
+        let heat = Map::new(5, 1, vec![0.5, 1.0, 1.5, -0.2, f32::NAN]);
+        assert_eq!(gray8(&heat).into_raw(), vec![127, 255, 255, 0, 0]);
+        let colors = colormap(&heat);
+        assert_eq!(colors.get_pixel(0, 0).0, JET[127]);
+        assert_eq!(colors.get_pixel(1, 0).0, JET[255]);
+        // 65535 * 0.5 = 32767.5 -> 32768.
+        assert_eq!(gray16(&heat).into_raw(), vec![32768, 65535, 65535, 0, 0]);
+    }
+
+    #[test]
+    fn png_round_trips() {
+        let heat = Map::new(3, 2, vec![0.0, 0.2, 0.4, 0.6, 0.8, 1.0]);
+        let rgb = colormap(&heat);
+        let decoded = image::load_from_memory(&encode_png(&rgb).unwrap()).unwrap();
+        assert_eq!(decoded.to_rgb8(), rgb);
+        let gray = gray8(&heat);
+        assert_eq!(
+            image::load_from_memory(&encode_png(&gray).unwrap())
+                .unwrap()
+                .to_luma8(),
+            gray
+        );
+        let deep = gray16(&heat);
+        assert_eq!(
+            image::load_from_memory(&encode_png(&deep).unwrap())
+                .unwrap()
+                .to_luma16(),
+            deep
+        );
+    }
+
+    #[test]
+    fn npy_bytes_match_numpy() {
+        // io.BytesIO after np.save(f, np.array([1.5, -2], np.float32)) (numpy 2.x): the header
+        // is padded to 128 bytes in all, then 1.5 and -2.0 as little-endian f32.
+        let npy = encode_npy_f32(&[2], &[1.5, -2.0]);
+        let mut want =
+            b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }"
+                .to_vec();
+        want.extend(std::iter::repeat_n(b' ', 128 - 1 - want.len()));
+        want.push(b'\n');
+        want.extend_from_slice(b"\x00\x00\xc0?\x00\x00\x00\xc0");
+        assert_eq!(npy, want);
+
+        let matrix = encode_npy_f32(&[2, 3], &[0.0; 6]);
+        assert!(matrix.starts_with(
+            b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }"
+        ));
+        assert_eq!((matrix.len(), matrix[127]), (128 + 24, b'\n'));
+        let scalar = encode_npy_f32(&[], &[7.0]);
+        assert!(scalar.starts_with(
+            b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (), }"
+        ));
+    }
+}

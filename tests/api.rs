@@ -1,0 +1,489 @@
+//! The HTTP API end to end: real server on a real socket, real ONNX Runtime, real model files.
+
+mod common;
+
+use camserve::config::Limits;
+use common::{
+    TestServer, fixture, max_relative_error, model_config, png_bytes, read_npy, read_npy_file,
+};
+use image::{Rgb, RgbImage};
+use serde_json::Value;
+
+#[derive(serde::Deserialize)]
+struct Case {
+    model: String,
+    image: String,
+    class: usize,
+    lowres: String,
+    gradcam: String,
+    logits: Vec<f32>,
+}
+
+fn all_cases() -> Vec<Case> {
+    serde_json::from_str(&std::fs::read_to_string(fixture("reference/cases.json")).unwrap())
+        .unwrap()
+}
+
+fn cases() -> Vec<Case> {
+    all_cases()
+        .into_iter()
+        .filter(|c| c.model == "tiny_cnn.onnx")
+        .collect()
+}
+
+/// The name a case's model is served under: its file stem.
+fn served_name(case: &Case) -> String {
+    std::path::Path::new(&case.model)
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn json(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_readiness_and_model_listing() {
+    let server = TestServer::start().await;
+    let (status, body) = json(
+        server
+            .client
+            .get(server.url("/healthz"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
+    let (status, body) = json(
+        server
+            .client
+            .get(server.url("/readyz"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("ready")));
+    assert_eq!(body["models"], serde_json::json!(["red", "tiny"]));
+
+    let (status, body) = json(
+        server
+            .client
+            .get(server.url("/v1/models"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = body["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["red", "tiny"]);
+
+    let (status, tiny) = json(
+        server
+            .client
+            .get(server.url("/v1/models/tiny"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(tiny["num_classes"], 10);
+    assert_eq!(tiny["labels"].as_array().unwrap().len(), 10);
+    assert_eq!(tiny["device"], "cpu");
+    assert_eq!(
+        tiny["methods"],
+        serde_json::json!(["gradcam", "gradcampp", "xgradcam", "hirescam", "layercam"])
+    );
+    let size = &tiny["input_size"];
+    assert!(size["width"].as_u64().unwrap() > 0 && size["height"].as_u64().unwrap() > 0);
+    assert!(tiny["activation"]["channels"].as_u64().unwrap() > 0);
+    assert!(!tiny["target_layer"].as_str().unwrap().is_empty());
+}
+
+/// The served Grad-CAM equals pytorch-grad-cam's map for the same model, image and class (fixtures made by
+/// the exporter's tests), and the raw map equals the one computed with PyTorch autograd.
+#[tokio::test(flavor = "multi_thread")]
+async fn gradcam_matches_pytorch_grad_cam() {
+    let cases = all_cases();
+    let mut models: Vec<_> = cases
+        .iter()
+        .map(|c| model_config(&served_name(c), &fixture(&c.model)))
+        .collect();
+    models.sort_by(|a, b| a.name.cmp(&b.name));
+    models.dedup_by(|a, b| a.name == b.name);
+    assert!(
+        models.len() >= 3 && cases.len() >= 8,
+        "fixture cases missing"
+    );
+    let server = TestServer::with(models, Limits::default()).await;
+    for case in cases {
+        let image = std::fs::read(fixture(&case.image)).unwrap();
+        let query = format!(
+            "/v1/models/{}/explain?class={}&output=raw",
+            served_name(&case),
+            case.class
+        );
+        let (status, body) =
+            json(server.post_image(&query, "image/png", image.clone()).await).await;
+        assert_eq!(status, 200, "{body}");
+        let map = &body["explanations"][0]["map"];
+        let data: Vec<f32> = serde_json::from_value(map["data"].clone()).unwrap();
+        let (shape, lowres) = read_npy_file(&fixture(&case.lowres));
+        assert_eq!(map["shape"], serde_json::json!(shape));
+        let error = max_relative_error(&data, &lowres);
+        assert!(
+            error < 1e-4,
+            "{}: raw map differs from autograd's by {error}",
+            case.image
+        );
+
+        let (status, body) = json(
+            server
+                .post_image(&format!("{query}&map_size=input"), "image/png", image)
+                .await,
+        )
+        .await;
+        assert_eq!(status, 200);
+        let map = &body["explanations"][0]["map"];
+        let (min, max) = (
+            map["min"].as_f64().unwrap() as f32,
+            map["max"].as_f64().unwrap() as f32,
+        );
+        let data: Vec<f32> = serde_json::from_value(map["data"].clone()).unwrap();
+        // pytorch-grad-cam: scale_cam_image ((x - min) / (1e-7 + max - min)) on the low-resolution map, which
+        // the upsampling keeps within [0, 1], then once more on the upsampled map.
+        let once: Vec<f32> = data
+            .iter()
+            .map(|v| (v - min) / (1e-7 + max - min))
+            .collect();
+        let (lo, hi) = once
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let normalized: Vec<f32> = once.iter().map(|v| (v - lo) / (1e-7 + hi - lo)).collect();
+        let (shape, reference) = read_npy_file(&fixture(&case.gradcam));
+        assert_eq!(map["shape"], serde_json::json!(shape));
+        let error = normalized
+            .iter()
+            .zip(&reference)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            error < 1e-4,
+            "{}: map differs from pytorch-grad-cam's by {error}",
+            case.image
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn predict_matches_pytorch_logits() {
+    let server = TestServer::start().await;
+    for case in cases() {
+        let image = std::fs::read(fixture(&case.image)).unwrap();
+        let (status, body) = json(
+            server
+                .post_image("/v1/models/tiny/predict?top_k=10", "image/png", image)
+                .await,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let predictions = body["predictions"].as_array().unwrap();
+        assert_eq!(predictions.len(), 10);
+        let mut expected: Vec<usize> = (0..case.logits.len()).collect();
+        expected.sort_by(|&a, &b| case.logits[b].total_cmp(&case.logits[a]));
+        let classes: Vec<usize> = predictions
+            .iter()
+            .map(|p| p["class"].as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(classes, expected);
+        for p in predictions {
+            let class = p["class"].as_u64().unwrap() as usize;
+            let logit = p["logit"].as_f64().unwrap() as f32;
+            assert!((logit - case.logits[class]).abs() <= 1e-4 * case.logits[class].abs().max(1.0));
+        }
+        let total: f64 = predictions
+            .iter()
+            .map(|p| p["probability"].as_f64().unwrap())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-5, "probabilities sum to {total}");
+    }
+}
+
+/// Several classes in one request give the same maps as one request per class; top_k picks the best classes.
+#[tokio::test(flavor = "multi_thread")]
+async fn several_classes_in_one_request() {
+    let server = TestServer::start().await;
+    let case = &cases()[0];
+    let image = std::fs::read(fixture(&case.image)).unwrap();
+    let raw_map = |body: &Value, i: usize| -> Vec<f32> {
+        serde_json::from_value(body["explanations"][i]["map"]["data"].clone()).unwrap()
+    };
+    let (_, both) = json(
+        server
+            .post_image(
+                "/v1/models/tiny/explain?class=2&class=7&output=raw",
+                "image/png",
+                image.clone(),
+            )
+            .await,
+    )
+    .await;
+    for (i, class) in [2, 7].into_iter().enumerate() {
+        let query = format!("/v1/models/tiny/explain?class={class}&output=raw");
+        let (_, single) = json(server.post_image(&query, "image/png", image.clone()).await).await;
+        assert_eq!(both["explanations"][i]["class"], class);
+        assert!(max_relative_error(&raw_map(&both, i), &raw_map(&single, 0)) < 1e-5);
+    }
+
+    let (status, top) = json(
+        server
+            .post_image("/v1/models/tiny/explain?top_k=3", "image/png", image)
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut ranked: Vec<usize> = (0..case.logits.len()).collect();
+    ranked.sort_by(|&a, &b| case.logits[b].total_cmp(&case.logits[a]));
+    let classes: Vec<usize> = top["explanations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["class"].as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(classes, ranked[..3]);
+    let predicted: Vec<usize> = top["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["class"].as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(predicted, ranked[..5]);
+}
+
+/// A grey image with red squares at known places, in a size other than the model's input.
+fn red_squares(width: u32, height: u32, squares: &[(u32, u32, u32)]) -> RgbImage {
+    RgbImage::from_fn(width, height, |x, y| {
+        let inside = squares
+            .iter()
+            .any(|&(sx, sy, side)| x >= sx && x < sx + side && y >= sy && y < sy + side);
+        if inside {
+            Rgb([230, 20, 20])
+        } else {
+            Rgb([128, 128, 128])
+        }
+    })
+}
+
+fn box_of(value: &Value) -> [f64; 4] {
+    ["x_min", "y_min", "x_max", "y_max"].map(|k| value[k].as_f64().unwrap())
+}
+
+/// Each edge of `found` lies within one activation cell of the square's edge: the map's own resolution.
+fn assert_box_near(found: [f64; 4], truth: [f64; 4], cell: (f64, f64)) {
+    let tolerance = [cell.0, cell.1, cell.0, cell.1];
+    let ok = (0..4).all(|i| (found[i] - truth[i]).abs() <= tolerance[i]);
+    assert!(
+        ok,
+        "box {found:?} is not within one cell {cell:?} of {truth:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn boxes_find_objects_at_known_positions() {
+    let server = TestServer::start().await;
+    let info = &server.state.registry.get("red").unwrap().info;
+    let grid = (
+        info.activation_shape[2] as f64,
+        info.activation_shape[1] as f64,
+    );
+    let cell = (400.0 / grid.0, 300.0 / grid.1);
+
+    // One square: the box of the largest segment surrounds it, in original-image pixels.
+    let image = red_squares(400, 300, &[(220, 60, 110)]);
+    let (status, body) = json(
+        server
+            .post_image(
+                "/v1/models/red/explain?class=red&output=boxes",
+                "image/png",
+                png_bytes(&image),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["image"],
+        serde_json::json!({"width": 400, "height": 300})
+    );
+    let boxes = body["explanations"][0]["boxes"].as_array().unwrap();
+    assert_eq!(boxes.len(), 1);
+    assert_box_near(box_of(&boxes[0]), [220.0, 60.0, 330.0, 170.0], cell);
+    assert!(boxes[0]["peak"].as_f64().unwrap() > 0.9);
+
+    // Two squares, max_boxes=3: the two segments, larger first; nothing else crosses the threshold.
+    let image = red_squares(400, 300, &[(30, 40, 120), (280, 200, 60)]);
+    let (_, body) = json(
+        server
+            .post_image(
+                "/v1/models/red/explain?class=0&output=boxes&max_boxes=3",
+                "image/png",
+                png_bytes(&image),
+            )
+            .await,
+    )
+    .await;
+    let boxes = body["explanations"][0]["boxes"].as_array().unwrap();
+    assert_eq!(boxes.len(), 2, "{body}");
+    assert_box_near(box_of(&boxes[0]), [30.0, 40.0, 150.0, 160.0], cell);
+    assert_box_near(box_of(&boxes[1]), [280.0, 200.0, 340.0, 260.0], cell);
+    assert!(boxes[0]["area"].as_u64() > boxes[1]["area"].as_u64());
+
+    // A square on the model's own 8-pixel grid, in an image of the input size: the box is the square exactly.
+    let size = (info.preprocess.width as u32, info.preprocess.height as u32);
+    let image = red_squares(size.0, size.1, &[(16, 32, 32)]);
+    let (_, body) = json(
+        server
+            .post_image(
+                "/v1/models/red/explain?class=red&output=boxes",
+                "image/png",
+                png_bytes(&image),
+            )
+            .await,
+    )
+    .await;
+    let found = box_of(&body["explanations"][0]["boxes"][0]);
+    assert!(
+        found
+            .iter()
+            .zip([16.0, 32.0, 48.0, 64.0])
+            .all(|(f, t)| (f - t).abs() <= 4.0),
+        "{found:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn image_outputs_are_pixel_exact() {
+    let server = TestServer::start().await;
+    let image = red_squares(160, 120, &[(40, 30, 50)]);
+    let bytes = png_bytes(&image);
+    let explain = |query: &str| {
+        server.post_image(
+            format!("/v1/models/red/explain?class=red&{query}"),
+            "image/png",
+            bytes.clone(),
+        )
+    };
+
+    // alpha=0 leaves the photo untouched; alpha=1 is exactly the coloured heatmap.
+    let response = explain("output=overlay&alpha=0").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "image/png");
+    assert_eq!(response.headers()["x-cam-class"], "0");
+    let overlay = image::load_from_memory(&response.bytes().await.unwrap())
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(overlay, image);
+    let full = image::load_from_memory(
+        &explain("output=overlay&alpha=1")
+            .await
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap()
+    .to_rgb8();
+    let heat = image::load_from_memory(&explain("output=heatmap").await.bytes().await.unwrap())
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(full, heat);
+    // Jet: the square's centre is hot (red dominates), the far corner cold (blue dominates).
+    let hot = heat.get_pixel(65, 55);
+    let cold = heat.get_pixel(150, 110);
+    assert!(hot[0] >= 128 && hot[1] < 60 && hot[2] < 60, "{hot:?}");
+    assert!(cold[2] > 100 && cold[0] < 60, "{cold:?}");
+
+    // 16-bit grey: the range header and the pixel values agree with the raw map.
+    let response = explain("output=heatmap&heatmap=gray16").await;
+    let range: Vec<f32> = response.headers()["x-cam-range"]
+        .to_str()
+        .unwrap()
+        .split(',')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert!(range[0] >= 0.0 && range[1] > range[0], "{range:?}");
+    let gray = image::load_from_memory(&response.bytes().await.unwrap())
+        .unwrap()
+        .to_luma16();
+    assert_eq!(gray.dimensions(), (160, 120));
+    assert!(gray.get_pixel(65, 55)[0] > 60_000 && gray.get_pixel(150, 110)[0] < 3_000);
+
+    // .npy and JSON carry the same raw map.
+    let npy = explain("output=npy").await;
+    assert_eq!(npy.headers()["content-type"], "application/x-npy");
+    let (shape, data) = read_npy(&npy.bytes().await.unwrap());
+    let (_, raw) = json(explain("output=raw").await).await;
+    let map = &raw["explanations"][0]["map"];
+    assert_eq!(serde_json::json!([shape[1], shape[2]]), map["shape"]);
+    assert_eq!(shape[0], 1);
+    let json_data: Vec<f32> = serde_json::from_value(map["data"].clone()).unwrap();
+    assert_eq!(data, json_data);
+    assert_eq!(map["max"].as_f64().unwrap() as f32, range[1]);
+
+    // The default JSON carries predictions, boxes and both images in one round trip.
+    let (status, body) = json(explain("").await).await;
+    assert_eq!(status, 200);
+    let target = &body["explanations"][0];
+    assert_eq!(target["label"], "red");
+    use base64::Engine as _;
+    let overlay_png = base64::engine::general_purpose::STANDARD
+        .decode(target["overlay_png"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(
+        image::load_from_memory(&overlay_png)
+            .unwrap()
+            .to_rgb8()
+            .dimensions(),
+        (160, 120)
+    );
+    assert_eq!(body["predictions"][0]["label"], "red");
+    assert_eq!(target["boxes"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn multipart_upload_equals_raw_body() {
+    let server = TestServer::start().await;
+    let bytes = png_bytes(&red_squares(100, 100, &[(10, 10, 40)]));
+    let form = reqwest::multipart::Form::new()
+        .text("note", "ignored")
+        .part(
+            "image",
+            reqwest::multipart::Part::bytes(bytes.clone()).file_name("x.png"),
+        );
+    let response = server
+        .client
+        .post(server.url("/v1/models/red/explain?output=raw"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let (status, multipart) = json(response).await;
+    assert_eq!(status, 200, "{multipart}");
+    let (_, raw) = json(
+        server
+            .post_image("/v1/models/red/explain?output=raw", "image/png", bytes)
+            .await,
+    )
+    .await;
+    assert_eq!(multipart["explanations"], raw["explanations"]);
+}

@@ -1,0 +1,162 @@
+//! Shared test harness: the real ONNX Runtime, real model files, the real server on 127.0.0.1:0.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+
+use camserve::config::{Config, Limits, ModelConfig};
+use camserve::http::{self, AppState};
+use camserve::registry::Registry;
+use camserve::runtime::{self, Runtime};
+
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(relative: &str) -> PathBuf {
+    root().join("tests/fixtures").join(relative)
+}
+
+pub fn ort_library() -> PathBuf {
+    std::env::var_os("CAMSERVE_ORT_LIBRARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".ort/onnxruntime/capi/libonnxruntime.so.1.31.1"))
+}
+
+/// ONNX Runtime is loaded once per process.
+pub fn runtime() -> &'static Runtime {
+    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| runtime::init(&ort_library()).expect("run `make ort` first"))
+}
+
+/// A model entry as a user would write it in the config file.
+pub fn model_config(name: &str, file: &Path) -> ModelConfig {
+    let toml = format!(
+        "[runtime]\nlibrary = \"x\"\n[[models]]\nname = \"{name}\"\nfile = \"{}\"\n",
+        file.display()
+    );
+    Config::from_toml(&toml, Path::new("/"))
+        .unwrap()
+        .models
+        .remove(0)
+}
+
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub state: Arc<AppState>,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+impl TestServer {
+    /// Serves the two small fixture models.
+    pub async fn start() -> Self {
+        Self::with(
+            vec![
+                model_config("tiny", &fixture("tiny_cnn.onnx")),
+                model_config("red", &fixture("red_detector.onnx")),
+            ],
+            Limits::default(),
+        )
+        .await
+    }
+
+    pub async fn with(models: Vec<ModelConfig>, limits: Limits) -> Self {
+        let registry = Registry::load(runtime(), &models).expect("fixture models load");
+        let state = Arc::new(AppState {
+            registry,
+            limits,
+            ready: AtomicBool::new(true),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(http::serve(listener, state.clone(), async move {
+            let _ = stop.await;
+        }));
+        Self {
+            base,
+            client: reqwest::Client::new(),
+            state,
+            _shutdown: shutdown,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POSTs `body` as a raw image.
+    pub async fn post_image(
+        &self,
+        path: impl AsRef<str>,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> reqwest::Response {
+        self.client
+            .post(self.url(path.as_ref()))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// Reads a little-endian float32 .npy file (as NumPy writes them): (shape, data).
+pub fn read_npy(bytes: &[u8]) -> (Vec<usize>, Vec<f32>) {
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "not an .npy file");
+    let (header_len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        _ => (
+            u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize,
+            12,
+        ),
+    };
+    let header = std::str::from_utf8(&bytes[start..start + header_len]).unwrap();
+    assert!(
+        header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"),
+        "{header}"
+    );
+    let shape_text = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    let shape = shape_text
+        .split(',')
+        .filter_map(|d| d.trim().parse().ok())
+        .collect();
+    let data = bytes[start + header_len..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (shape, data)
+}
+
+pub fn read_npy_file(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    read_npy(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+}
+
+/// Largest absolute difference, relative to the largest absolute expected value.
+pub fn max_relative_error(actual: &[f32], expected: &[f32]) -> f32 {
+    assert_eq!(actual.len(), expected.len(), "lengths differ");
+    let scale = expected
+        .iter()
+        .fold(0.0f32, |m, v| m.max(v.abs()))
+        .max(1e-12);
+    actual
+        .iter()
+        .zip(expected)
+        .fold(0.0f32, |m, (a, e)| m.max((a - e).abs()))
+        / scale
+}
+
+pub fn png_bytes(image: &image::RgbImage) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}

@@ -1,0 +1,384 @@
+//! Every error a client can cause: its status, its stable code, and the request id in body and header.
+
+mod common;
+
+use camserve::config::Limits;
+use common::{TestServer, fixture, model_config, png_bytes};
+use reqwest::Method;
+use serde_json::Value;
+
+struct Bad {
+    method: Method,
+    path: &'static str,
+    content_type: Option<&'static str>,
+    body: Vec<u8>,
+    status: u16,
+    code: &'static str,
+}
+
+fn png() -> Vec<u8> {
+    png_bytes(&image::RgbImage::from_pixel(
+        32,
+        32,
+        image::Rgb([200, 10, 10]),
+    ))
+}
+
+/// A small real JPEG whose frame header (SOF0) is edited to claim another size; JPEG headers carry no checksum.
+fn jpeg_claiming(width: u16, height: u16) -> Vec<u8> {
+    let mut jpeg = Vec::new();
+    let image = image::RgbImage::from_pixel(16, 16, image::Rgb([90, 90, 90]));
+    image
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpeg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    let sof = jpeg
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("baseline JPEG");
+    jpeg[sof + 5..sof + 7].copy_from_slice(&height.to_be_bytes());
+    jpeg[sof + 7..sof + 9].copy_from_slice(&width.to_be_bytes());
+    jpeg
+}
+
+fn bad(
+    method: Method,
+    path: &'static str,
+    content_type: Option<&'static str>,
+    body: Vec<u8>,
+    status: u16,
+    code: &'static str,
+) -> Bad {
+    Bad {
+        method,
+        path,
+        content_type,
+        body,
+        status,
+        code,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_error_has_its_status_code_and_request_id() {
+    let limits = Limits {
+        max_body_bytes: 64 * 1024,
+        max_image_side: 4096,
+        max_image_pixels: 1_000_000,
+        ..Limits::default()
+    };
+    let server = TestServer::with(
+        vec![model_config("tiny", &fixture("tiny_cnn.onnx"))],
+        limits,
+    )
+    .await;
+    let explain = "/v1/models/tiny/explain";
+    let gif = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x00\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;".to_vec();
+    // A JPEG whose header claims 60000 x 60000 pixels: refused from the header, before any pixel is decoded.
+    let bomb = jpeg_claiming(60_000, 60_000);
+    let mut truncated = png();
+    truncated.truncate(truncated.len() / 2);
+    let cases = vec![
+        bad(
+            Method::POST,
+            "/v1/models/nope/explain",
+            Some("image/png"),
+            png(),
+            404,
+            "model_not_found",
+        ),
+        bad(
+            Method::GET,
+            "/v1/models/nope",
+            None,
+            vec![],
+            404,
+            "model_not_found",
+        ),
+        bad(
+            Method::GET,
+            "/v2/anything",
+            None,
+            vec![],
+            404,
+            "route_not_found",
+        ),
+        bad(
+            Method::DELETE,
+            "/v1/models/tiny",
+            None,
+            vec![],
+            405,
+            "method_not_allowed",
+        ),
+        bad(
+            Method::POST,
+            explain,
+            Some("image/png"),
+            vec![],
+            400,
+            "empty_image",
+        ),
+        bad(
+            Method::POST,
+            explain,
+            Some("image/png"),
+            b"definitely not an image".to_vec(),
+            400,
+            "undecodable_image",
+        ),
+        bad(
+            Method::POST,
+            explain,
+            Some("image/png"),
+            truncated,
+            400,
+            "undecodable_image",
+        ),
+        bad(
+            Method::POST,
+            explain,
+            Some("application/octet-stream"),
+            gif,
+            415,
+            "unsupported_media_type",
+        ),
+        bad(
+            Method::POST,
+            explain,
+            Some("text/plain"),
+            png(),
+            415,
+            "unsupported_media_type",
+        ),
+        bad(
+            Method::POST,
+            explain,
+            None,
+            png(),
+            415,
+            "unsupported_media_type",
+        ),
+        bad(
+            Method::POST,
+            explain,
+            Some("image/png"),
+            vec![0u8; 65 * 1024],
+            413,
+            "payload_too_large",
+        ),
+        bad(
+            Method::POST,
+            explain,
+            Some("image/png"),
+            bomb,
+            413,
+            "image_too_large",
+        ),
+        bad(
+            Method::POST,
+            "/v1/models/tiny/explain?class=10",
+            Some("image/png"),
+            png(),
+            422,
+            "class_out_of_range",
+        ),
+        bad(
+            Method::POST,
+            "/v1/models/tiny/explain?class=zebra",
+            Some("image/png"),
+            png(),
+            422,
+            "class_out_of_range",
+        ),
+        bad(
+            Method::POST,
+            "/v1/models/tiny/explain?top_k=11",
+            Some("image/png"),
+            png(),
+            422,
+            "class_out_of_range",
+        ),
+        bad(
+            Method::POST,
+            "/v1/models/tiny/explain?top_k=abc",
+            Some("image/png"),
+            png(),
+            400,
+            "invalid_parameter",
+        ),
+        bad(
+            Method::POST,
+            "/v1/models/tiny/explain?top_k=0",
+            Some("image/png"),
+            png(),
+            400,
+            "invalid_parameter",
+        ),
+        bad(
+            Method::POST,
+            "/v1/models/tiny/explain?class=1&top_k=2",
+            Some("image/png"),
+            png(),
+            400,
+            "invalid_parameter",
+        ),
+        bad(
+            Method::POST,
+            "/v1/models/tiny/explain?method=magic",
+            Some("image/png"),
+            png(),
+            400,
+            "invalid_parameter",
+        ),
+        bad(
+            Method::POST,
+            "/v1/models/tiny/explain?alpha=2",
+            Some("image/png"),
+            png(),
+            400,
+            "invalid_parameter",
+        ),
+        bad(
+            Method::POST,
+            "/v1/models/tiny/explain?threshold=0",
+            Some("image/png"),
+            png(),
+            400,
+            "invalid_parameter",
+        ),
+        bad(
+            Method::POST,
+            "/v1/models/tiny/explain?output=pdf",
+            Some("image/png"),
+            png(),
+            400,
+            "invalid_parameter",
+        ),
+        bad(
+            Method::POST,
+            "/v1/models/tiny/explain?alpha=0.1&alpha=0.2",
+            Some("image/png"),
+            png(),
+            400,
+            "invalid_parameter",
+        ),
+        bad(
+            Method::POST,
+            "/v1/models/tiny/explain?methd=gradcam",
+            Some("image/png"),
+            png(),
+            400,
+            "unknown_parameter",
+        ),
+        bad(
+            Method::POST,
+            "/v1/models/tiny/explain?top_k=2&output=overlay",
+            Some("image/png"),
+            png(),
+            422,
+            "single_target_required",
+        ),
+        bad(
+            Method::POST,
+            "/v1/models/tiny/predict?top_k=-1",
+            Some("image/png"),
+            png(),
+            400,
+            "invalid_parameter",
+        ),
+        bad(
+            Method::POST,
+            explain,
+            Some("multipart/form-data; boundary=XYZ"),
+            b"--XYZ\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nhello\r\n--XYZ--\r\n"
+                .to_vec(),
+            400,
+            "missing_image_field",
+        ),
+        bad(
+            Method::POST,
+            explain,
+            Some("multipart/form-data; boundary=XYZ"),
+            b"garbage".to_vec(),
+            400,
+            "malformed_body",
+        ),
+    ];
+    for case in cases {
+        let mut request = server
+            .client
+            .request(case.method.clone(), server.url(case.path))
+            .body(case.body);
+        if let Some(content_type) = case.content_type {
+            request = request.header("content-type", content_type);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let header_id = response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/json",
+            "{} {}",
+            case.method,
+            case.path
+        );
+        let body: Value = response.json().await.unwrap();
+        let what = format!("{} {} -> {body}", case.method, case.path);
+        assert_eq!(status, case.status, "{what}");
+        assert_eq!(body["error"]["code"], case.code, "{what}");
+        assert_eq!(body["error"]["request_id"], header_id.as_str(), "{what}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().len() > 5,
+            "{what}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_ids_are_echoed_or_made() {
+    let server = TestServer::with(
+        vec![model_config("tiny", &fixture("tiny_cnn.onnx"))],
+        Limits::default(),
+    )
+    .await;
+    let response = server
+        .client
+        .get(server.url("/v1/models/nope"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "abc-123");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["request_id"], "abc-123");
+
+    let a = server
+        .client
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    let b = server
+        .client
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    let (a, b) = (&a.headers()["x-request-id"], &b.headers()["x-request-id"]);
+    assert!(!a.is_empty() && a != b, "{a:?} {b:?}");
+    // Ids with control characters or absurd length are replaced, not echoed into logs.
+    let response = server
+        .client
+        .get(server.url("/healthz"))
+        .header("x-request-id", "x".repeat(300))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(response.headers()["x-request-id"], "x".repeat(300).as_str());
+}

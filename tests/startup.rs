@@ -1,0 +1,227 @@
+//! Start-up: models that break the contract are refused with a message that says what is wrong, ONNX Runtime
+//! must be the right library, and the command line runs the same pipeline as the server.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use camserve::registry::Registry;
+use common::{fixture, model_config, root, runtime};
+
+fn refusal(file: &str) -> String {
+    let config = model_config("broken", &fixture(file));
+    match Registry::load(runtime(), &[config]) {
+        Ok(_) => panic!("{file} was accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn models_that_break_the_contract_are_refused_with_the_reason() {
+    let expectations = [
+        ("broken_no_gradients.onnx", "missing output `gradients`"),
+        (
+            "broken_constant_gradients.onnx",
+            "gradients do not change with the chosen class",
+        ),
+        ("broken_label_count.onnx", "labels"),
+        ("broken_wrong_dtype.onnx", "expected float32"),
+        (
+            "broken_no_metadata.onnx",
+            "metadata `camserve.labels` is missing",
+        ),
+        ("does_not_exist.onnx", "the file does not exist"),
+    ];
+    for (file, reason) in expectations {
+        let message = refusal(file);
+        assert!(message.starts_with("model `broken`"), "{message}");
+        assert!(message.contains(file), "{message}");
+        assert!(
+            message.contains(reason),
+            "{file}: expected `{reason}` in: {message}"
+        );
+    }
+}
+
+#[test]
+fn metadata_can_be_supplied_by_the_config() {
+    let labels = std::env::temp_dir().join(format!("camserve-labels-{}.txt", std::process::id()));
+    let tiny = Registry::load(
+        runtime(),
+        &[model_config("tiny", &fixture("tiny_cnn.onnx"))],
+    )
+    .unwrap();
+    let info = &tiny.get("tiny").unwrap().info;
+    std::fs::write(
+        &labels,
+        (0..info.num_classes())
+            .map(|i| format!("thing {i}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+
+    let mut config = model_config("bare", &fixture("broken_no_metadata.onnx"));
+    config.overrides.labels_file = Some(labels.clone());
+    config.overrides.input_size = Some([info.preprocess.height, info.preprocess.width]);
+    config.overrides.mean = Some([0.5; 3]);
+    config.overrides.std = Some([0.25; 3]);
+    config.overrides.channel_order = Some("RGB".into());
+    let registry = Registry::load(runtime(), &[config]).unwrap();
+    let bare = &registry.get("bare").unwrap().info;
+    assert_eq!(bare.labels[3], "thing 3");
+    assert_eq!(bare.preprocess.std, [0.25; 3]);
+    std::fs::remove_file(labels).unwrap();
+}
+
+fn camserve(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_camserve"))
+        .args(args)
+        .env_remove("CAMSERVE_ORT_LIBRARY")
+        .output()
+        .unwrap()
+}
+
+fn write_config(name: &str, library: &Path, model: &Path) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("camserve-{name}-{}.toml", std::process::id()));
+    let text = format!(
+        "[runtime]\nlibrary = \"{}\"\n[[models]]\nname = \"tiny\"\nfile = \"{}\"\n",
+        library.display(),
+        model.display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn a_missing_or_wrong_onnx_runtime_stops_the_start_with_what_to_run() {
+    let model = fixture("tiny_cnn.onnx");
+    let missing = write_config(
+        "missing",
+        Path::new("/nonexistent/libonnxruntime.so"),
+        &model,
+    );
+    let out = camserve(&[
+        "serve",
+        "--config",
+        missing.to_str().unwrap(),
+        "--bind",
+        "127.0.0.1:0",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("ONNX Runtime library not found") && stderr.contains("make ort"),
+        "{stderr}"
+    );
+
+    let old = root().join(".ort-1.30/onnxruntime/capi/libonnxruntime.so.1.30.0");
+    assert!(
+        old.is_file(),
+        "`make test` installs onnxruntime 1.30.0 into .ort-1.30 for this test"
+    );
+    let wrong = write_config("wrong", &old, &model);
+    let out = camserve(&[
+        "serve",
+        "--config",
+        wrong.to_str().unwrap(),
+        "--bind",
+        "127.0.0.1:0",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("is version 1.30.0, camserve needs 1.31.x") && stderr.contains("make ort"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_refused_model_stops_the_server_with_its_reason() {
+    let config = write_config(
+        "refused",
+        &common::ort_library(),
+        &fixture("broken_no_gradients.onnx"),
+    );
+    let out = camserve(&[
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "--bind",
+        "127.0.0.1:0",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("model `tiny`") && stderr.contains("missing output `gradients`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn explain_on_the_command_line_writes_the_overlay() {
+    let config = write_config("cli", &common::ort_library(), &fixture("tiny_cnn.onnx"));
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("reference/cases.json")).unwrap())
+            .unwrap();
+    let case = &cases[0];
+    let image = fixture(case["image"].as_str().unwrap());
+    let out_png = std::env::temp_dir().join(format!("camserve-cli-{}.png", std::process::id()));
+    let class = case["class"].to_string();
+    let out = camserve(&[
+        "explain",
+        "--config",
+        config.to_str().unwrap(),
+        "--model",
+        "tiny",
+        image.to_str().unwrap(),
+        "-o",
+        out_png.to_str().unwrap(),
+        "--class",
+        &class,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["explanations"][0]["class"].to_string(), class);
+    let written = image::open(&out_png).unwrap();
+    let input = image::open(&image).unwrap();
+    assert_eq!(
+        (written.width(), written.height()),
+        (input.width(), input.height())
+    );
+    assert_ne!(
+        written.to_rgb8(),
+        input.to_rgb8(),
+        "the overlay must differ from the photo"
+    );
+}
+
+/// The default model, shipped in models/, explains a real photo: a tabby cat is seen as a cat.
+#[test]
+fn the_default_model_recognises_a_cat() {
+    let config = camserve::config::Config::from_file(&root().join("config/default.toml")).unwrap();
+    let registry = Registry::load(runtime(), &config.models).unwrap();
+    let model = registry.get("efficientnet_lite0").unwrap().clone();
+    assert_eq!(model.info.num_classes(), 1000);
+    let bytes = std::fs::read(fixture("images/chelsea_224.png")).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let logits = rt
+        .block_on(camserve::explain::predict(&model, bytes, &config.limits))
+        .unwrap();
+    let top3: Vec<&str> = camserve::explain::ranked(&logits)[..3]
+        .iter()
+        .map(|&c| model.info.labels[c].as_str())
+        .collect();
+    assert!(
+        top3.iter()
+            .any(|l| ["tabby", "tiger cat", "Egyptian cat"].contains(l)),
+        "top-3: {top3:?}"
+    );
+}
