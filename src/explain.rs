@@ -47,6 +47,8 @@ pub enum ExplainError {
     Decode(#[from] DecodeError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error("{0} panicked")]
+    Panicked(&'static str),
 }
 
 /// Everything one request computed: the scores, and per target class its map and boxes.
@@ -85,7 +87,7 @@ async fn prepare(
     model: &Arc<Model>,
     bytes: Vec<u8>,
     limits: &Limits,
-) -> Result<(RgbImage, Vec<f32>), DecodeError> {
+) -> Result<(RgbImage, Vec<f32>), ExplainError> {
     let model = model.clone();
     let limits = limits.clone();
     tokio::task::spawn_blocking(move || {
@@ -96,7 +98,7 @@ async fn prepare(
         Ok((image, tensor))
     })
     .await
-    .expect("preprocessing panicked")
+    .map_err(|_| ExplainError::Panicked("preprocessing"))?
 }
 
 /// Class scores only: one Run with a single all-zero seed row.
@@ -154,15 +156,15 @@ pub async fn explain(
             })
             .collect();
         let probabilities = softmax(&output.logits);
-        Ok(Explanation {
+        Explanation {
             image,
             logits: output.logits,
             probabilities,
             targets,
-        })
+        }
     })
     .await
-    .expect("explaining panicked")
+    .map_err(|_| ExplainError::Panicked("mapping"))
 }
 
 #[cfg(test)]

@@ -142,6 +142,7 @@ fn serve(setup: Setup, bind: Option<SocketAddr>) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         registry,
         limits: config.limits.clone(),
+        request_timeout: config.server.request_timeout(),
         ready: AtomicBool::new(true),
     });
     let runtime = tokio::runtime::Runtime::new()?;

