@@ -27,7 +27,7 @@ impl Registry {
             let (info, sessions) = model::load(runtime, config)?;
             tracing::info!(
                 model = %info.name,
-                device = ?info.device,
+                device = %info.device,
                 classes = info.num_classes(),
                 sessions = sessions.len(),
                 load_ms = started.elapsed().as_millis() as u64,
