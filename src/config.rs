@@ -118,6 +118,12 @@ pub struct ModelConfig {
     /// Requests that may wait for a session; past it the service answers 503 at once.
     #[serde(default = "default_queue")]
     pub queue_capacity: usize,
+    /// Most images in one Run. Requests already waiting are batched together.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// How long a session waits for more requests to fill a batch (0: take only what is waiting).
+    #[serde(default)]
+    pub max_batch_wait_ms: u64,
     /// Overrides of what the model's own metadata says.
     #[serde(default)]
     pub overrides: ModelOverrides,
@@ -146,6 +152,9 @@ fn one() -> usize {
 }
 fn default_queue() -> usize {
     64
+}
+fn default_max_batch() -> usize {
+    8
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -217,9 +226,16 @@ impl Config {
             if self.models[..i].iter().any(|m| m.name == model.name) {
                 return invalid(format!("model `{}` is listed twice", model.name));
             }
-            if model.sessions == 0 || model.threads == 0 || model.queue_capacity == 0 {
+            if [
+                model.sessions,
+                model.threads,
+                model.queue_capacity,
+                model.max_batch,
+            ]
+            .contains(&0)
+            {
                 return invalid(format!(
-                    "model `{}`: sessions, threads and queue_capacity must be >= 1",
+                    "model `{}`: sessions, threads, queue_capacity and max_batch must be >= 1",
                     model.name
                 ));
             }

@@ -1,7 +1,12 @@
 //! Runs sessions on threads of their own, off the async runtime. Each session is owned by one thread that takes
 //! jobs from the model's bounded queue; a full queue is refused at once rather than left to grow.
+//!
+//! Batching: a session thread that takes a job also takes the jobs already waiting with the same number of
+//! targets (up to `max_batch`), optionally waiting `max_batch_wait` for more, and runs them in one Run.
 
-use crossbeam_channel::{Sender, TrySendError};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use ort::session::Session;
 use tokio::sync::oneshot;
 
@@ -15,11 +20,29 @@ pub enum EngineError {
     Failed(String),
 }
 
+/// How long a job waited for a session, and how long its Run took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunTimes {
+    pub queue: Duration,
+    pub inference: Duration,
+    /// Images in the Run that served this job.
+    pub batch_size: usize,
+}
+
+type Reply = oneshot::Sender<Result<(RunOutput, RunTimes), EngineError>>;
+
 struct Job {
     input: Vec<f32>,
     seeds: Vec<f32>,
     k: usize,
-    reply: oneshot::Sender<Result<RunOutput, EngineError>>,
+    enqueued: Instant,
+    reply: Reply,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    pub max_batch: usize,
+    pub max_wait: Duration,
 }
 
 /// The queue in front of a model's sessions. Dropping it lets the session threads finish and exit.
@@ -33,24 +56,14 @@ impl Runner {
         sessions: Vec<Session>,
         input_size: [usize; 2],
         capacity: usize,
+        batching: Batching,
     ) -> Self {
         let (queue, jobs) = crossbeam_channel::bounded::<Job>(capacity);
-        for (i, mut session) in sessions.into_iter().enumerate() {
+        for (i, session) in sessions.into_iter().enumerate() {
             let jobs = jobs.clone();
             std::thread::Builder::new()
                 .name(format!("{name}-session-{i}"))
-                .spawn(move || {
-                    for job in jobs {
-                        // The client went away while the job waited: don't spend a Run on it.
-                        if job.reply.is_closed() {
-                            continue;
-                        }
-                        let result =
-                            model::run(&mut session, &job.input, input_size, &job.seeds, job.k)
-                                .map_err(|e| EngineError::Failed(e.to_string()));
-                        let _ = job.reply.send(result);
-                    }
-                })
+                .spawn(move || serve_session(session, jobs, input_size, batching))
                 .expect("spawning a session thread");
         }
         Self { queue }
@@ -62,14 +75,16 @@ impl Runner {
         input: Vec<f32>,
         seeds: Vec<f32>,
         k: usize,
-    ) -> Result<RunOutput, EngineError> {
+    ) -> Result<(RunOutput, RunTimes), EngineError> {
         let (reply, result) = oneshot::channel();
-        match self.queue.try_send(Job {
+        let job = Job {
             input,
             seeds,
             k,
+            enqueued: Instant::now(),
             reply,
-        }) {
+        };
+        match self.queue.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(EngineError::Overloaded),
             Err(TrySendError::Disconnected(_)) => {
@@ -86,5 +101,73 @@ impl Runner {
     /// Jobs waiting for a session.
     pub fn queue_depth(&self) -> usize {
         self.queue.len()
+    }
+}
+
+fn serve_session(
+    mut session: Session,
+    jobs: Receiver<Job>,
+    input_size: [usize; 2],
+    batching: Batching,
+) {
+    // A job taken while filling a batch of another K waits here for the next Run.
+    let mut held: Option<Job> = None;
+    loop {
+        let Some(first) = held.take().or_else(|| jobs.recv().ok()) else {
+            return;
+        };
+        let mut batch = vec![first];
+        let deadline = Instant::now() + batching.max_wait;
+        while batch.len() < batching.max_batch {
+            let next = match deadline.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => jobs.recv_timeout(left),
+                _ => jobs.try_recv().map_err(|_| RecvTimeoutError::Timeout),
+            };
+            match next {
+                Ok(job) if job.k == batch[0].k => batch.push(job),
+                Ok(job) => {
+                    held = Some(job);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        // Clients that went away while their job waited cost no Run.
+        batch.retain(|job| !job.reply.is_closed());
+        if !batch.is_empty() {
+            run_batch(&mut session, batch, input_size);
+        }
+    }
+}
+
+fn run_batch(session: &mut Session, batch: Vec<Job>, input_size: [usize; 2]) {
+    let started = Instant::now();
+    let k = batch[0].k;
+    // One image runs from its own buffer; a batch needs the images side by side.
+    let result = if let [job] = &batch[..] {
+        model::run(session, &job.input, input_size, &job.seeds, k)
+    } else {
+        let inputs: Vec<f32> = batch.iter().flat_map(|j| j.input.iter().copied()).collect();
+        let seeds: Vec<f32> = batch.iter().flat_map(|j| j.seeds.iter().copied()).collect();
+        model::run(session, &inputs, input_size, &seeds, k)
+    };
+    let inference = started.elapsed();
+    let batch_size = batch.len();
+    match result {
+        Ok(outputs) => {
+            for (job, output) in batch.into_iter().zip(outputs) {
+                let times = RunTimes {
+                    queue: started - job.enqueued,
+                    inference,
+                    batch_size,
+                };
+                let _ = job.reply.send(Ok((output, times)));
+            }
+        }
+        Err(e) => {
+            for job in batch {
+                let _ = job.reply.send(Err(EngineError::Failed(e.to_string())));
+            }
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! one Run -> a map and boxes per target class. CPU-heavy steps run on blocking threads, never on the async runtime.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use image::RgbImage;
 
@@ -57,6 +58,21 @@ pub struct Explanation {
     pub logits: Vec<f32>,
     pub probabilities: Vec<f32>,
     pub targets: Vec<TargetMap>,
+    pub timings: Timings,
+}
+
+/// Where a request's time went, stage by stage.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// Decoding and preprocessing the image.
+    pub decode: Duration,
+    /// Waiting for a session.
+    pub queue: Duration,
+    /// The ONNX Runtime Run (shared by every request of its batch).
+    pub inference: Duration,
+    pub batch_size: usize,
+    /// Maps, upsampling and boxes.
+    pub maps: Duration,
 }
 
 pub struct TargetMap {
@@ -87,15 +103,16 @@ async fn prepare(
     model: &Arc<Model>,
     bytes: Vec<u8>,
     limits: &Limits,
-) -> Result<(RgbImage, Vec<f32>), ExplainError> {
+) -> Result<(RgbImage, Vec<f32>, Duration), ExplainError> {
     let model = model.clone();
     let limits = limits.clone();
     tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
         let image = preprocess::decode(&bytes, &limits.decode_limits())?;
         let p = &model.info.preprocess;
         let mut tensor = vec![0.0f32; 3 * p.height * p.width];
         p.write_tensor(&image, &mut tensor);
-        Ok((image, tensor))
+        Ok((image, tensor, started.elapsed()))
     })
     .await
     .map_err(|_| ExplainError::Panicked("preprocessing"))?
@@ -106,10 +123,18 @@ pub async fn predict(
     model: &Arc<Model>,
     bytes: Vec<u8>,
     limits: &Limits,
-) -> Result<Vec<f32>, ExplainError> {
-    let (_, tensor) = prepare(model, bytes, limits).await?;
+) -> Result<(Vec<f32>, Timings), ExplainError> {
+    let (_, tensor, decode) = prepare(model, bytes, limits).await?;
     let seeds = vec![0.0; model.info.num_classes()];
-    Ok(model.runner.run(tensor, seeds, 1).await?.logits)
+    let (output, run) = model.runner.run(tensor, seeds, 1).await?;
+    let timings = Timings {
+        decode,
+        queue: run.queue,
+        inference: run.inference,
+        batch_size: run.batch_size,
+        maps: Duration::ZERO,
+    };
+    Ok((output.logits, timings))
 }
 
 pub async fn explain(
@@ -118,7 +143,7 @@ pub async fn explain(
     limits: &Limits,
     options: &ExplainOptions,
 ) -> Result<Explanation, ExplainError> {
-    let (image, tensor) = prepare(model, bytes, limits).await?;
+    let (image, tensor, decode) = prepare(model, bytes, limits).await?;
     let classes = model.info.num_classes();
     // All targets ride in one Run: one seed row each; an all-zero row k means "the k-th best class".
     let (seeds, k) = match &options.targets {
@@ -131,9 +156,10 @@ pub async fn explain(
             (seeds, list.len())
         }
     };
-    let output = model.runner.run(tensor, seeds, k).await?;
+    let (output, run) = model.runner.run(tensor, seeds, k).await?;
     let options = options.clone();
     tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
         let [channels, height, width] = output.activation_shape;
         let targets = (0..k)
             .map(|row| {
@@ -155,12 +181,19 @@ pub async fn explain(
                 }
             })
             .collect();
-        let probabilities = softmax(&output.logits);
+        let timings = Timings {
+            decode,
+            queue: run.queue,
+            inference: run.inference,
+            batch_size: run.batch_size,
+            maps: started.elapsed(),
+        };
         Explanation {
             image,
+            probabilities: softmax(&output.logits),
             logits: output.logits,
-            probabilities,
             targets,
+            timings,
         }
     })
     .await

@@ -94,18 +94,20 @@ impl RunOutput {
     }
 }
 
-/// One Run: `input` is one preprocessed image [3,H,W], `seeds` K rows of C class weights.
+/// One Run over a batch: `inputs` holds N preprocessed images [N,3,H,W], `seeds` N x K rows of C class
+/// weights. Returns one output per image.
 pub fn run(
     session: &mut Session,
-    input: &[f32],
+    inputs: &[f32],
     size: [usize; 2],
     seeds: &[f32],
     k: usize,
-) -> ort::Result<RunOutput> {
-    let classes = seeds.len() / k;
+) -> ort::Result<Vec<RunOutput>> {
+    let n = inputs.len() / (3 * size[0] * size[1]);
+    let classes = seeds.len() / (n * k);
     let outputs = session.run(ort::inputs![
-        "input" => TensorRef::from_array_view(([1, 3, size[0], size[1]], input))?,
-        "class_weights" => TensorRef::from_array_view(([1, k, classes], seeds))?,
+        "input" => TensorRef::from_array_view(([n, 3, size[0], size[1]], inputs))?,
+        "class_weights" => TensorRef::from_array_view(([n, k, classes], seeds))?,
     ])?;
     let (_, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
     let (act_shape, activations) = outputs["activations"].try_extract_tensor::<f32>()?;
@@ -118,22 +120,28 @@ pub fn run(
     ];
     let shape_error =
         |what: &str| ort::Error::new(format!("the model returned {what} of an unexpected size"));
-    if logits.len() != classes {
-        return Err(shape_error("logits"));
+    if logits.len() != n * classes || activations.len() % n != 0 {
+        return Err(shape_error("logits or activations"));
     }
     if gradients.len() != k * activations.len() {
         return Err(shape_error("gradients"));
     }
-    if target_class.len() != k || target_class.iter().any(|&c| c < 0 || c as usize >= classes) {
+    if target_class.len() != n * k || target_class.iter().any(|&c| c < 0 || c as usize >= classes) {
         return Err(shape_error("target_class"));
     }
-    Ok(RunOutput {
-        logits: logits.to_vec(),
-        activations: activations.to_vec(),
-        activation_shape,
-        gradients: gradients.to_vec(),
-        target_class: target_class.iter().map(|&c| c as usize).collect(),
-    })
+    let per_image = activations.len() / n;
+    Ok((0..n)
+        .map(|i| RunOutput {
+            logits: logits[i * classes..(i + 1) * classes].to_vec(),
+            activations: activations[i * per_image..(i + 1) * per_image].to_vec(),
+            activation_shape,
+            gradients: gradients[i * k * per_image..(i + 1) * k * per_image].to_vec(),
+            target_class: target_class[i * k..(i + 1) * k]
+                .iter()
+                .map(|&c| c as usize)
+                .collect(),
+        })
+        .collect())
 }
 
 /// Opens `config.sessions` sessions, checks the contract and the metadata, and probes the model once.
@@ -463,8 +471,33 @@ fn probe(session: &mut Session, meta: &Metadata) -> Result<[usize; 3], String> {
     for (row, class) in (0..k.min(2)).enumerate() {
         seeds[row * classes + class] = 1.0;
     }
-    let out = run(session, &input, [height, width], &seeds, k)
-        .map_err(|e| format!("the probe Run failed: {e}"))?;
+    let single = run(session, &input, [height, width], &seeds, k)
+        .map_err(|e| format!("the probe Run failed: {e}"))?
+        .remove(0);
+    // The same image twice in one Run: batching needs a dynamic batch dimension and must not mix images.
+    let twice = [input.as_slice(), &input].concat();
+    let out = run(
+        session,
+        &twice,
+        [height, width],
+        &[seeds.as_slice(), &seeds].concat(),
+        k,
+    )
+    .map_err(|e| format!("a Run on a batch of 2 failed (is the batch dimension dynamic?): {e}"))?
+    .remove(1);
+    let scale = single
+        .logits
+        .iter()
+        .fold(0.0f32, |m, v| m.max(v.abs()))
+        .max(1e-6);
+    if single
+        .logits
+        .iter()
+        .zip(&out.logits)
+        .any(|(a, b)| (a - b).abs() > 1e-4 * scale)
+    {
+        return Err("the second image of a batch of 2 gets different logits than alone".into());
+    }
     if out.logits.len() != classes {
         return Err(format!(
             "logits has {} classes but there are {classes} labels",

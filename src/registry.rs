@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::config::ModelConfig;
-use crate::engine::Runner;
+use crate::engine::{Batching, Runner};
 use crate::model::{self, ModelError, ModelInfo};
 use crate::runtime::Runtime;
 
@@ -34,7 +34,17 @@ impl Registry {
                 "model loaded"
             );
             let input_size = [info.preprocess.height, info.preprocess.width];
-            let runner = Runner::start(&info.name, sessions, input_size, config.queue_capacity);
+            let batching = Batching {
+                max_batch: config.max_batch,
+                max_wait: std::time::Duration::from_millis(config.max_batch_wait_ms),
+            };
+            let runner = Runner::start(
+                &info.name,
+                sessions,
+                input_size,
+                config.queue_capacity,
+                batching,
+            );
             registry
                 .models
                 .insert(info.name.clone(), Arc::new(Model { info, runner }));

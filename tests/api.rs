@@ -487,3 +487,97 @@ async fn multipart_upload_equals_raw_body() {
     .await;
     assert_eq!(multipart["explanations"], raw["explanations"]);
 }
+
+/// Concurrent requests batched into one Run get the same answers as alone, and say so in x-batch-size.
+#[tokio::test(flavor = "multi_thread")]
+async fn batched_requests_equal_single_ones() {
+    let mut batched = model_config("tiny", &fixture("tiny_cnn.onnx"));
+    batched.max_batch = 8;
+    batched.max_batch_wait_ms = 200;
+    let server = TestServer::with(vec![batched], Limits::default()).await;
+    let mut alone = model_config("tiny", &fixture("tiny_cnn.onnx"));
+    alone.max_batch = 1;
+    let reference = TestServer::with(vec![alone], Limits::default()).await;
+
+    let images: Vec<Vec<u8>> = cases()
+        .iter()
+        .map(|c| std::fs::read(fixture(&c.image)).unwrap())
+        .collect();
+    let query = "/v1/models/tiny/explain?top_k=2&output=raw";
+    // All at once, from tasks of their own, so that they queue together.
+    let sends: Vec<_> = images
+        .iter()
+        .map(|image| {
+            let request = server
+                .client
+                .post(server.url(query))
+                .header("content-type", "image/png")
+                .body(image.clone());
+            tokio::spawn(request.send())
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for send in sends {
+        answers.push(send.await.unwrap().unwrap());
+    }
+    let mut largest_batch = 0;
+    for (image, response) in images.iter().zip(answers) {
+        assert_eq!(response.status(), 200);
+        largest_batch = largest_batch.max(
+            response.headers()["x-batch-size"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap(),
+        );
+        let (_, batched) = json(response).await;
+        let (_, single) = json(
+            reference
+                .post_image(query, "image/png", image.clone())
+                .await,
+        )
+        .await;
+        assert_eq!(batched["explanations"].as_array().unwrap().len(), 2);
+        for i in 0..2 {
+            let (b, s) = (&batched["explanations"][i], &single["explanations"][i]);
+            assert_eq!(b["class"], s["class"]);
+            let data =
+                |v: &Value| serde_json::from_value::<Vec<f32>>(v["map"]["data"].clone()).unwrap();
+            assert!(max_relative_error(&data(b), &data(s)) < 1e-5);
+        }
+    }
+    assert!(
+        largest_batch > 1,
+        "no batch formed within 200 ms of waiting"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn responses_carry_stage_timings() {
+    let server = TestServer::start().await;
+    let image = std::fs::read(fixture(&cases()[0].image)).unwrap();
+    for path in [
+        "/v1/models/tiny/explain?output=overlay",
+        "/v1/models/tiny/predict",
+    ] {
+        let response = server.post_image(path, "image/png", image.clone()).await;
+        assert_eq!(response.status(), 200);
+        let ms =
+            |name: &str| -> f64 { response.headers()[name].to_str().unwrap().parse().unwrap() };
+        let total = ms("x-total-time");
+        for stage in [
+            "x-decode-time",
+            "x-queue-time",
+            "x-inference-time",
+            "x-render-time",
+        ] {
+            assert!(
+                ms(stage) >= 0.0 && ms(stage) <= total,
+                "{path}: {stage} {} > total {total}",
+                ms(stage)
+            );
+        }
+        assert!(ms("x-inference-time") > 0.0);
+        assert_eq!(response.headers()["x-batch-size"], "1");
+    }
+}

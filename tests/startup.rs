@@ -212,7 +212,7 @@ fn the_default_model_recognises_a_cat() {
         .enable_all()
         .build()
         .unwrap();
-    let logits = rt
+    let (logits, _) = rt
         .block_on(camserve::explain::predict(&model, bytes, &config.limits))
         .unwrap();
     let top3: Vec<&str> = camserve::explain::ranked(&logits)[..3]

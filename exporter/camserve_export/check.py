@@ -32,16 +32,26 @@ def check_signature(model: onnx.ModelProto, num_classes: int, dynamic_hw: bool) 
             if t.elem_type != dtype or len(t.shape.dim) != rank:
                 raise CheckFailed(f"signature: {name} is {onnx.TensorProto.DataType.Name(t.elem_type)} rank "
                                   f"{len(t.shape.dim)}, expected {onnx.TensorProto.DataType.Name(dtype)} rank {rank}")
-    inputs = {v.name: _dims(v) for v in model.graph.input}
-    symbolic = {"input": [0, 2, 3] if dynamic_hw else [0], "class_weights": [0, 1]}
-    for name, axes in symbolic.items():
-        fixed = [a for a in axes if not isinstance(inputs[name][a], str)]
-        if fixed:
-            raise CheckFailed(f"symbolic dims: {name} axes {fixed} were specialized to "
-                              f"{[inputs[name][a] for a in fixed]} during export (dims {inputs[name]})")
+    fixed = specialized_axes(model, dynamic_hw)
+    if fixed:
+        raise CheckFailed("symbolic dims: " + "; ".join(f"{name} axes {axes} were specialized during export"
+                                                        for name, axes in fixed.items()) + f" (dims {_all_dims(model)})")
+    inputs = _all_dims(model)
     if inputs["input"][1] != 3 or inputs["class_weights"][2] != num_classes:
         raise CheckFailed(f"signature: input {inputs['input']}, class_weights {inputs['class_weights']}; "
                           f"expected 3 channels and {num_classes} classes")
+
+
+def _all_dims(model):
+    return {v.name: _dims(v) for v in model.graph.input}
+
+
+def specialized_axes(model: onnx.ModelProto, dynamic_hw: bool) -> dict[str, list[int]]:
+    """Input axes that should be symbolic but are fixed numbers in the saved file."""
+    inputs = _all_dims(model)
+    symbolic = {"input": [0, 2, 3] if dynamic_hw else [0], "class_weights": [0, 1]}
+    fixed = {name: [a for a in axes if not isinstance(inputs[name][a], str)] for name, axes in symbolic.items()}
+    return {name: axes for name, axes in fixed.items() if axes}
 
 
 def relative_error(got, ref) -> float:

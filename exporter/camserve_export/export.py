@@ -1,6 +1,7 @@
 """export_contract: trace, export, check, then (and only then) put the file in place."""
 
 import contextlib
+import logging
 import os
 import tempfile
 import time
@@ -13,7 +14,7 @@ import onnxruntime as ort
 import torch
 
 from . import __version__
-from .check import TOLERANCE, check_parity, check_signature
+from .check import TOLERANCE, check_parity, check_signature, specialized_axes
 from .errors import UserError
 from .metadata import INPUT_NAMES, OUTPUT_NAMES, Preprocess, metadata_props, numbered_labels, set_metadata
 from .split import accepts_other_sizes, validate
@@ -78,18 +79,41 @@ def _frozen(module: torch.nn.Module):
             p.requires_grad_(flag)
 
 
+@contextlib.contextmanager
+def _quiet_fake_tensor():
+    """FakeTensor logs a full traceback at ERROR level before raising; the dynamic H/W attempt handles that."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _onnx_export(graph, x, w, dynamic_hw: bool, path: Path) -> None:
     n = torch.export.Dim("N", min=1, max=1024)
     k = torch.export.Dim("K", min=1, max=4096)
     input_dims = {0: n}
     if dynamic_hw:
-        input_dims.update({2: torch.export.Dim("H", min=32, max=4096), 3: torch.export.Dim("W", min=32, max=4096)})
+        smallest = min(32, x.shape[2], x.shape[3])
+        input_dims.update({2: torch.export.Dim("H", min=smallest, max=4096),
+                           3: torch.export.Dim("W", min=smallest, max=4096)})
     with warnings.catch_warnings():
         # N names the batch axis of both inputs; torch.onnx warns that the second use of the name is redundant
         warnings.filterwarnings("ignore", message="# The axis name")
         program = torch.onnx.export(graph.eval(), (x, w), dynamo=True, dynamic_shapes=(input_dims, {0: n, 1: k}),
                                     input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), verbose=False)
     program.save(str(path), external_data=False)
+
+
+def _trace_and_export(split, input_size, num_classes, dynamic_hw, path, log) -> onnx.ModelProto:
+    x_shape, w_shape = trace_shapes(input_size, num_classes, dynamic_hw)
+    log(f"tracing (make_fx over torch.func.vjp), H/W {'dynamic' if dynamic_hw else 'fixed'}")
+    graph = trace(split, torch.randn(x_shape), torch.zeros(w_shape))
+    log("exporting (torch.onnx, dynamo)")
+    _onnx_export(graph, torch.randn(x_shape), torch.zeros(w_shape), dynamic_hw, path)
+    return onnx.load(str(path))
 
 
 def export_contract(split, out, *, input_size: int = 224, labels=None, preprocess: Preprocess = Preprocess(),
@@ -110,20 +134,32 @@ def export_contract(split, out, *, input_size: int = 224, labels=None, preproces
             if len(labels) != num_classes:
                 raise UserError(f"{len(labels)} labels for a model with {num_classes} classes")
             notes = []
-            if dynamic_hw is None:
+            auto_hw = dynamic_hw is None
+            if auto_hw:
                 dynamic_hw = accepts_other_sizes(split, input_size)
                 if not dynamic_hw:
                     notes.append(f"the head needs the fixed input size: H and W are fixed at {input_size}")
-            log(f"target {split.name!r}: activations {list(A.shape[1:])}, {num_classes} classes, "
-                f"H/W {'dynamic' if dynamic_hw else 'fixed'}")
+            log(f"target {split.name!r}: activations {list(A.shape[1:])}, {num_classes} classes")
 
-            x_shape, w_shape = trace_shapes(input_size, num_classes, dynamic_hw)
-            log("tracing (make_fx over torch.func.vjp)")
-            graph = trace(split, torch.randn(x_shape), torch.zeros(w_shape))
-            log("exporting (torch.onnx, dynamo)")
-            _onnx_export(graph, torch.randn(x_shape), torch.zeros(w_shape), dynamic_hw, tmp)
-
-            model = onnx.load(str(tmp))
+            model = None
+            if dynamic_hw:
+                try:
+                    with _quiet_fake_tensor():
+                        model = _trace_and_export(split, input_size, num_classes, True, tmp, log)
+                    fixed = specialized_axes(model, dynamic_hw=True)
+                    why = f"dims {fixed} were specialized" if fixed.keys() == {"input"} and 0 not in fixed["input"] else ""
+                except Exception as e:  # retried below with fixed H/W; a real problem fails there again
+                    if not auto_hw:
+                        raise
+                    why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+                if auto_hw and why:
+                    # The eager head took another size, but the traced graph can't (a size baked into the
+                    # model's code, e.g. a pooling kernel read off the tensor): fixed is the honest export.
+                    notes.append(f"H and W could not stay symbolic ({why}): they are fixed at {input_size}")
+                    log(notes[-1])
+                    dynamic_hw, model = False, None
+            if model is None:
+                model = _trace_and_export(split, input_size, num_classes, dynamic_hw, tmp, log)
             check_signature(model, num_classes, dynamic_hw)
             source = source or f"target {split.name}"
             set_metadata(model, metadata_props(labels, split.name, (input_size, input_size), preprocess,

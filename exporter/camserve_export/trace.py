@@ -62,23 +62,42 @@ def _adaptive_avg_pool2d_backward(grad, inp):
     return ph.t() @ grad @ pw
 
 
-def _convolution_backward(grad, inp, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
-                          groups, output_mask):
-    """Input gradient of a 2-D convolution (a conv in the head, e.g. SqueezeNet's classifier); torch._decomp has
-    none. A transposed conv without padding gives the gradient of the zero-padded input, minus rows/columns no
-    window reached (stride remainder): pad those back with zeros, then crop the padding. All sizes stay symbolic."""
-    if transposed or inp.dim() != 4 or list(output_mask) != [True, False, False]:
-        return NotImplemented  # weight/bias gradients are never needed: parameters are constants here
+def _conv_input_grad(grad, weight, inp, stride, padding, dilation, groups):
+    """Input gradient of a zero-padded 2-D convolution. A transposed conv without padding gives the gradient of the
+    padded input, minus the rows/columns no window reached (stride remainder): pad those back with zeros, then
+    crop the padding. All sizes stay symbolic."""
     full = torch.nn.functional.conv_transpose2d(grad, weight, stride=stride, dilation=dilation, groups=groups)
     (ph, pw), (h, w) = padding, inp.shape[-2:]
     full = torch.nn.functional.pad(full, [0, w + 2 * pw - full.shape[-1], 0, h + 2 * ph - full.shape[-2]])
-    return full[:, :, ph:ph + h, pw:pw + w], None, None
+    return full[:, :, ph:ph + h, pw:pw + w]
+
+
+def _convolution_backward(grad, inp, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
+                          groups, output_mask):
+    # a conv in the head (SqueezeNet's classifier); torch._decomp has no entry
+    if transposed or inp.dim() != 4 or list(output_mask) != [True, False, False]:
+        return NotImplemented  # weight/bias gradients are never needed: parameters are constants here
+    return _conv_input_grad(grad, weight, inp, stride, padding, dilation, groups), None, None
+
+
+def _avg_pool2d_backward(grad, inp, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    # average pooling in the head (no torch._decomp entry): a depthwise conv with weights 1/(kh*kw)
+    kh, kw = kernel_size if len(kernel_size) == 2 else (kernel_size[0],) * 2
+    padding = list(padding) * 2 if len(padding) == 1 else list(padding)
+    if inp.dim() != 4 or ceil_mode or (any(padding) and not count_include_pad):
+        return NotImplemented  # the divisor would vary per window
+    stride = list(stride) if stride else [kh, kw]
+    stride = stride * 2 if len(stride) == 1 else stride
+    channels = inp.shape[1]
+    weight = torch.ones(channels, 1, kh, kw, dtype=grad.dtype) / (divisor_override or kh * kw)
+    return _conv_input_grad(grad, weight, inp, stride, padding, [1, 1], channels)
 
 
 # Only backward ops are decomposed; forward ops stay whole for the ONNX exporter's own translations.
 DECOMPOSITIONS = {op: fn for op, fn in decomposition_table.items() if "backward" in op.name()}
 DECOMPOSITIONS[aten._adaptive_avg_pool2d_backward.default] = _adaptive_avg_pool2d_backward
 DECOMPOSITIONS[aten.convolution_backward.default] = _convolution_backward
+DECOMPOSITIONS[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
 
 
 @contextlib.contextmanager

@@ -101,3 +101,37 @@ def test_export_through_console_script(tmp_path):
                                                        "std": [0.25, 0.25, 0.25], "channel_order": "RGB",
                                                        "value_range": [0.0, 1.0]}
     assert "toy_models:tiny" in meta["camserve.source"] and "camserve-export 0.1.0" in meta["camserve.source"]
+
+
+def test_named_weights_only_from_the_local_cache(capsys, tmp_path, monkeypatch):
+    """Never a download: missing from the torch hub cache is a user error; present, it is used."""
+    import torch
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    err = _fails(capsys, ["--arch", "resnet18", "--torchvision-weights", "IMAGENET1K_V1", "-o", str(tmp_path / "m.onnx")])
+    assert "are not in the local cache" in err and "never downloads" in err
+
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), cached)  # stands in for the real file
+    assert main(["--arch", "resnet18", "--torchvision-weights", "IMAGENET1K_V1", "--input-size", "64", "-q",
+                 "-o", str(tmp_path / "m.onnx")]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert "weights IMAGENET1K_V1" in meta["camserve.source"]
+    assert json.loads(meta["camserve.labels"])[281] == "tabby"
+
+
+def test_weights_file(capsys, tmp_path):
+    import torch
+    from toy_models import tiny, unused_branch
+
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save(tiny().state_dict(), good)
+    torch.save(unused_branch().state_dict(), bad)
+    err = _fails(capsys, ["--model", "toy_models:tiny", "--layer", "features", "--weights", str(bad),
+                          "-o", str(tmp_path / "m.onnx")])
+    assert f"weights file '{bad}' does not fit the model" in err and "missing features.2.weight" in err
+    assert main(["--model", "toy_models:tiny", "--layer", "features", "--weights", str(good), "--input-size", "32",
+                 "-q", "-o", str(tmp_path / "m.onnx")]) == 0
+    assert "weights good.pt" in {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}["camserve.source"]

@@ -69,3 +69,38 @@ class _ConvHead(nn.Module):
 
 def conv_head():
     return _ConvHead()
+
+
+class _BakedPool(nn.Module):
+    """Global pooling written with a kernel size read off the tensor: eager code accepts any size, but the traced
+    graph has the kernel baked in, so H and W can't stay symbolic."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4, padding=1), nn.ReLU())
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a = self.features(x)
+        return self.fc(torch.nn.functional.avg_pool2d(a, kernel_size=int(a.shape[-1])).flatten(1))
+
+
+def baked_pool():
+    return _BakedPool()
+
+
+class _AvgPoolHead(nn.Module):
+    """AvgPool2d(3, stride 2, padding 1) in the head: exercises the avg_pool2d_backward decomposition."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1), nn.Conv2d(6, 6, 1), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def avgpool_head():
+    return _AvgPoolHead()

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::{FromRequest, Path, RawQuery, Request, State};
@@ -12,7 +13,7 @@ use serde::Serialize;
 
 use crate::boxes::Region;
 use crate::cam::{CamMethod, Map};
-use crate::explain::{self, Explanation, TargetMap};
+use crate::explain::{self, Explanation, TargetMap, Timings};
 use crate::http::SharedState;
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::image_body::ImageBody;
@@ -173,16 +174,19 @@ pub async fn predict(
     RawQuery(query): RawQuery,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let started = Instant::now();
     let model = find_model(&state, &name)?;
     let top_k = params::predict_top_k(query.as_deref(), &model.info)?;
     let ImageBody(bytes) = ImageBody::from_request(request, &()).await?;
-    let logits = explain::predict(&model, bytes, &state.limits).await?;
+    let (logits, timings) = explain::predict(&model, bytes, &state.limits).await?;
     let probabilities = explain::softmax(&logits);
     let body = serde_json::json!({
         "model": model.info.name,
         "predictions": predictions(&model.info, &logits, &probabilities, top_k),
     });
-    Ok(Json(body).into_response())
+    let mut response = Json(body).into_response();
+    add_timing_headers(&mut response, &timings, Duration::ZERO, started.elapsed());
+    Ok(response)
 }
 
 pub async fn explain(
@@ -191,6 +195,7 @@ pub async fn explain(
     RawQuery(query): RawQuery,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let started = Instant::now();
     let model = find_model(&state, &name)?;
     let params = params::explain(
         query.as_deref(),
@@ -199,10 +204,47 @@ pub async fn explain(
     )?;
     let ImageBody(bytes) = ImageBody::from_request(request, &()).await?;
     let explanation = explain::explain(&model, bytes, &state.limits, &params.options).await?;
-    let response = tokio::task::spawn_blocking(move || encode(&model.info, &explanation, &params))
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::Internal, "encoding the answer failed"))?;
+    let (mut response, timings, encoding) = tokio::task::spawn_blocking(move || {
+        let encoding = Instant::now();
+        let response = encode(&model.info, &explanation, &params);
+        (response, explanation.timings, encoding.elapsed())
+    })
+    .await
+    .map_err(|_| ApiError::new(ErrorCode::Internal, "encoding the answer failed"))?;
+    add_timing_headers(
+        &mut response,
+        &timings,
+        timings.maps + encoding,
+        started.elapsed(),
+    );
     Ok(response)
+}
+
+/// Per-stage times in milliseconds, so clients and load tests see where the time goes.
+fn add_timing_headers(
+    response: &mut Response,
+    timings: &Timings,
+    render: Duration,
+    total: Duration,
+) {
+    let headers = response.headers_mut();
+    for (name, duration) in [
+        ("x-decode-time", timings.decode),
+        ("x-queue-time", timings.queue),
+        ("x-inference-time", timings.inference),
+        ("x-render-time", render),
+        ("x-total-time", total),
+    ] {
+        let value = format!("{:.3}", duration.as_secs_f64() * 1e3);
+        headers.insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_str(&value).expect("ASCII"),
+        );
+    }
+    headers.insert(
+        HeaderName::from_static("x-batch-size"),
+        HeaderValue::from(timings.batch_size),
+    );
 }
 
 #[derive(Serialize)]
