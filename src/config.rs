@@ -63,6 +63,8 @@ pub struct Limits {
     pub max_image_side: u32,
     pub max_image_pixels: u64,
     pub max_classes_per_request: usize,
+    /// Longest side of image outputs (overlay, heatmap, image-sized maps); larger photos are drawn smaller.
+    pub max_output_side: usize,
 }
 
 impl Limits {
@@ -82,6 +84,7 @@ impl Default for Limits {
             max_image_side: 16_384,
             max_image_pixels: 40_000_000,
             max_classes_per_request: 32,
+            max_output_side: 4096,
         }
     }
 }
@@ -246,9 +249,17 @@ impl Config {
                 ));
             }
         }
-        if self.limits.max_classes_per_request == 0 || self.limits.max_body_bytes == 0 {
+        let limits = &self.limits;
+        if [
+            limits.max_classes_per_request,
+            limits.max_body_bytes,
+            limits.max_output_side,
+        ]
+        .contains(&0)
+        {
             return invalid(
-                "limits.max_classes_per_request and limits.max_body_bytes must be >= 1".into(),
+                "limits.max_classes_per_request, max_body_bytes and max_output_side must be >= 1"
+                    .into(),
             );
         }
         if self.server.request_timeout_secs == 0 {

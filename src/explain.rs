@@ -79,9 +79,56 @@ pub struct TargetMap {
     pub class: usize,
     /// The method's map on the target layer's grid, before ReLU and normalization.
     pub raw: Map,
-    /// pytorch-grad-cam's display map: ReLU, min-max normalized, upsampled to the image. Overlays and boxes use it.
+    /// pytorch-grad-cam's display map (ReLU, min-max normalized, upsampled) at the analysis size.
     pub heat: Map,
+    /// In original-image pixels.
     pub boxes: Vec<Region>,
+}
+
+/// Boxes are found on the display map at most this many pixels on its longer side, then scaled to image pixels:
+/// the map (7x7 for most models) holds no finer detail, and a 40-megapixel photo then costs what a 1-megapixel
+/// one does, in time and in memory.
+pub const ANALYSIS_SIDE: usize = 1024;
+
+/// `width x height` scaled down, keeping its aspect, so that its longer side is at most `max_side`.
+pub fn fit(width: usize, height: usize, max_side: usize) -> (usize, usize) {
+    let longer = width.max(height);
+    if longer <= max_side {
+        return (width, height);
+    }
+    let scale = max_side as f64 / longer as f64;
+    let shrink = |side: usize| ((side as f64 * scale).round() as usize).max(1);
+    (shrink(width), shrink(height))
+}
+
+impl TargetMap {
+    /// The display map at `width x height`: the stored one when the size matches, else made from the raw map.
+    pub fn heat_at(&self, width: usize, height: usize) -> std::borrow::Cow<'_, Map> {
+        if (self.heat.width, self.heat.height) == (width, height) {
+            std::borrow::Cow::Borrowed(&self.heat)
+        } else {
+            std::borrow::Cow::Owned(cam::display_map(&self.raw, width, height))
+        }
+    }
+}
+
+/// A region found on a map of `map_size` moved to an image of `image_size` pixels.
+fn scale_region(region: Region, map_size: (usize, usize), image_size: (usize, usize)) -> Region {
+    if map_size == image_size {
+        return region;
+    }
+    let (sx, sy) = (
+        image_size.0 as f64 / map_size.0 as f64,
+        image_size.1 as f64 / map_size.1 as f64,
+    );
+    Region {
+        x_min: (region.x_min as f64 * sx).floor() as usize,
+        y_min: (region.y_min as f64 * sy).floor() as usize,
+        x_max: ((region.x_max as f64 * sx).ceil() as usize).min(image_size.0),
+        y_max: ((region.y_max as f64 * sy).ceil() as usize).min(image_size.1),
+        area: (region.area as f64 * sx * sy).round() as usize,
+        ..region
+    }
 }
 
 /// Class indices by descending score.
@@ -171,8 +218,13 @@ pub async fn explain(
                     height,
                     width,
                 );
-                let heat = cam::display_map(&raw, image.width() as usize, image.height() as usize);
-                let boxes = boxes::regions(&heat, options.threshold, options.max_boxes);
+                let image_size = (image.width() as usize, image.height() as usize);
+                let (width, height) = fit(image_size.0, image_size.1, ANALYSIS_SIDE);
+                let heat = cam::display_map(&raw, width, height);
+                let boxes = boxes::regions(&heat, options.threshold, options.max_boxes)
+                    .into_iter()
+                    .map(|region| scale_region(region, (width, height), image_size))
+                    .collect();
                 TargetMap {
                     class: output.target_class[row],
                     raw,

@@ -205,7 +205,9 @@ fn explain_file(
     let explanation =
         runtime.block_on(explain::explain(&model, bytes, &config.limits, &options))?;
     let target = &explanation.targets[0];
-    let overlay = render::overlay(&explanation.image, &target.heat, alpha);
+    let (width, height) = explanation.image.dimensions();
+    let heat = target.heat_at(width as usize, height as usize);
+    let overlay = render::overlay(&explanation.image, &heat, alpha);
     std::fs::write(output, render::encode_png(&overlay)?)
         .with_context(|| format!("cannot write {}", output.display()))?;
     let summary: Vec<_> = explanation

@@ -180,7 +180,7 @@ impl Preprocess {
 /// Stretches an image with fast_image_resize's bilinear convolution: it matches PIL's
 /// antialiased bilinear and is several times faster than image's Triangle filter
 /// (see `examples/measure.rs`).
-fn resize(image: &RgbImage, width: usize, height: usize) -> RgbImage {
+pub fn resize(image: &RgbImage, width: usize, height: usize) -> RgbImage {
     let (width, height) = (width as u32, height as u32);
     let src = ImageRef::new(
         image.width(),

@@ -581,3 +581,63 @@ async fn responses_carry_stage_timings() {
         assert_eq!(response.headers()["x-batch-size"], "1");
     }
 }
+
+/// A photo larger than the analysis grid: boxes still come back in its own pixels, and `max_side` shrinks the
+/// images drawn for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn large_photos_keep_pixel_coordinates_and_max_side_shrinks_outputs() {
+    let server = TestServer::start().await;
+    let info = &server.state.registry.get("red").unwrap().info;
+    let cell = (
+        3000.0 / info.activation_shape[2] as f64,
+        2000.0 / info.activation_shape[1] as f64,
+    );
+    let image = png_bytes(&red_squares(3000, 2000, &[(1700, 300, 800)]));
+    let (status, body) = json(
+        server
+            .post_image(
+                "/v1/models/red/explain?output=boxes",
+                "image/png",
+                image.clone(),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_box_near(
+        box_of(&body["explanations"][0]["boxes"][0]),
+        [1700.0, 300.0, 2500.0, 1100.0],
+        cell,
+    );
+
+    let response = server
+        .post_image(
+            "/v1/models/red/explain?output=overlay&max_side=600",
+            "image/png",
+            image.clone(),
+        )
+        .await;
+    let overlay = image::load_from_memory(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!((overlay.width(), overlay.height()), (600, 400));
+    let response = server
+        .post_image(
+            "/v1/models/red/explain?output=heatmap&heatmap=gray8",
+            "image/png",
+            image,
+        )
+        .await;
+    let heat = image::load_from_memory(&response.bytes().await.unwrap())
+        .unwrap()
+        .to_luma8();
+    assert_eq!(heat.dimensions(), (3000, 2000));
+    assert!(heat.get_pixel(2100, 700)[0] > 200 && heat.get_pixel(200, 1800)[0] < 20);
+
+    let too_big = server
+        .post_image(
+            "/v1/models/red/explain?max_side=100000",
+            "image/png",
+            vec![1],
+        )
+        .await;
+    assert_eq!(too_big.status(), 400);
+}

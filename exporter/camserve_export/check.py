@@ -23,7 +23,8 @@ def check_signature(model: onnx.ModelProto, num_classes: int, dynamic_hw: bool) 
     f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
     want_in = {"input": (f32, 4), "class_weights": (f32, 3)}
     want_out = {"logits": (f32, 2), "activations": (f32, 4), "gradients": (f32, 5), "target_class": (i64, 2)}
-    for values, want, names in ((model.graph.input, want_in, INPUT_NAMES), (model.graph.output, want_out, OUTPUT_NAMES)):
+    for values, want, names in ((model.graph.input, want_in, INPUT_NAMES),
+                                (model.graph.output, want_out, OUTPUT_NAMES)):
         got = {v.name: v for v in values}
         if sorted(got) != sorted(names):
             raise CheckFailed(f"signature: expected {list(names)}, the file has {list(got)}")
@@ -34,8 +35,8 @@ def check_signature(model: onnx.ModelProto, num_classes: int, dynamic_hw: bool) 
                                   f"{len(t.shape.dim)}, expected {onnx.TensorProto.DataType.Name(dtype)} rank {rank}")
     fixed = specialized_axes(model, dynamic_hw)
     if fixed:
-        raise CheckFailed("symbolic dims: " + "; ".join(f"{name} axes {axes} were specialized during export"
-                                                        for name, axes in fixed.items()) + f" (dims {_all_dims(model)})")
+        what = "; ".join(f"{name} axes {axes} were specialized during export" for name, axes in fixed.items())
+        raise CheckFailed(f"symbolic dims: {what} (dims {_all_dims(model)})")
     inputs = _all_dims(model)
     if inputs["input"][1] != 3 or inputs["class_weights"][2] != num_classes:
         raise CheckFailed(f"signature: input {inputs['input']}, class_weights {inputs['class_weights']}; "

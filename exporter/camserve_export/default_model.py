@@ -41,8 +41,8 @@ def check_cat(session: ort.InferenceSession) -> list[tuple[str, float]]:
 
 def build(out):
     backbone, head, name = lite.split(lite.pretrained_lite0())
-    return export_contract(ExplicitSplit(backbone, head, name), out, input_size=lite.INPUT_SIZE, labels=imagenet_labels(),
-                           preprocess=lite.PREPROCESS, source=SOURCE, extra_check=check_cat,
+    return export_contract(ExplicitSplit(backbone, head, name), out, input_size=lite.INPUT_SIZE,
+                           labels=imagenet_labels(), preprocess=lite.PREPROCESS, source=SOURCE, extra_check=check_cat,
                            log=lambda msg: print(f"default-model: {msg}", file=sys.stderr))
 
 

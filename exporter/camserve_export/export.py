@@ -147,7 +147,8 @@ def export_contract(split, out, *, input_size: int = 224, labels=None, preproces
                     with _quiet_fake_tensor():
                         model = _trace_and_export(split, input_size, num_classes, True, tmp, log)
                     fixed = specialized_axes(model, dynamic_hw=True)
-                    why = f"dims {fixed} were specialized" if fixed.keys() == {"input"} and 0 not in fixed["input"] else ""
+                    only_hw = fixed.keys() == {"input"} and 0 not in fixed["input"]
+                    why = f"dims {fixed} were specialized" if only_hw else ""
                 except Exception as e:  # retried below with fixed H/W; a real problem fails there again
                     if not auto_hw:
                         raise

@@ -21,7 +21,6 @@ from . import efficientnet_lite as lite
 from .cam import gradcam_lowres
 from .check import reference
 from .export import export_contract
-from .load import imagenet_labels
 from .metadata import Preprocess, numbered_labels, read_metadata, set_metadata
 from .split import ExplicitSplit, hook_split
 

@@ -49,8 +49,8 @@ def torchvision_model(arch: str, num_classes: int | None = None, named_weights: 
     archs = _classification_archs()
     if arch not in archs:
         close = difflib.get_close_matches(arch, archs, n=5, cutoff=0.5)
-        raise UserError(f"unknown torchvision classification arch {arch!r}"
-                        + (f"; did you mean: {', '.join(close)}" if close else "; see torchvision.models.list_models()"))
+        hint = f"did you mean: {', '.join(close)}" if close else "see torchvision.models.list_models()"
+        raise UserError(f"unknown torchvision classification arch {arch!r}; {hint}")
     if named_weights is None:
         model = torchvision.models.get_model(arch, num_classes=num_classes or 1000)
         c = num_classes or 1000
@@ -84,11 +84,11 @@ def load_state_dict(model: nn.Module, path: str) -> None:
         raise UserError(f"cannot read weights file {path!r}: {e}".splitlines()[0]) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    result = model.load_state_dict(state, strict=False)
-    problems = [f"missing {k}" for k in result.missing_keys] + [f"unexpected {k}" for k in result.unexpected_keys]
-    if problems:
-        raise UserError(f"weights file {path!r} does not fit the model ({len(problems)} keys): "
-                        + ", ".join(problems[:4]) + (", ..." if len(problems) > 4 else ""))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # "Error(s) in loading state_dict for X:" then one tab-indented line per problem
+        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise UserError(f"weights file {path!r} does not fit the model: {'; '.join(details)[:300]}") from None
 
 
 def import_object(spec: str):

@@ -1,10 +1,13 @@
 """Contract v1 names and the camserve.* metadata_props that make an ONNX file self-describing."""
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
+import torch
+from PIL import Image
 
 CONTRACT_VERSION = "1"
 INPUT_NAMES = ("input", "class_weights")
@@ -23,25 +26,21 @@ class Preprocess:
     std: tuple[float, float, float] = IMAGENET_STD
     resize: str = "stretch"
     channel_order: str = "RGB"
-    value_range: tuple[float, float] = field(default=(0.0, 1.0))
+    value_range: tuple[float, float] = (0.0, 1.0)
 
-    def tensor(self, image, size: int):
+    def tensor(self, image: Image.Image, size: int) -> torch.Tensor:
         """A PIL image -> the [1,3,size,size] float32 input the server would feed (bilinear stretch if needed)."""
-        import numpy as np
-        import torch
-
         image = image.convert("RGB")
         if image.size != (size, size):
-            image = image.resize((size, size), resample=2)  # PIL.Image.BILINEAR
+            image = image.resize((size, size), Image.BILINEAR)
         lo, hi = self.value_range
         x = np.asarray(image, dtype=np.float32) / 255.0 * (hi - lo) + lo
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
 
     def to_json(self) -> str:
-        d = asdict(self)
-        order = ("resize", "mean", "std", "channel_order", "value_range")
-        return json.dumps({k: list(d[k]) if isinstance(d[k], tuple) else d[k] for k in order})
+        return json.dumps({"resize": self.resize, "mean": list(self.mean), "std": list(self.std),
+                           "channel_order": self.channel_order, "value_range": list(self.value_range)})
 
 
 def metadata_props(labels, target_layer, input_size, preprocess, source) -> dict[str, str]:

@@ -16,14 +16,15 @@ class _Stop(Exception):
 
 
 class HookSplit:
+    """`root` is the model, `target_module` the hooked layer (the pair pytorch-grad-cam takes)."""
+
     def __init__(self, model: nn.Module, layer: nn.Module, name: str):
-        self.model, self.layer, self.name = model, layer, name
-        self.root, self.target_module = model, layer  # (model, target) as pytorch-grad-cam takes them
+        self.root, self.target_module, self.name = model, layer, name
 
     def activations(self, x):
-        handle = self.layer.register_forward_hook(_raise_output)
+        handle = self.target_module.register_forward_hook(_raise_output)
         try:
-            self.model(x)
+            self.root(x)
         except _Stop as stop:
             return stop.args[0]
         finally:
@@ -34,26 +35,27 @@ class HookSplit:
         """The whole model again with the layer's output replaced by A. The prefix it recomputes is dead code
         that make_fx's DCE drops. The clone keeps in-place ops after the layer (DenseNet's F.relu(inplace=True)
         after features.norm5) from writing into A, which is also the `activations` output."""
-        handle = self.layer.register_forward_hook(lambda mod, inp, out: A.clone())
+        handle = self.target_module.register_forward_hook(lambda mod, inp, out: A.clone())
         try:
-            return self.model(x)
+            return self.root(x)
         finally:
             handle.remove()
 
     def logits(self, x):
-        return self.model(x)
+        return self.root(x)
 
 
 class ExplicitSplit:
+    """`root` runs head(backbone(x)); `target_module` is the backbone, whose output is the target."""
+
     def __init__(self, backbone: nn.Module, head: nn.Module, name: str):
-        self.backbone, self.head_module, self.name = backbone, head, name
-        self.root, self.target_module = nn.Sequential(backbone, head), backbone
+        self.root, self.target_module, self.name = nn.Sequential(backbone, head), backbone, name
 
     def activations(self, x):
-        return self.backbone(x)
+        return self.root[0](x)
 
     def head(self, x, A):
-        return self.head_module(A)
+        return self.root[1](A)
 
     def logits(self, x):
         return self.root(x)
@@ -68,7 +70,8 @@ def hook_split(model: nn.Module, path: str) -> HookSplit:
     names = [n for n, _ in model.named_modules() if n]
     if path not in names:
         close = difflib.get_close_matches(path, names, n=5, cutoff=0.4)
-        hint = f"; close names: {', '.join(close)}" if close else f"; top-level modules: {', '.join(n for n in names if '.' not in n)}"
+        top = [n for n in names if "." not in n]
+        hint = f"; close names: {', '.join(close)}" if close else f"; top-level modules: {', '.join(top)}"
         raise UserError(f"no layer {path!r} in the model{hint}")
     return HookSplit(model, model.get_submodule(path), path)
 
@@ -77,10 +80,10 @@ def validate(split, example: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One eager forward: the target must run exactly once and give [N,Ch,h,w]; returns (A, logits)."""
     if isinstance(split, HookSplit):
         calls = []
-        handle = split.layer.register_forward_hook(lambda mod, inp, out: calls.append(out))
+        handle = split.target_module.register_forward_hook(lambda mod, inp, out: calls.append(out))
         try:
             with torch.no_grad():
-                split.model(example)
+                split.root(example)
         finally:
             handle.remove()
         if not calls:

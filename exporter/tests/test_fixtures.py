@@ -5,7 +5,6 @@ import hashlib
 import json
 
 import numpy as np
-import onnx
 import pytest
 from conftest import FIXTURES, metadata, run, session
 from PIL import Image

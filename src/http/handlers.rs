@@ -197,11 +197,7 @@ pub async fn explain(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let model = find_model(&state, &name)?;
-    let params = params::explain(
-        query.as_deref(),
-        &model.info,
-        state.limits.max_classes_per_request,
-    )?;
+    let params = params::explain(query.as_deref(), &model.info, &state.limits)?;
     let ImageBody(bytes) = ImageBody::from_request(request, &()).await?;
     let explanation = explain::explain(&model, bytes, &state.limits, &params.options).await?;
     let (mut response, timings, encoding) = tokio::task::spawn_blocking(move || {
@@ -311,13 +307,18 @@ struct MapBody {
 }
 
 /// Grad-CAM's map: the method's raw map after ReLU, not normalized, on the grid `size` asks for.
-fn cam_map(target: &TargetMap, size: MapSize, info: &ModelInfo, image: Size) -> (Map, (f32, f32)) {
+fn cam_map(
+    target: &TargetMap,
+    size: MapSize,
+    info: &ModelInfo,
+    canvas: &Canvas,
+) -> (Map, (f32, f32)) {
     let map = target.raw.clone().relu();
     let range = map.min_max().unwrap_or((0.0, 0.0));
     let map = match size {
         MapSize::Activation => map,
         MapSize::Input => map.resize_bilinear(info.preprocess.width, info.preprocess.height),
-        MapSize::Image => map.resize_bilinear(image.width, image.height),
+        MapSize::Image => map.resize_bilinear(canvas.width, canvas.height),
     };
     (map, range)
 }
@@ -329,27 +330,66 @@ fn image_size(explanation: &Explanation) -> Size {
     }
 }
 
+/// What image outputs are drawn on: the photo's size, capped by `max_side`. The photo is resized only once,
+/// and only when an overlay needs it.
+struct Canvas<'a> {
+    width: usize,
+    height: usize,
+    image: &'a image::RgbImage,
+    resized: std::cell::OnceCell<image::RgbImage>,
+}
+
+impl<'a> Canvas<'a> {
+    fn new(image: &'a image::RgbImage, max_side: usize) -> Self {
+        let (width, height) =
+            explain::fit(image.width() as usize, image.height() as usize, max_side);
+        Self {
+            width,
+            height,
+            image,
+            resized: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn photo(&self) -> &image::RgbImage {
+        if (self.image.width() as usize, self.image.height() as usize) == (self.width, self.height)
+        {
+            return self.image;
+        }
+        self.resized
+            .get_or_init(|| crate::preprocess::resize(self.image, self.width, self.height))
+    }
+
+    fn overlay(&self, target: &TargetMap, alpha: f32) -> Vec<u8> {
+        encode_png(&render::overlay(
+            self.photo(),
+            &target.heat_at(self.width, self.height),
+            alpha,
+        ))
+    }
+
+    fn heatmap(&self, target: &TargetMap, encoding: HeatmapEncoding) -> Vec<u8> {
+        let heat = target.heat_at(self.width, self.height);
+        match encoding {
+            HeatmapEncoding::Color => encode_png(&render::colormap(&heat)),
+            HeatmapEncoding::Gray8 => encode_png(&render::gray8(&heat)),
+            HeatmapEncoding::Gray16 => encode_png(&render::gray16(&heat)),
+        }
+    }
+}
+
 fn encode(info: &ModelInfo, explanation: &Explanation, params: &ExplainParams) -> Response {
     let png = |bytes: Vec<u8>| ([(header::CONTENT_TYPE, "image/png")], bytes).into_response();
+    let canvas = Canvas::new(&explanation.image, params.max_side);
     let first = &explanation.targets[0];
     match params.output {
-        Output::Overlay => {
-            let overlay = render::overlay(&explanation.image, &first.heat, params.alpha);
-            with_map_headers(png(encode_png(&overlay)), first)
-        }
-        Output::Heatmap => {
-            let bytes = match params.heatmap {
-                HeatmapEncoding::Color => encode_png(&render::colormap(&first.heat)),
-                HeatmapEncoding::Gray8 => encode_png(&render::gray8(&first.heat)),
-                HeatmapEncoding::Gray16 => encode_png(&render::gray16(&first.heat)),
-            };
-            with_map_headers(png(bytes), first)
-        }
+        Output::Overlay => with_map_headers(png(canvas.overlay(first, params.alpha)), first),
+        Output::Heatmap => with_map_headers(png(canvas.heatmap(first, params.heatmap)), first),
         Output::Npy => {
             let maps: Vec<Map> = explanation
                 .targets
                 .iter()
-                .map(|t| cam_map(t, params.map_size, info, image_size(explanation)).0)
+                .map(|t| cam_map(t, params.map_size, info, &canvas).0)
                 .collect();
             let data: Vec<f32> = maps.iter().flat_map(|m| m.data.iter().copied()).collect();
             let shape = [maps.len(), maps[0].height, maps[0].width];
@@ -360,7 +400,7 @@ fn encode(info: &ModelInfo, explanation: &Explanation, params: &ExplainParams) -
                 .into_response()
         }
         Output::Json | Output::Raw | Output::Boxes => {
-            Json(json_body(info, explanation, params)).into_response()
+            Json(json_body(info, explanation, params, &canvas)).into_response()
         }
     }
 }
@@ -369,6 +409,7 @@ fn json_body<'a>(
     info: &'a ModelInfo,
     explanation: &Explanation,
     params: &ExplainParams,
+    canvas: &Canvas,
 ) -> ExplainBody<'a> {
     let with_images = params.output == Output::Json;
     let with_boxes = matches!(params.output, Output::Json | Output::Boxes);
@@ -382,8 +423,7 @@ fn json_body<'a>(
             probability: explanation.probabilities[target.class],
             boxes: with_boxes.then(|| target.boxes.iter().map(BoxBody::from).collect()),
             map: with_map.then(|| {
-                let (map, (min, max)) =
-                    cam_map(target, params.map_size, info, image_size(explanation));
+                let (map, (min, max)) = cam_map(target, params.map_size, info, canvas);
                 MapBody {
                     shape: [map.height, map.width],
                     min,
@@ -391,15 +431,9 @@ fn json_body<'a>(
                     data: map.data,
                 }
             }),
-            overlay_png: with_images.then(|| {
-                base64_png(encode_png(&render::overlay(
-                    &explanation.image,
-                    &target.heat,
-                    params.alpha,
-                )))
-            }),
+            overlay_png: with_images.then(|| base64_png(canvas.overlay(target, params.alpha))),
             heatmap_png: with_images
-                .then(|| base64_png(encode_png(&render::colormap(&target.heat)))),
+                .then(|| base64_png(canvas.heatmap(target, HeatmapEncoding::Color))),
         })
         .collect();
     ExplainBody {

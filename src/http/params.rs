@@ -2,6 +2,7 @@
 //! that names the parameter. Unknown parameters are refused so that a typo never silently falls back to a default.
 
 use crate::cam::CamMethod;
+use crate::config::Limits;
 use crate::explain::{ExplainOptions, Targets};
 use crate::http::error::{ApiError, ErrorCode};
 use crate::model::ModelInfo;
@@ -42,6 +43,8 @@ pub struct ExplainParams {
     pub alpha: f32,
     pub heatmap: HeatmapEncoding,
     pub map_size: MapSize,
+    /// Longest side of image outputs and of image-sized maps.
+    pub max_side: usize,
 }
 
 const EXPLAIN_KEYS: &[&str] = &[
@@ -54,6 +57,7 @@ const EXPLAIN_KEYS: &[&str] = &[
     "threshold",
     "max_boxes",
     "map_size",
+    "max_side",
 ];
 
 fn pairs(query: Option<&str>, allowed: &[&str]) -> Result<Vec<(String, String)>, ApiError> {
@@ -130,8 +134,9 @@ pub fn predict_top_k(query: Option<&str>, model: &ModelInfo) -> Result<usize, Ap
 pub fn explain(
     query: Option<&str>,
     model: &ModelInfo,
-    max_classes: usize,
+    limits: &Limits,
 ) -> Result<ExplainParams, ApiError> {
+    let max_classes = limits.max_classes_per_request;
     let pairs = pairs(query, EXPLAIN_KEYS)?;
     let classes: Vec<&str> = pairs
         .iter()
@@ -223,6 +228,14 @@ pub fn explain(
             "`max_boxes` must be from 0 to 100, got {max_boxes}"
         )));
     }
+    let max_side = single::<usize>(&pairs, "max_side", "a positive integer")?
+        .unwrap_or(limits.max_output_side);
+    if max_side == 0 || max_side > limits.max_output_side {
+        return Err(invalid(format!(
+            "`max_side` must be from 1 to {}, got {max_side}",
+            limits.max_output_side
+        )));
+    }
     if matches!(output, Output::Overlay | Output::Heatmap) && count != 1 {
         return Err(ApiError::new(
             ErrorCode::SingleTargetRequired,
@@ -243,6 +256,7 @@ pub fn explain(
         alpha,
         heatmap,
         map_size,
+        max_side,
     })
 }
 
