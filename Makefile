@@ -9,9 +9,11 @@ ORT_LIB := .ort/onnxruntime/capi/libonnxruntime.so.$(ORT_VERSION)
 ORT_OLD_LIB := .ort-1.30/onnxruntime/capi/libonnxruntime.so.1.30.0
 VENV := .venv
 VENV_STAMP := $(VENV)/.installed
+# oha, the HTTP load generator of `make bench`, built from crates.io into a project-local folder.
+OHA := .tools/bin/oha
 CARGO_TEST ?= $(shell cargo nextest --version >/dev/null 2>&1 && echo "cargo nextest run" || echo "cargo test")
 
-.PHONY: run build ort venv test test-rust test-python lint default-model fixtures clean
+.PHONY: run build ort venv test test-rust test-python lint bench bench-quick default-model fixtures clean
 
 ## Build, install ONNX Runtime, serve the default model on 127.0.0.1:8080.
 run: ort build
@@ -43,6 +45,19 @@ test-rust: $(ORT_LIB) $(ORT_OLD_LIB)
 
 test-python: $(VENV_STAMP)
 	$(VENV)/bin/python -m pytest exporter/tests -q
+
+## The performance table: bare ONNX Runtime vs camserve (oha over loopback) vs pytorch-grad-cam (if `make venv` ran).
+bench: ort $(OHA)
+	cargo build --release --locked --bin camserve --example bench_ort
+	$(PYTHON) bench/bench.py
+
+## The same, a few requests of each kind: keeps the benchmark working; its numbers mean nothing.
+bench-quick: ort $(OHA)
+	cargo build --release --locked --bin camserve --example bench_ort
+	$(PYTHON) bench/bench.py --quick
+
+$(OHA):
+	cargo install --locked --no-default-features --root .tools oha --version 1.16.0
 
 lint:
 	cargo fmt --check

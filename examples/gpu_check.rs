@@ -44,6 +44,8 @@ struct Args {
 
 struct Row {
     model: String,
+    /// The execution providers asked for, and the one obtained.
+    asked: &'static str,
     device: ExecutionProvider,
     explain_ms: f64,
     run_ms: f64,
@@ -80,8 +82,9 @@ fn main() -> anyhow::Result<()> {
 
     println!();
     println!(
-        "{:<20} {:<6} {:>15} {:>12} {:>9} {:>9} {:>15} {:>13}",
+        "{:<20} {:<9} {:<6} {:>15} {:>12} {:>9} {:>9} {:>15} {:>13}",
         "model",
+        "asked",
         "device",
         "explain median",
         "Run median",
@@ -91,16 +94,15 @@ fn main() -> anyhow::Result<()> {
         "logits err"
     );
     for row in &rows {
-        let cpu = rows
-            .iter()
-            .find(|r| r.model == row.model && r.device == ExecutionProvider::Cpu);
+        let cpu = rows.iter().find(|r| r.model == row.model && r.asked == "cpu");
         let speedup = |ours: f64, theirs: Option<f64>| {
             theirs.map_or("-".into(), |t| format!("{:.2}x", t / ours))
         };
         let error = |e: Option<f32>| e.map_or("-".into(), |e| format!("{e:.2e}"));
         println!(
-            "{:<20} {:<6} {:>12.3} ms {:>9.3} ms {:>9} {:>9} {:>15} {:>13}",
+            "{:<20} {:<9} {:<6} {:>12.3} ms {:>9.3} ms {:>9} {:>9} {:>15} {:>13}",
             row.model,
+            row.asked,
             row.device.to_string(),
             row.explain_ms,
             row.run_ms,
@@ -234,7 +236,7 @@ async fn check_model(
 
     // Timings on the last synthetic image (already at the input size, so no resize).
     let timed = images.last().unwrap().1.clone();
-    for (config, model) in [(&cpu_config, &cpu), (&cuda_config, &cuda)] {
+    for (asked, config, model) in [("cpu", &cpu_config, &cpu), ("cuda,cpu", &cuda_config, &cuda)] {
         let explain_time = median(args.warmup, args.runs, async || {
             explain::explain(model, timed.clone(), &limits, &options)
                 .await
@@ -242,9 +244,10 @@ async fn check_model(
         })
         .await?;
         let run_time = bare_run_median(runtime, config, &timed, args)?;
-        let is_cuda = model.info.device == ExecutionProvider::Cuda;
+        let is_cuda = asked != "cpu";
         rows.push(Row {
             model: name.clone(),
+            asked,
             device: model.info.device,
             explain_ms: explain_time.as_secs_f64() * 1e3,
             run_ms: run_time.as_secs_f64() * 1e3,

@@ -221,10 +221,14 @@ pub async fn explain(
                 let image_size = (image.width() as usize, image.height() as usize);
                 let (width, height) = fit(image_size.0, image_size.1, ANALYSIS_SIDE);
                 let heat = cam::display_map(&raw, width, height);
-                let boxes = boxes::regions(&heat, options.threshold, options.max_boxes)
-                    .into_iter()
-                    .map(|region| scale_region(region, (width, height), image_size))
-                    .collect();
+                let boxes = if options.max_boxes == 0 {
+                    Vec::new()
+                } else {
+                    boxes::regions(&heat, options.threshold, options.max_boxes)
+                }
+                .into_iter()
+                .map(|region| scale_region(region, (width, height), image_size))
+                .collect();
                 TargetMap {
                     class: output.target_class[row],
                     raw,

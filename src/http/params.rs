@@ -250,7 +250,12 @@ pub fn explain(
             targets,
             method,
             threshold,
-            max_boxes,
+            // Outputs without boxes don't pay for finding them.
+            max_boxes: if matches!(output, Output::Json | Output::Boxes) {
+                max_boxes
+            } else {
+                0
+            },
         },
         output,
         alpha,

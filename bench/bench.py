@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""`make bench`: camserve against the bare ONNX Runtime Run and pytorch-grad-cam, side by side in one run, on the
+default model, with the same thread count. Prints one table with the ratios and writes target/bench/results.json.
+
+Load comes from oha (crates.io), a real HTTP load generator, over loopback. `--quick` runs a few requests of each
+kind to keep the benchmark working (CI); its numbers mean nothing.
+"""
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RELEASE = ROOT / "target" / "release"
+ORT_LIBRARY = ROOT / ".ort/onnxruntime/capi/libonnxruntime.so.1.31.1"
+MODEL = ROOT / "models/efficientnet_lite0.onnx"
+PHOTO = ROOT / "tests/fixtures/images/chelsea_224.png"
+OHA = os.environ.get("OHA", str(ROOT / ".tools/bin/oha"))
+VENV_PYTHON = ROOT / ".venv/bin/python"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} for {pid}")
+
+
+def oha(url: str, body: Path, requests: int, clients: int) -> dict:
+    out = subprocess.run(
+        [OHA, "-n", str(requests), "-c", str(clients), "-m", "POST", "-H", "content-type: image/jpeg",
+         "-D", str(body), "--no-tui", "--output-format", "json", url],
+        check=True, capture_output=True, text=True).stdout
+    result = json.loads(out)
+    codes = result.get("statusCodeDistribution", {})
+    if set(codes) != {"200"}:
+        raise RuntimeError(f"non-200 answers from {url}: {codes}")
+    return {
+        "rps": result["summary"]["requestsPerSec"],
+        "p50_ms": result["latencyPercentiles"]["p50"] * 1e3,
+        "p99_ms": result["latencyPercentiles"]["p99"] * 1e3,
+    }
+
+
+def post(url: str, body: bytes) -> tuple[float, dict]:
+    request = urllib.request.Request(url, data=body, headers={"content-type": "image/jpeg"})
+    started = time.perf_counter()
+    with urllib.request.urlopen(request) as response:
+        response.read()
+        return (time.perf_counter() - started) * 1e3, dict(response.headers)
+
+
+class Server:
+    """The release binary serving the default model, as `make run` does, with a queue deep enough for 16 clients."""
+
+    def __init__(self, threads: int, workdir: Path):
+        self.port = free_port()
+        config = workdir / "bench.toml"
+        config.write_text(
+            f'[runtime]\nlibrary = "{ORT_LIBRARY}"\n[limits]\nmax_classes_per_request = 32\n'
+            f'[[models]]\nname = "default"\nfile = "{MODEL}"\nsessions = 1\nthreads = {threads}\n'
+            f'queue_capacity = 256\nmax_batch = 8\n')
+        self.process = subprocess.Popen(
+            [RELEASE / "camserve", "serve", "--config", config, "--bind", f"127.0.0.1:{self.port}"],
+            stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "warn"})
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(self.url("/readyz")).read()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("camserve did not become ready")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def bare_ort(threads: int, iterations: int) -> list[dict]:
+    out = subprocess.run([RELEASE / "examples/bench_ort", "run", ORT_LIBRARY, MODEL, str(threads), str(iterations)],
+                         check=True, capture_output=True, text=True).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def pytorch_grad_cam(photo: Path, threads: int, iterations: int) -> dict | None:
+    probe = subprocess.run([VENV_PYTHON, "-c", "import torch, pytorch_grad_cam, camserve_export"],
+                           capture_output=True) if VENV_PYTHON.exists() else None
+    if probe is None or probe.returncode != 0:
+        return None
+    out = subprocess.run([VENV_PYTHON, ROOT / "bench/pytorch_grad_cam_bench.py", photo, str(threads), str(iterations)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    n = (lambda full: max(10, full // 100)) if args.quick else (lambda full: full)
+    results: dict = {"machine": machine(), "threads": args.threads, "quick": args.quick}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        subprocess.run([RELEASE / "examples/bench_ort", "inputs", PHOTO, workdir], check=True)
+        small, large = workdir / "photo_224.jpg", workdir / "photo_4000x3000.jpg"
+
+        bare = bare_ort(args.threads, n(300))
+        results["bare"] = bare
+        server = Server(args.threads, workdir)
+        try:
+            explain = server.url("/v1/models/default/explain")
+            oha(explain + "?output=overlay", small, n(50), 1)  # warm-up
+            results["single"] = oha(explain + "?output=overlay", small, n(500), 1)
+            results["concurrent"] = oha(explain + "?output=overlay", small, n(3000), 16)
+            results["top1_boxes"] = oha(explain + "?output=boxes", small, n(300), 1)
+            results["top5_boxes"] = oha(explain + "?output=boxes&top_k=5", small, n(300), 1)
+            results["top1_json"] = oha(explain + "?output=json", small, n(300), 1)
+            results["top5_json"] = oha(explain + "?output=json&top_k=5", small, n(300), 1)
+
+            body = large.read_bytes()
+            stages = {}
+            for query in ("?output=overlay", "?output=overlay&max_side=1024", "?output=boxes"):
+                runs = [post(explain + query, body) for _ in range(n(10))]
+                stages[query] = {
+                    "client_ms": statistics.median(ms for ms, _ in runs),
+                    **{h: statistics.median(float(headers[h]) for _, headers in runs)
+                       for h in ("x-decode-time", "x-queue-time", "x-inference-time", "x-render-time",
+                                 "x-total-time")},
+                }
+            results["large"] = {"bytes": len(body), "stages": stages,
+                                "peak_rss_mib": rss_mib(server.process.pid, "VmHWM")}
+
+            # Memory after 1,000 and after 10,000 requests of the 224 px photo (the first includes the large ones).
+            oha(explain + "?output=overlay", small, n(1000), 4)
+            after_1k = rss_mib(server.process.pid)
+            oha(explain + "?output=overlay", small, n(9000), 4)
+            results["memory"] = {"after_1k_mib": after_1k, "after_10k_mib": rss_mib(server.process.pid)}
+        finally:
+            server.stop()
+        results["pytorch_grad_cam"] = pytorch_grad_cam(small, args.threads, n(100))
+
+    out = ROOT / "target/bench/results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(f"\n(raw numbers: {out.relative_to(ROOT)})")
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def table(r: dict) -> str:
+    bare1 = next(b for b in r["bare"] if b["batch"] == 1 and b["k"] == 1)
+    bare5 = next(b for b in r["bare"] if b["batch"] == 1 and b["k"] == 5)
+    best = max(r["bare"], key=lambda b: b["images_per_s"] if b["k"] == 1 else 0)
+    rows = [
+        ("bare ONNX Runtime Run, 1 image, top-1", f"{bare1['median_ms']:.2f} ms median", "1.00 (baseline)", ""),
+        ("bare Run, best throughput", f"{best['images_per_s']:.0f} images/s (batch {best['batch']})",
+         "1.00 (baseline)", ""),
+        ("camserve, 1 client, 224 px JPEG -> overlay PNG", f"{r['single']['p50_ms']:.2f} ms median",
+         f"{r['single']['p50_ms'] / bare1['median_ms']:.2f}x the bare Run", "<= 1.3x"),
+        ("camserve, 16 clients", f"{r['concurrent']['rps']:.0f} requests/s, p50 {r['concurrent']['p50_ms']:.1f} ms, "
+         f"p99 {r['concurrent']['p99_ms']:.1f} ms", f"{r['concurrent']['rps'] / best['images_per_s']:.2f}x the best "
+         "bare throughput", ">= 0.9x"),
+        ("top-5 vs top-1, output=boxes", f"{r['top5_boxes']['p50_ms']:.2f} vs {r['top1_boxes']['p50_ms']:.2f} ms",
+         f"{r['top5_boxes']['p50_ms'] / r['top1_boxes']['p50_ms']:.2f}x", "<= 1.3x"),
+        ("top-5 vs top-1, output=json (2 PNGs per class)",
+         f"{r['top5_json']['p50_ms']:.2f} vs {r['top1_json']['p50_ms']:.2f} ms",
+         f"{r['top5_json']['p50_ms'] / r['top1_json']['p50_ms']:.2f}x", ""),
+        ("bare Run, top-5 vs top-1", f"{bare5['median_ms']:.2f} vs {bare1['median_ms']:.2f} ms",
+         f"{bare5['median_ms'] / bare1['median_ms']:.2f}x", ""),
+    ]
+    for query, s in r["large"]["stages"].items():
+        rows.append((f"4000x3000 JPEG {query}", f"{s['client_ms']:.0f} ms: decode {s['x-decode-time']:.0f}, "
+                     f"inference {s['x-inference-time']:.1f}, render {s['x-render-time']:.0f}", "", ""))
+    rows.append(("peak resident memory (after the large photos)", f"{r['large']['peak_rss_mib']:.0f} MiB", "", ""))
+    m = r["memory"]
+    rows.append(("resident memory after 1,000 / 10,000 requests",
+                 f"{m['after_1k_mib']:.0f} / {m['after_10k_mib']:.0f} MiB",
+                 f"{m['after_10k_mib'] / m['after_1k_mib']:.2f}x", "<= 1.10x"))
+    pgc = r["pytorch_grad_cam"]
+    if pgc:
+        rows.append(("pytorch-grad-cam, same model, photo, threads", f"{pgc['median_ms']:.1f} ms median",
+                     f"{pgc['median_ms'] / r['single']['p50_ms']:.1f}x camserve's time", "several x"))
+    else:
+        rows.append(("pytorch-grad-cam", "not measured: run `make venv` first", "", ""))
+    lines = [f"machine: {r['machine']}; ONNX Runtime threads: {r['threads']}" + (" (QUICK: not a measurement)"
+                                                                                  if r["quick"] else ""),
+             "", "| what | measured | ratio | target |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+//! The baseline for `make bench`: the bare ONNX Runtime Run of a contract model from Rust, through the same
+//! library, session options and thread count the service uses, with no decoding, maps or HTTP.
+//!
+//! bench_ort run ORT_LIBRARY MODEL THREADS ITERATIONS
+//!     prints one JSON object per line: {"batch", "k", "median_ms", "p99_ms", "images_per_s"}
+//! bench_ort inputs PHOTO.png DIR
+//!     writes the benchmark's request bodies: photo_224.jpg and photo_4000x3000.jpg
+
+use std::path::Path;
+use std::time::Instant;
+
+use camserve::config::Config;
+use ort::value::TensorRef;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["run", library, model, threads, iterations] => {
+            bare_runs(library, model, threads.parse()?, iterations.parse()?)
+        }
+        ["inputs", photo, dir] => write_inputs(Path::new(photo), Path::new(dir)),
+        _ => anyhow::bail!(
+            "usage: bench_ort run ORT_LIBRARY MODEL THREADS ITERATIONS | inputs PHOTO.png DIR"
+        ),
+    }
+}
+
+/// A 224 px JPEG of the photo, and a 4000 x 3000 one with fine noise so that it encodes like a real photo.
+fn write_inputs(photo: &Path, dir: &Path) -> anyhow::Result<()> {
+    let photo = image::open(photo)?.to_rgb8();
+    let small = camserve::preprocess::resize(&photo, 224, 224);
+    small.save_with_format(dir.join("photo_224.jpg"), image::ImageFormat::Jpeg)?;
+    let mut large = camserve::preprocess::resize(&photo, 4000, 3000);
+    for (i, pixel) in large.pixels_mut().enumerate() {
+        let noise = ((i as u32).wrapping_mul(2_654_435_761) >> 29) as u8;
+        pixel.0 = pixel.0.map(|v| v.saturating_add(noise));
+    }
+    large.save_with_format(dir.join("photo_4000x3000.jpg"), image::ImageFormat::Jpeg)?;
+    Ok(())
+}
+
+fn bare_runs(library: &str, model: &str, threads: usize, iterations: usize) -> anyhow::Result<()> {
+    let runtime = camserve::runtime::init(Path::new(library))?;
+    let toml = format!(
+        "[runtime]\nlibrary = \"{library}\"\n[[models]]\nname = \"m\"\nfile = \"{model}\"\nthreads = {threads}\n"
+    );
+    let config = Config::from_toml(&toml, &std::env::current_dir()?)?.models.remove(0);
+    let (info, mut sessions) = camserve::model::load(&runtime, &config)?;
+    let session = &mut sessions[0];
+    let (height, width, classes) = (
+        info.preprocess.height,
+        info.preprocess.width,
+        info.num_classes(),
+    );
+
+    for (batch, k) in [(1, 1), (2, 1), (4, 1), (8, 1), (1, 5)] {
+        let input: Vec<f32> = (0..batch * 3 * height * width)
+            .map(|i| ((i % 97) as f32 / 48.0) - 1.0)
+            .collect();
+        let seeds = vec![0.0f32; batch * k * classes];
+        let mut times = Vec::with_capacity(iterations);
+        for i in 0..iterations + 5 {
+            let started = Instant::now();
+            let outputs = session.run(ort::inputs![
+                "input" => TensorRef::from_array_view(([batch, 3, height, width], input.as_slice()))?,
+                "class_weights" => TensorRef::from_array_view(([batch, k, classes], seeds.as_slice()))?,
+            ])?;
+            drop(outputs);
+            if i >= 5 {
+                times.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let p99 = times[(times.len() * 99 / 100).min(times.len() - 1)];
+        println!(
+            "{}",
+            serde_json::json!({
+                "batch": batch, "k": k, "median_ms": median, "p99_ms": p99,
+                "images_per_s": batch as f64 * 1e3 / median,
+            })
+        );
+    }
+    Ok(())
+}
