@@ -44,7 +44,9 @@ fn bare_runs(library: &str, model: &str, threads: usize, iterations: usize) -> a
     let toml = format!(
         "[runtime]\nlibrary = \"{library}\"\n[[models]]\nname = \"m\"\nfile = \"{model}\"\nthreads = {threads}\n"
     );
-    let config = Config::from_toml(&toml, &std::env::current_dir()?)?.models.remove(0);
+    let config = Config::from_toml(&toml, &std::env::current_dir()?)?
+        .models
+        .remove(0);
     let (info, mut sessions) = camserve::model::load(&runtime, &config)?;
     let session = &mut sessions[0];
     let (height, width, classes) = (

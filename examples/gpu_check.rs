@@ -69,6 +69,10 @@ fn main() -> anyhow::Result<()> {
         runtime.version,
         args.ort_library.display()
     );
+    if let Some(tf32) = std::env::var_os("NVIDIA_TF32_OVERRIDE") {
+        // cuBLAS and cuDNN read it: 0 forbids TF32 tensor-core maths for float32.
+        println!("NVIDIA_TF32_OVERRIDE={}", tf32.to_string_lossy());
+    }
     let tokio = tokio::runtime::Runtime::new()?;
 
     let mut rows = Vec::new();
@@ -94,7 +98,9 @@ fn main() -> anyhow::Result<()> {
         "logits err"
     );
     for row in &rows {
-        let cpu = rows.iter().find(|r| r.model == row.model && r.asked == "cpu");
+        let cpu = rows
+            .iter()
+            .find(|r| r.model == row.model && r.asked == "cpu");
         let speedup = |ours: f64, theirs: Option<f64>| {
             theirs.map_or("-".into(), |t| format!("{:.2}x", t / ours))
         };
@@ -222,13 +228,12 @@ async fn check_model(
         map_error = map_error.max(maps);
         logits_error = logits_error.max(logits);
     }
-    // NaN must fail too, hence the negated comparisons.
-    if !(map_error <= TOLERANCE) {
+    if map_error > TOLERANCE {
         problems.push(format!(
             "{name}: map error {map_error:e} exceeds {TOLERANCE:e}"
         ));
     }
-    if !(logits_error <= TOLERANCE) {
+    if logits_error > TOLERANCE {
         problems.push(format!(
             "{name}: logits error {logits_error:e} exceeds {TOLERANCE:e}"
         ));
@@ -236,7 +241,10 @@ async fn check_model(
 
     // Timings on the last synthetic image (already at the input size, so no resize).
     let timed = images.last().unwrap().1.clone();
-    for (asked, config, model) in [("cpu", &cpu_config, &cpu), ("cuda,cpu", &cuda_config, &cuda)] {
+    for (asked, config, model) in [
+        ("cpu", &cpu_config, &cpu),
+        ("cuda,cpu", &cuda_config, &cuda),
+    ] {
         let explain_time = median(args.warmup, args.runs, async || {
             explain::explain(model, timed.clone(), &limits, &options)
                 .await
@@ -315,9 +323,9 @@ async fn median<F: AsyncFnMut() -> Result<(), explain::ExplainError>>(
     Ok(times[times.len() / 2])
 }
 
-/// max |actual - expected| / max |expected|.
+/// max |actual - expected| / max |expected|; infinite when the lengths differ or `actual` is not finite.
 fn relative_error(actual: &[f32], expected: &[f32]) -> f32 {
-    if actual.len() != expected.len() {
+    if actual.len() != expected.len() || actual.iter().any(|v| !v.is_finite()) {
         return f32::INFINITY;
     }
     let scale = expected
@@ -373,7 +381,7 @@ fn images(width: u32, height: u32) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         (
             "synthetic checkerboard",
             RgbImage::from_fn(width, height, |x, y| {
-                let on = ((x * 8 / width) + (y * 8 / height)) % 2 == 0;
+                let on = ((x * 8 / width) + (y * 8 / height)).is_multiple_of(2);
                 if on {
                     Rgb([230, 40, 40])
                 } else {

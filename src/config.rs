@@ -22,7 +22,19 @@ pub struct Config {
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
     pub models: Vec<ModelConfig>,
+}
+
+/// The admin API (register, replace, remove and reload models) is on only when a token is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Bearer token; also from CAMSERVE_ADMIN_TOKEN. Prefer the environment: config files get shared.
+    pub token: Option<String>,
+    /// The only folder model files may be registered from at run time.
+    pub models_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -31,6 +43,11 @@ pub struct ServerConfig {
     pub bind: SocketAddr,
     /// Seconds a request may take end to end before it is answered with 503 `timeout`.
     pub request_timeout_secs: u64,
+    /// On SIGTERM: seconds of answering with /readyz false while still serving, so that load balancers stop
+    /// sending first (Kubernetes needs a few).
+    pub shutdown_delay_secs: u64,
+    /// Then: seconds that requests in flight get to finish before the process exits anyway.
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -38,13 +55,30 @@ impl Default for ServerConfig {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             request_timeout_secs: 30,
+            shutdown_delay_secs: 0,
+            shutdown_grace_secs: 30,
         }
     }
+}
+
+/// How the server stops: readiness turns false, `delay` later it stops accepting, then in-flight requests get
+/// up to `grace` to finish.
+#[derive(Debug, Clone, Copy)]
+pub struct Shutdown {
+    pub delay: Duration,
+    pub grace: Duration,
 }
 
 impl ServerConfig {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
+    }
+
+    pub fn shutdown(&self) -> Shutdown {
+        Shutdown {
+            delay: Duration::from_secs(self.shutdown_delay_secs),
+            grace: Duration::from_secs(self.shutdown_grace_secs),
+        }
     }
 }
 
@@ -199,6 +233,9 @@ impl Config {
             source,
         })?;
         config.runtime.library = resolve(base, &config.runtime.library);
+        if let Some(dir) = &config.admin.models_dir {
+            config.admin.models_dir = Some(resolve(base, dir));
+        }
         for model in &mut config.models {
             model.file = resolve(base, &model.file);
             if let Some(labels) = &model.overrides.labels_file {
@@ -215,38 +252,9 @@ impl Config {
             return invalid("no models: add at least one [[models]] entry".into());
         }
         for (i, model) in self.models.iter().enumerate() {
-            let valid_name = !model.name.is_empty()
-                && model
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-            if !valid_name {
-                return invalid(format!(
-                    "model name `{}`: use letters, digits, `-`, `_` and `.`",
-                    model.name
-                ));
-            }
+            model.validate()?;
             if self.models[..i].iter().any(|m| m.name == model.name) {
                 return invalid(format!("model `{}` is listed twice", model.name));
-            }
-            if [
-                model.sessions,
-                model.threads,
-                model.queue_capacity,
-                model.max_batch,
-            ]
-            .contains(&0)
-            {
-                return invalid(format!(
-                    "model `{}`: sessions, threads, queue_capacity and max_batch must be >= 1",
-                    model.name
-                ));
-            }
-            if model.execution_providers.is_empty() {
-                return invalid(format!(
-                    "model `{}`: execution_providers is empty",
-                    model.name
-                ));
             }
         }
         let limits = &self.limits;
@@ -264,6 +272,44 @@ impl Config {
         }
         if self.server.request_timeout_secs == 0 {
             return invalid("server.request_timeout_secs must be >= 1".into());
+        }
+        Ok(())
+    }
+}
+
+impl ModelConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        let valid_name = !self.name.is_empty()
+            && self.name.len() <= 128
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !valid_name {
+            return invalid(format!(
+                "model name `{}`: use letters, digits, `-`, `_` and `.`",
+                self.name
+            ));
+        }
+        if [
+            self.sessions,
+            self.threads,
+            self.queue_capacity,
+            self.max_batch,
+        ]
+        .contains(&0)
+        {
+            return invalid(format!(
+                "model `{}`: sessions, threads, queue_capacity and max_batch must be >= 1",
+                self.name
+            ));
+        }
+        if self.execution_providers.is_empty() {
+            return invalid(format!(
+                "model `{}`: execution_providers is empty",
+                self.name
+            ));
         }
         Ok(())
     }

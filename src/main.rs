@@ -2,7 +2,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -11,7 +10,8 @@ use camserve::config::{Config, DEFAULT_CONFIG_PATH};
 use camserve::explain::{self, ExplainOptions, Targets};
 use camserve::http::{self, AppState};
 use camserve::registry::Registry;
-use camserve::{render, runtime};
+use camserve::render;
+use camserve::runtime::{self, Runtime};
 
 #[derive(Parser)]
 #[command(
@@ -55,6 +55,9 @@ enum Command {
         /// Overrides `server.bind` of the config.
         #[arg(long, env = "CAMSERVE_BIND")]
         bind: Option<SocketAddr>,
+        /// Turns the admin API on; overrides `admin.token` of the config.
+        #[arg(long, env = "CAMSERVE_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
     },
     /// Explain one image with one model, without HTTP: writes the overlay PNG, prints the JSON summary.
     Explain {
@@ -77,7 +80,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Serve { setup, bind } => serve(setup, bind),
+        Command::Serve {
+            setup,
+            bind,
+            admin_token,
+        } => serve(setup, bind, admin_token),
         Command::Explain {
             setup,
             model,
@@ -115,7 +122,7 @@ fn init_logging(format: LogFormat) {
 }
 
 /// Reads the config and loads ONNX Runtime and the models (only `only` when given).
-fn load(setup: &Setup, only: Option<&str>) -> anyhow::Result<(Config, Registry)> {
+fn load(setup: &Setup, only: Option<&str>) -> anyhow::Result<(Config, Runtime, Registry)> {
     let mut config = Config::from_file(&setup.config)?;
     if let Some(library) = &setup.ort_library {
         config.runtime.library = library.clone();
@@ -134,25 +141,49 @@ fn load(setup: &Setup, only: Option<&str>) -> anyhow::Result<(Config, Registry)>
         bail!("no model named `{name}` in {}", setup.config.display());
     }
     let registry = Registry::load(&runtime, &models)?;
-    Ok((config, registry))
+    Ok((config, runtime, registry))
 }
 
-fn serve(setup: Setup, bind: Option<SocketAddr>) -> anyhow::Result<()> {
-    let (config, registry) = load(&setup, None)?;
+fn serve(
+    setup: Setup,
+    bind: Option<SocketAddr>,
+    admin_token: Option<String>,
+) -> anyhow::Result<()> {
+    let (config, runtime, registry) = load(&setup, None)?;
     let bind = bind.unwrap_or(config.server.bind);
-    let state = Arc::new(AppState {
+    let admin = match (
+        admin_token.or(config.admin.token.clone()),
+        &config.admin.models_dir,
+    ) {
+        (None, _) => None,
+        (Some(_), None) => bail!(
+            "an admin token is set but [admin] models_dir is not: say where model files may come from"
+        ),
+        (Some(token), Some(dir)) if token.len() >= 16 => Some(http::Admin {
+            token,
+            models_dir: dir.clone(),
+        }),
+        (Some(_), Some(_)) => bail!("the admin token must be at least 16 characters"),
+    };
+    tracing::info!(
+        admin_api = admin.is_some(),
+        "admin API {}",
+        if admin.is_some() { "on" } else { "off" }
+    );
+    let state = Arc::new(AppState::new(
+        runtime,
         registry,
-        limits: config.limits.clone(),
-        request_timeout: config.server.request_timeout(),
-        ready: AtomicBool::new(true),
-    });
+        config.limits.clone(),
+        config.server.request_timeout(),
+        admin,
+    ));
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(bind)
             .await
             .with_context(|| format!("cannot bind {bind}"))?;
         tracing::info!(address = %listener.local_addr()?, "serving");
-        http::serve(listener, state, shutdown_signal()).await?;
+        http::serve(listener, state, shutdown_signal(), config.server.shutdown()).await?;
         tracing::info!("stopped");
         Ok(())
     })
@@ -177,7 +208,7 @@ fn explain_file(
     classes: &[String],
     alpha: f32,
 ) -> anyhow::Result<()> {
-    let (config, registry) = load(&setup, Some(model_name))?;
+    let (config, _, registry) = load(&setup, Some(model_name))?;
     let model = registry.get(model_name).expect("loaded above").clone();
     let targets = if classes.is_empty() {
         Targets::TopK(1)

@@ -1,7 +1,9 @@
-//! The models the service serves, by name.
+//! The models the service serves, by name. Models can be added, replaced and removed while serving: a request
+//! holds an `Arc<Model>` for its whole life, so it finishes on the model it started with.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::config::ModelConfig;
 use crate::engine::{Batching, Runner};
@@ -11,52 +13,86 @@ use crate::runtime::Runtime;
 pub struct Model {
     pub info: ModelInfo,
     pub runner: Runner,
+    /// What it was loaded from, for reloads.
+    pub config: ModelConfig,
+}
+
+impl Model {
+    /// Loads, checks and warms up one model, and starts its sessions.
+    pub fn load(runtime: &Runtime, config: &ModelConfig) -> Result<Self, ModelError> {
+        let started = Instant::now();
+        let (info, sessions) = model::load(runtime, config)?;
+        tracing::info!(
+            model = %info.name,
+            device = %info.device,
+            classes = info.num_classes(),
+            sessions = sessions.len(),
+            load_ms = started.elapsed().as_millis() as u64,
+            "model loaded"
+        );
+        let input_size = [info.preprocess.height, info.preprocess.width];
+        let batching = Batching {
+            max_batch: config.max_batch,
+            max_wait: Duration::from_millis(config.max_batch_wait_ms),
+        };
+        let runner = Runner::start(
+            &info.name,
+            sessions,
+            input_size,
+            config.queue_capacity,
+            batching,
+        );
+        Ok(Self {
+            info,
+            runner,
+            config: config.clone(),
+        })
+    }
 }
 
 #[derive(Default)]
 pub struct Registry {
-    models: BTreeMap<String, Arc<Model>>,
+    models: RwLock<BTreeMap<String, Arc<Model>>>,
 }
 
 impl Registry {
-    /// Loads, checks and warms up every model; the first that fails stops the whole load.
+    /// Loads every model; the first that fails stops the whole load.
     pub fn load(runtime: &Runtime, configs: &[ModelConfig]) -> Result<Self, ModelError> {
-        let mut registry = Self::default();
+        let registry = Self::default();
         for config in configs {
-            let started = std::time::Instant::now();
-            let (info, sessions) = model::load(runtime, config)?;
-            tracing::info!(
-                model = %info.name,
-                device = %info.device,
-                classes = info.num_classes(),
-                sessions = sessions.len(),
-                load_ms = started.elapsed().as_millis() as u64,
-                "model loaded"
-            );
-            let input_size = [info.preprocess.height, info.preprocess.width];
-            let batching = Batching {
-                max_batch: config.max_batch,
-                max_wait: std::time::Duration::from_millis(config.max_batch_wait_ms),
-            };
-            let runner = Runner::start(
-                &info.name,
-                sessions,
-                input_size,
-                config.queue_capacity,
-                batching,
-            );
-            registry
-                .models
-                .insert(info.name.clone(), Arc::new(Model { info, runner }));
+            registry.insert(Model::load(runtime, config)?);
         }
         Ok(registry)
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<Model>> {
-        self.models.get(name)
+    pub fn get(&self, name: &str) -> Option<Arc<Model>> {
+        self.models
+            .read()
+            .expect("registry lock")
+            .get(name)
+            .cloned()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Model>> {
-        self.models.values()
+    /// Every model, by name.
+    pub fn models(&self) -> Vec<Arc<Model>> {
+        self.models
+            .read()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Serves `model` under its name from now on; returns the one it replaced.
+    pub fn insert(&self, model: Model) -> Option<Arc<Model>> {
+        let name = model.info.name.clone();
+        self.models
+            .write()
+            .expect("registry lock")
+            .insert(name, Arc::new(model))
+    }
+
+    pub fn remove(&self, name: &str) -> Option<Arc<Model>> {
+        self.models.write().expect("registry lock").remove(name)
     }
 }

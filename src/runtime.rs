@@ -23,6 +23,7 @@ pub enum RuntimeError {
 }
 
 /// The loaded library: one per process, shared by every session.
+#[derive(Clone)]
 pub struct Runtime {
     pub environment: ort::environment::Environment,
     pub version: String,

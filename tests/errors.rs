@@ -2,8 +2,10 @@
 
 mod common;
 
+use std::time::Duration;
+
 use camserve::config::Limits;
-use common::{TestServer, fixture, model_config, png_bytes};
+use common::{Options, TestServer, fixture, model_config, png_bytes};
 use reqwest::Method;
 use serde_json::Value;
 
@@ -80,7 +82,8 @@ async fn every_error_has_its_status_code_and_request_id() {
     let bomb = jpeg_claiming(60_000, 60_000);
     let mut truncated = png();
     truncated.truncate(truncated.len() / 2);
-    let cases = vec![
+    let cases =
+        vec![
         bad(
             Method::POST,
             "/v1/models/nope/explain",
@@ -105,14 +108,8 @@ async fn every_error_has_its_status_code_and_request_id() {
             404,
             "route_not_found",
         ),
-        bad(
-            Method::DELETE,
-            "/v1/models/tiny",
-            None,
-            vec![],
-            405,
-            "method_not_allowed",
-        ),
+        bad(Method::PATCH, "/v1/models/tiny", None, vec![], 405, "method_not_allowed"),
+        bad(Method::DELETE, "/v1/models/tiny", None, vec![], 403, "admin_disabled"),
         bad(
             Method::POST,
             explain,
@@ -386,10 +383,12 @@ async fn request_ids_are_echoed_or_made() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_past_the_timeout_gets_503_and_retry_after() {
     let models = vec![model_config("tiny", &fixture("tiny_cnn.onnx"))];
-    let server = TestServer::with_timeout(
+    let server = TestServer::with_options(
         models,
-        Limits::default(),
-        std::time::Duration::from_millis(1),
+        Options {
+            request_timeout: Duration::from_millis(1),
+            ..Options::default()
+        },
     )
     .await;
     // Decoding and resizing a 2000 x 2000 photo takes far longer than 1 ms.

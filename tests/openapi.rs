@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
 use camserve::config::Limits;
-use common::{TestServer, fixture, model_config, png_bytes};
+use camserve::http::Admin;
+use common::{Options, TestServer, fixture, model_config, png_bytes};
 use serde_json::Value;
 
 fn spec() -> Value {
@@ -90,7 +91,11 @@ struct Example {
     url: String,
     content_type: Option<&'static str>,
     body: Vec<u8>,
+    /// The admin token to send, if any.
+    token: Option<&'static str>,
 }
+
+const TOKEN: &str = "openapi-token-0123456789";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_documented_response_is_what_the_server_sends() {
@@ -99,11 +104,33 @@ async fn every_documented_response_is_what_the_server_sends() {
         max_body_bytes: 64 * 1024,
         ..Limits::default()
     };
-    let server = TestServer::with(
-        vec![model_config("tiny", &fixture("tiny_cnn.onnx"))],
-        limits,
+    let models = vec![model_config("tiny", &fixture("tiny_cnn.onnx"))];
+    // A models folder of its own, so that a model's file can be spoiled under it for a failing reload.
+    let models_dir = std::env::temp_dir().join(format!("camserve-openapi-{}", std::process::id()));
+    std::fs::create_dir_all(&models_dir).unwrap();
+    for file in [
+        "tiny_cnn.onnx",
+        "red_detector.onnx",
+        "broken_no_gradients.onnx",
+    ] {
+        std::fs::copy(fixture(file), models_dir.join(file)).unwrap();
+    }
+    std::fs::copy(fixture("tiny_cnn.onnx"), models_dir.join("spoiled.onnx")).unwrap();
+    let admin = Admin {
+        token: TOKEN.into(),
+        models_dir: models_dir.clone(),
+    };
+    let server = TestServer::with_options(
+        models.clone(),
+        Options {
+            limits: limits.clone(),
+            admin: Some(admin),
+            ..Options::default()
+        },
     )
     .await;
+    // The same, with the admin API off.
+    let plain = TestServer::with(models, limits).await;
     let png = png_bytes(&image::RgbImage::from_pixel(
         48,
         40,
@@ -115,6 +142,7 @@ async fn every_documented_response_is_what_the_server_sends() {
         url: url.into(),
         content_type: None,
         body: vec![],
+        token: None,
     };
     let post =
         |operation: &'static str, url: &str, content_type: &'static str, body: &[u8]| Example {
@@ -123,9 +151,92 @@ async fn every_documented_response_is_what_the_server_sends() {
             url: url.into(),
             content_type: Some(content_type),
             body: body.to_vec(),
+            token: None,
         };
+    let admin = |method: reqwest::Method,
+                 operation: &'static str,
+                 url: &str,
+                 body: &str,
+                 token: Option<&'static str>| {
+        Example {
+            method,
+            operation,
+            url: url.into(),
+            content_type: Some("application/json"),
+            body: body.as_bytes().to_vec(),
+            token,
+        }
+    };
+    let (put, delete) = (reqwest::Method::PUT, reqwest::Method::DELETE);
+    let (model, reload) = ("/v1/models/{model}", "/v1/models/{model}/reload");
     let (explain, predict) = ("/v1/models/{model}/explain", "/v1/models/{model}/predict");
     let mut examples = vec![
+        admin(
+            put.clone(),
+            model,
+            "/v1/models/extra",
+            r#"{"file": "tiny_cnn.onnx"}"#,
+            Some(TOKEN),
+        ),
+        admin(
+            put.clone(),
+            model,
+            "/v1/models/extra",
+            r#"{"file": "red_detector.onnx"}"#,
+            Some(TOKEN),
+        ),
+        admin(
+            put.clone(),
+            model,
+            "/v1/models/extra",
+            r#"{"file": "../x.onnx"}"#,
+            Some(TOKEN),
+        ),
+        admin(
+            put.clone(),
+            model,
+            "/v1/models/extra",
+            r#"{"file": "tiny_cnn.onnx"}"#,
+            Some("wrong"),
+        ),
+        admin(
+            put.clone(),
+            model,
+            "/v1/models/extra",
+            r#"{"file": "broken_no_gradients.onnx"}"#,
+            Some(TOKEN),
+        ),
+        admin(
+            reqwest::Method::POST,
+            reload,
+            "/v1/models/extra/reload",
+            "",
+            Some(TOKEN),
+        ),
+        admin(
+            reqwest::Method::POST,
+            reload,
+            "/v1/models/missing/reload",
+            "",
+            Some(TOKEN),
+        ),
+        admin(
+            reqwest::Method::POST,
+            reload,
+            "/v1/models/extra/reload",
+            "",
+            None,
+        ),
+        admin(delete.clone(), model, "/v1/models/extra", "", Some(TOKEN)),
+        admin(delete.clone(), model, "/v1/models/extra", "", Some(TOKEN)),
+        admin(delete.clone(), model, "/v1/models/tiny", "", None),
+        admin(
+            put.clone(),
+            model,
+            "/v1/models/spoiled",
+            r#"{"file": "spoiled.onnx"}"#,
+            Some(TOKEN),
+        ),
         get("/healthz", "/healthz"),
         get("/readyz", "/readyz"),
         get("/v1/models", "/v1/models"),
@@ -203,9 +314,29 @@ async fn every_documented_response_is_what_the_server_sends() {
             &png,
         ),
     ];
+    // For the server with the admin API off.
+    let admin_off = [
+        admin(delete.clone(), model, "/v1/models/tiny", "", Some(TOKEN)),
+        admin(
+            put.clone(),
+            model,
+            "/v1/models/x",
+            r#"{"file": "tiny_cnn.onnx"}"#,
+            Some(TOKEN),
+        ),
+        admin(
+            reqwest::Method::POST,
+            reload,
+            "/v1/models/tiny/reload",
+            "",
+            Some(TOKEN),
+        ),
+    ];
     let mut seen = BTreeSet::new();
     let mut problems = Vec::new();
-    let send = async |example: &Example, seen: &mut BTreeSet<(String, String, String)>| {
+    let send = async |server: &TestServer,
+                      example: &Example,
+                      seen: &mut BTreeSet<(String, String, String)>| {
         let mut request = server
             .client
             .request(example.method.clone(), server.url(&example.url))
@@ -213,12 +344,15 @@ async fn every_documented_response_is_what_the_server_sends() {
         if let Some(content_type) = example.content_type {
             request = request.header("content-type", content_type);
         }
+        if let Some(token) = example.token {
+            request = request.bearer_auth(token);
+        }
         let response = request.send().await.unwrap();
         let status = response.status().as_str().to_owned();
-        let content_type = response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .to_owned();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned());
         let bytes = response.bytes().await.unwrap();
         let what = format!("{} {} -> {status}", example.method, example.url);
         let method = example.method.as_str().to_lowercase();
@@ -228,6 +362,14 @@ async fn every_documented_response_is_what_the_server_sends() {
         if documented.is_null() {
             return vec![format!("{what}: status not documented")];
         }
+        let Some(content_type) = content_type else {
+            return match documented.get("content") {
+                None if bytes.is_empty() => vec![],
+                _ => vec![format!(
+                    "{what}: no content type, but content documented or sent"
+                )],
+            };
+        };
         let media = &documented["content"][&content_type];
         if media.is_null() {
             return vec![format!(
@@ -242,12 +384,30 @@ async fn every_documented_response_is_what_the_server_sends() {
         problems
     };
     for example in &examples {
-        problems.extend(send(example, &mut seen).await);
+        problems.extend(send(&server, example, &mut seen).await);
     }
+    for example in &admin_off {
+        problems.extend(send(&plain, example, &mut seen).await);
+    }
+    // A model whose file was replaced by a broken export: the reload is refused and the model keeps serving.
+    std::fs::copy(
+        fixture("broken_no_gradients.onnx"),
+        models_dir.join("spoiled.onnx"),
+    )
+    .unwrap();
+    let spoiled = admin(
+        reqwest::Method::POST,
+        reload,
+        "/v1/models/spoiled/reload",
+        "",
+        Some(TOKEN),
+    );
+    problems.extend(send(&server, &spoiled, &mut seen).await);
+    std::fs::remove_dir_all(&models_dir).unwrap();
     // Readiness turns false at shutdown.
     server.state.ready.store(false, Ordering::SeqCst);
     examples.push(get("/readyz", "/readyz"));
-    problems.extend(send(examples.last().unwrap(), &mut seen).await);
+    problems.extend(send(&server, examples.last().unwrap(), &mut seen).await);
     assert!(
         problems.is_empty(),
         "responses that break openapi.yaml:\n{}",

@@ -32,12 +32,17 @@ pub enum ErrorCode {
     SingleTargetRequired,
     Overloaded,
     Timeout,
+    Unauthorized,
+    AdminDisabled,
+    InvalidModelFile,
+    InvalidModelConfig,
+    ModelRefused,
     Internal,
 }
 
 impl ErrorCode {
     /// Every code, for the test that keeps openapi.yaml's list equal to this one.
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 23] = [
         Self::RouteNotFound,
         Self::MethodNotAllowed,
         Self::ModelNotFound,
@@ -55,6 +60,11 @@ impl ErrorCode {
         Self::SingleTargetRequired,
         Self::Overloaded,
         Self::Timeout,
+        Self::Unauthorized,
+        Self::AdminDisabled,
+        Self::InvalidModelFile,
+        Self::InvalidModelConfig,
+        Self::ModelRefused,
         Self::Internal,
     ];
 
@@ -74,6 +84,10 @@ impl ErrorCode {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             Self::Overloaded | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::AdminDisabled => StatusCode::FORBIDDEN,
+            Self::InvalidModelFile | Self::InvalidModelConfig => StatusCode::BAD_REQUEST,
+            Self::ModelRefused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -129,6 +143,11 @@ impl ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if self.code == ErrorCode::Unauthorized {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

@@ -27,11 +27,8 @@ pub async fn healthz() -> Json<serde_json::Value> {
 }
 
 pub async fn readyz(State(state): State<SharedState>) -> Response {
-    let models: Vec<&str> = state
-        .registry
-        .iter()
-        .map(|m| m.info.name.as_str())
-        .collect();
+    let models = state.registry.models();
+    let models: Vec<&str> = models.iter().map(|m| m.info.name.as_str()).collect();
     if state.ready.load(Ordering::SeqCst) {
         Json(serde_json::json!({ "status": "ready", "models": models })).into_response()
     } else {
@@ -116,16 +113,13 @@ impl<'a> From<&'a ModelInfo> for ModelView<'a> {
 }
 
 pub async fn list_models(State(state): State<SharedState>) -> Response {
-    let models: Vec<ModelView> = state
-        .registry
-        .iter()
-        .map(|m| ModelView::from(&m.info))
-        .collect();
+    let models = state.registry.models();
+    let models: Vec<ModelView> = models.iter().map(|m| ModelView::from(&m.info)).collect();
     Json(serde_json::json!({ "models": models })).into_response()
 }
 
-fn find_model(state: &SharedState, name: &str) -> Result<Arc<Model>, ApiError> {
-    state.registry.get(name).cloned().ok_or_else(|| {
+pub(crate) fn find_model(state: &SharedState, name: &str) -> Result<Arc<Model>, ApiError> {
+    state.registry.get(name).ok_or_else(|| {
         ApiError::new(
             ErrorCode::ModelNotFound,
             format!("no model named `{name}`; GET /v1/models lists them"),

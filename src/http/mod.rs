@@ -1,5 +1,6 @@
 //! Routes, the request middleware (request ids, error envelopes, access logs) and the server loop.
 
+mod admin;
 mod error;
 mod handlers;
 mod image_body;
@@ -18,10 +19,12 @@ use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
+pub use admin::Admin;
 pub use error::{ApiError, ErrorCode};
 
-use crate::config::Limits;
+use crate::config::{Limits, Shutdown};
 use crate::registry::Registry;
+use crate::runtime::Runtime;
 
 pub struct AppState {
     pub registry: Registry,
@@ -30,13 +33,35 @@ pub struct AppState {
     pub request_timeout: Duration,
     /// False once shutdown has begun, so that load balancers stop sending new requests.
     pub ready: AtomicBool,
+    /// For models loaded at run time.
+    pub runtime: Runtime,
+    /// None: the admin API is off.
+    pub admin: Option<Admin>,
+    /// Admin changes happen one at a time.
+    admin_lock: tokio::sync::Mutex<()>,
+}
+
+impl AppState {
+    pub fn new(
+        runtime: Runtime,
+        registry: Registry,
+        limits: Limits,
+        request_timeout: Duration,
+        admin: Option<Admin>,
+    ) -> Self {
+        Self {
+            registry,
+            limits,
+            request_timeout,
+            ready: AtomicBool::new(true),
+            runtime,
+            admin,
+            admin_lock: tokio::sync::Mutex::new(()),
+        }
+    }
 }
 
 pub type SharedState = Arc<AppState>;
-
-/// The request id of the request being served, from `x-request-id` or made here.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub String);
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -46,7 +71,13 @@ pub fn router(state: SharedState) -> Router {
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .route("/v1/models", get(handlers::list_models))
-        .route("/v1/models/{model}", get(handlers::get_model))
+        .route(
+            "/v1/models/{model}",
+            get(handlers::get_model)
+                .put(admin::put_model)
+                .delete(admin::delete_model),
+        )
+        .route("/v1/models/{model}/reload", post(admin::reload_model))
         .route("/v1/models/{model}/predict", post(handlers::predict))
         .route("/v1/models/{model}/explain", post(handlers::explain))
         .fallback(handlers::route_not_found)
@@ -59,24 +90,43 @@ pub fn router(state: SharedState) -> Router {
 }
 
 /// Serves until `shutdown` resolves, then stops taking requests and lets those in flight finish.
+/// Serves until `signal` resolves; then readiness turns false, `timing.delay` later the listener closes, and
+/// requests in flight get up to `timing.grace` to finish.
 pub async fn serve(
     listener: TcpListener,
     state: SharedState,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    signal: impl std::future::Future<Output = ()> + Send + 'static,
+    timing: Shutdown,
 ) -> std::io::Result<()> {
-    let app = router(state.clone());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            state.ready.store(false, Ordering::SeqCst);
-        })
-        .await
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, router(state.clone())).with_graceful_shutdown(async move {
+        let _ = stopped.await;
+    });
+    let mut server = tokio::spawn(server.into_future());
+    tokio::select! {
+        result = &mut server => return result.expect("the server task panicked"),
+        () = signal => {}
+    }
+    state.ready.store(false, Ordering::SeqCst);
+    tokio::time::sleep(timing.delay).await;
+    let _ = stop.send(());
+    match tokio::time::timeout(timing.grace, &mut server).await {
+        Ok(result) => result.expect("the server task panicked"),
+        Err(_) => {
+            tracing::warn!(
+                grace_secs = timing.grace.as_secs(),
+                "requests still in flight after the grace period"
+            );
+            server.abort();
+            Ok(())
+        }
+    }
 }
 
 /// Gives every request an id, turns every error into the JSON envelope carrying that id, and logs the request.
 async fn request_context(
     State(state): State<SharedState>,
-    mut request: Request,
+    request: Request,
     next: Next,
 ) -> Response {
     let request_id = request
@@ -85,9 +135,6 @@ async fn request_context(
         .and_then(|v| v.to_str().ok())
         .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
         .map_or_else(new_request_id, str::to_owned);
-    request
-        .extensions_mut()
-        .insert(RequestId(request_id.clone()));
     let route = request
         .extensions()
         .get::<MatchedPath>()

@@ -2,11 +2,11 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use camserve::config::{Config, Limits, ModelConfig};
-use camserve::http::{self, AppState};
+use camserve::config::{Config, Limits, ModelConfig, Shutdown};
+use camserve::http::{self, Admin, AppState};
 use camserve::registry::Registry;
 use camserve::runtime::{self, Runtime};
 
@@ -42,6 +42,23 @@ pub fn model_config(name: &str, file: &Path) -> ModelConfig {
         .remove(0)
 }
 
+/// What a test server is started with, besides its models.
+pub struct Options {
+    pub limits: Limits,
+    pub request_timeout: Duration,
+    pub admin: Option<Admin>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            request_timeout: Duration::from_secs(30),
+            admin: None,
+        }
+    }
+}
+
 pub struct TestServer {
     pub base: String,
     pub client: reqwest::Client,
@@ -63,27 +80,42 @@ impl TestServer {
     }
 
     pub async fn with(models: Vec<ModelConfig>, limits: Limits) -> Self {
-        Self::with_timeout(models, limits, std::time::Duration::from_secs(30)).await
+        Self::with_options(
+            models,
+            Options {
+                limits,
+                ..Options::default()
+            },
+        )
+        .await
     }
 
-    pub async fn with_timeout(
-        models: Vec<ModelConfig>,
-        limits: Limits,
-        request_timeout: std::time::Duration,
-    ) -> Self {
+    pub async fn with_options(models: Vec<ModelConfig>, options: Options) -> Self {
+        let Options {
+            limits,
+            request_timeout,
+            admin,
+        } = options;
         let registry = Registry::load(runtime(), &models).expect("fixture models load");
-        let state = Arc::new(AppState {
+        let state = Arc::new(AppState::new(
+            runtime().clone(),
             registry,
             limits,
             request_timeout,
-            ready: AtomicBool::new(true),
-        });
+            admin,
+        ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
+        // Dropping the server (its sender) is the shutdown signal.
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(http::serve(listener, state.clone(), async move {
+        let timing = Shutdown {
+            delay: Duration::ZERO,
+            grace: Duration::from_secs(5),
+        };
+        let stopped = async move {
             let _ = stop.await;
-        }));
+        };
+        tokio::spawn(http::serve(listener, state.clone(), stopped, timing));
         Self {
             base,
             client: reqwest::Client::new(),
