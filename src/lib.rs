@@ -9,6 +9,7 @@ pub mod config;
 pub mod engine;
 pub mod explain;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod preprocess;
 pub mod registry;

@@ -239,6 +239,7 @@ async fn every_documented_response_is_what_the_server_sends() {
         ),
         get("/healthz", "/healthz"),
         get("/readyz", "/readyz"),
+        get("/metrics", "/metrics"),
         get("/v1/models", "/v1/models"),
         get("/v1/models/{model}", "/v1/models/tiny"),
         get("/v1/models/{model}", "/v1/models/missing"),

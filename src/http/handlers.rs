@@ -18,6 +18,7 @@ use crate::http::SharedState;
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::image_body::ImageBody;
 use crate::http::params::{self, ExplainParams, HeatmapEncoding, MapSize, Output};
+use crate::metrics::StageTimes;
 use crate::model::ModelInfo;
 use crate::registry::Model;
 use crate::render;
@@ -38,6 +39,11 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
         )
             .into_response()
     }
+}
+
+pub async fn metrics(State(state): State<SharedState>) -> Response {
+    let text = state.metrics.render(&state.registry);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 pub async fn route_not_found() -> ApiError {
@@ -231,6 +237,14 @@ fn add_timing_headers(
             HeaderValue::from_str(&value).expect("ASCII"),
         );
     }
+    response.extensions_mut().insert(StageTimes {
+        decode: timings.decode,
+        queue: timings.queue,
+        inference: timings.inference,
+        render,
+        batch_size: timings.batch_size,
+    });
+    let headers = response.headers_mut();
     headers.insert(
         HeaderName::from_static("x-batch-size"),
         HeaderValue::from(timings.batch_size),

@@ -23,6 +23,7 @@ pub use admin::Admin;
 pub use error::{ApiError, ErrorCode};
 
 use crate::config::{Limits, Shutdown};
+use crate::metrics::{Metrics, StageTimes};
 use crate::registry::Registry;
 use crate::runtime::Runtime;
 
@@ -39,6 +40,7 @@ pub struct AppState {
     pub admin: Option<Admin>,
     /// Admin changes happen one at a time.
     admin_lock: tokio::sync::Mutex<()>,
+    pub metrics: Metrics,
 }
 
 impl AppState {
@@ -57,6 +59,7 @@ impl AppState {
             runtime,
             admin,
             admin_lock: tokio::sync::Mutex::new(()),
+            metrics: Metrics::default(),
         }
     }
 }
@@ -70,6 +73,7 @@ pub fn router(state: SharedState) -> Router {
     Router::new()
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
+        .route("/metrics", get(handlers::metrics))
         .route("/v1/models", get(handlers::list_models))
         .route(
             "/v1/models/{model}",
@@ -141,6 +145,7 @@ async fn request_context(
         .map_or("unmatched", |p| p.as_str())
         .to_owned();
     let method = request.method().clone();
+    let request_path = request.uri().path().to_owned();
     let span = tracing::info_span!("request", request_id = %request_id, %method, route = %route);
     let started = Instant::now();
 
@@ -167,6 +172,17 @@ async fn request_context(
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
+    // The model label only for models that exist, so that clients cannot grow the label space.
+    let model = model_in_path(&route, request_path.as_str())
+        .filter(|name| state.registry.get(name).is_some());
+    let stages = response.extensions().get::<StageTimes>().copied();
+    state.metrics.record(
+        &route,
+        model,
+        response.status().as_u16(),
+        started.elapsed(),
+        stages,
+    );
     span.in_scope(|| {
         tracing::info!(
             status = response.status().as_u16(),
@@ -175,6 +191,12 @@ async fn request_context(
         )
     });
     response
+}
+
+/// The `{model}` segment of a path whose route pattern has one.
+fn model_in_path<'a>(route: &str, path: &'a str) -> Option<&'a str> {
+    let index = route.split('/').position(|segment| segment == "{model}")?;
+    path.split('/').nth(index)
 }
 
 fn is_json(response: &Response) -> bool {
