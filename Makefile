@@ -13,7 +13,7 @@ VENV_STAMP := $(VENV)/.installed
 OHA := .tools/bin/oha
 CARGO_TEST ?= $(shell cargo nextest --version >/dev/null 2>&1 && echo "cargo nextest run" || echo "cargo test")
 
-.PHONY: run build ort venv test test-rust test-python lint bench bench-quick default-model fixtures clean
+.PHONY: run build ort venv test test-rust test-python lint bench bench-quick soak default-model fixtures clean
 
 ## Build, install ONNX Runtime, serve the default model on 127.0.0.1:8080.
 run: ort build
@@ -55,6 +55,11 @@ bench: ort $(OHA)
 bench-quick: ort $(OHA)
 	cargo build --release --locked --bin camserve --example bench_ort
 	$(PYTHON) bench/bench.py --quick
+
+## 50 clients for 60 s, plain and with the model replaced twice: only 200s and deliberate 503s, flat memory.
+soak: ort $(OHA)
+	cargo build --release --locked --bin camserve --example bench_ort
+	$(PYTHON) bench/soak.py
 
 $(OHA):
 	cargo install --locked --no-default-features --root .tools oha --version 1.16.0

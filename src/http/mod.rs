@@ -3,8 +3,8 @@
 mod admin;
 mod error;
 mod handlers;
-mod image_body;
-mod params;
+pub mod image_body;
+pub mod params;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -1,0 +1,24 @@
+//! Image decoding on arbitrary bytes: never a panic, never an allocation beyond the configured limits.
+#![no_main]
+
+use camserve::preprocess::{ChannelOrder, DecodeLimits, Preprocess, decode};
+use libfuzzer_sys::fuzz_target;
+
+const LIMITS: DecodeLimits = DecodeLimits { max_width: 2048, max_height: 2048, max_pixels: 4_000_000 };
+
+fuzz_target!(|bytes: &[u8]| {
+    if let Ok(image) = decode(bytes, &LIMITS) {
+        assert!(image.width() <= LIMITS.max_width && image.height() <= LIMITS.max_height);
+        let preprocess = Preprocess {
+            width: 32,
+            height: 24,
+            mean: [0.5; 3],
+            std: [0.25; 3],
+            channel_order: ChannelOrder::Rgb,
+            value_range: (0.0, 1.0),
+        };
+        let mut tensor = vec![0.0; preprocess.tensor_len()];
+        preprocess.write_tensor(&image, &mut tensor);
+        assert!(tensor.iter().all(|v| v.is_finite()));
+    }
+});
