@@ -27,14 +27,16 @@ step=${1:?usage: $0 deps | app PREFIX VARIANT | ort PREFIX VARIANT}
 case $step in
   deps)
     # The same manifest and lock file with an empty crate: the dependencies compile once and stay cached
-    # (in the image's layer, in CI's target/) until Cargo.toml or Cargo.lock change.
+    # (in the image's layer, in CI's target/) until Cargo.toml or Cargo.lock change. The stub has its own
+    # name, so that its artefacts never pass for camserve's; the app step's --locked checks the lock file.
     stub=$(mktemp -d)
     trap 'rm -rf "$stub"' EXIT
-    cp Cargo.toml Cargo.lock "$stub/"
+    sed 's/^name = "camserve"$/name = "camserve-deps-stub"/' Cargo.toml > "$stub/Cargo.toml"
+    cp Cargo.lock "$stub/"
     mkdir "$stub/src"
     echo 'fn main() {}' > "$stub/src/main.rs"
     touch "$stub/src/lib.rs"
-    cargo build --release --locked --manifest-path "$stub/Cargo.toml" --bin camserve
+    cargo build --release --manifest-path "$stub/Cargo.toml"
     ;;
   app)
     prefix=${2:?PREFIX}; config=$(variant_config "${3:?VARIANT}")
