@@ -25,7 +25,8 @@ LABEL org.opencontainers.image.title="camserve" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.documentation="docs/deployment.md"
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin camserve
+RUN groupadd --system --gid 10001 camserve \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin camserve
 COPY --from=ort /opt/camserve/lib /opt/camserve/lib
 COPY --from=build /opt/camserve /opt/camserve
 ENV CAMSERVE_CONFIG=/opt/camserve/config/camserve.toml \

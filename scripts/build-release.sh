@@ -32,6 +32,7 @@ case $step in
     stub=$(mktemp -d)
     trap 'rm -rf "$stub"' EXIT
     sed 's/^name = "camserve"$/name = "camserve-deps-stub"/' Cargo.toml > "$stub/Cargo.toml"
+    grep -q '^name = "camserve-deps-stub"$' "$stub/Cargo.toml" || { echo "Cargo.toml has no name = \"camserve\" line" >&2; exit 1; }
     cp Cargo.lock "$stub/"
     mkdir "$stub/src"
     echo 'fn main() {}' > "$stub/src/main.rs"
