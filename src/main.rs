@@ -74,6 +74,16 @@ enum Command {
         #[arg(long, default_value_t = 0.5)]
         alpha: f32,
     },
+    /// Exits 0 if the server answers 200 on its readiness URL: the container's HEALTHCHECK, which has no curl.
+    Healthcheck {
+        /// A plain-HTTP URL; the default matches the container's bind address.
+        #[arg(
+            long,
+            env = "CAMSERVE_HEALTHCHECK_URL",
+            default_value = "http://127.0.0.1:8080/readyz"
+        )]
+        url: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -93,6 +103,7 @@ fn main() -> ExitCode {
             class,
             alpha,
         } => explain_file(setup, &model, &image, &output, &class, alpha),
+        Command::Healthcheck { url } => healthcheck(&url),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -259,5 +270,49 @@ fn explain_file(
             &serde_json::json!({ "model": model_name, "explanations": summary })
         )?
     );
+    Ok(())
+}
+
+/// One HTTP/1.1 GET over a plain socket, bounded in time: the probe must not hang the container runtime.
+fn healthcheck(url: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    use std::net::{TcpStream, ToSocketAddrs};
+    use std::time::Duration;
+
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("`{url}`: only http:// URLs are supported"))?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let address = if authority.contains(':') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    let socket = address
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve `{authority}`"))?
+        .next()
+        .with_context(|| format!("`{authority}` has no address"))?;
+    let mut stream = TcpStream::connect_timeout(&socket, TIMEOUT)
+        .with_context(|| format!("cannot connect to {socket}"))?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: camserve-healthcheck\r\nConnection: close\r\n\r\n"
+    )?;
+    // The status line is all we need; it fits in the first read of any real server's answer.
+    let mut head = [0u8; 64];
+    let read = stream.read(&mut head).context("no answer")?;
+    let status_line = String::from_utf8_lossy(&head[..read]);
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .with_context(|| format!("not an HTTP answer: {status_line:?}"))?;
+    if status != "200" {
+        bail!("{url} answered {status}");
+    }
     Ok(())
 }

@@ -225,3 +225,42 @@ fn the_default_model_recognises_a_cat() {
         "top-3: {top3:?}"
     );
 }
+
+/// The container's HEALTHCHECK: 0 on a ready server, non-zero when it is not ready or nothing listens.
+#[tokio::test(flavor = "multi_thread")]
+async fn healthcheck_exits_zero_only_on_a_ready_server() {
+    let server = common::TestServer::start().await;
+    let healthcheck = |url: String| async move {
+        tokio::task::spawn_blocking(move || camserve(&["healthcheck", "--url", &url]))
+            .await
+            .unwrap()
+    };
+
+    let ready = healthcheck(server.url("/readyz")).await;
+    assert!(
+        ready.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ready.stderr)
+    );
+
+    let missing = healthcheck(server.url("/nope")).await;
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("answered 404"));
+
+    server
+        .state
+        .ready
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let draining = healthcheck(server.url("/readyz")).await;
+    assert_eq!(draining.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&draining.stderr).contains("answered 503"));
+
+    // A port that nothing listens on: bound, then released.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let refused = healthcheck(format!("http://{closed}/readyz")).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("cannot connect"));
+}

@@ -68,6 +68,12 @@ pub type SharedState = Arc<AppState>;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
+const FORWARDED_HEADERS: [(&str, &str); 3] = [
+    ("x-forwarded-for", "forwarded_for"),
+    ("x-forwarded-proto", "forwarded_proto"),
+    ("x-forwarded-host", "forwarded_host"),
+];
+
 pub fn router(state: SharedState) -> Router {
     let body_limit = state.limits.max_body_bytes;
     Router::new()
@@ -146,7 +152,21 @@ async fn request_context(
         .to_owned();
     let method = request.method().clone();
     let request_path = request.uri().path().to_owned();
-    let span = tracing::info_span!("request", request_id = %request_id, %method, route = %route);
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        %method,
+        route = %route,
+        forwarded_for = tracing::field::Empty,
+        forwarded_proto = tracing::field::Empty,
+        forwarded_host = tracing::field::Empty,
+    );
+    // Behind a gateway the peer is the gateway: log who the client really was, as the gateway tells it.
+    for (header, field) in FORWARDED_HEADERS {
+        if let Some(value) = request.headers().get(header).and_then(|v| v.to_str().ok()) {
+            span.record(field, value);
+        }
+    }
     let started = Instant::now();
 
     let handled = next.run(request).instrument(span.clone());
