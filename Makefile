@@ -13,7 +13,7 @@ VENV_STAMP := $(VENV)/.installed
 OHA := .tools/bin/oha
 CARGO_TEST ?= $(shell cargo nextest --version >/dev/null 2>&1 && echo "cargo nextest run" || echo "cargo test")
 
-.PHONY: run build ort venv test test-rust test-python lint bench bench-quick default-model fixtures clean
+.PHONY: run build ort venv test test-rust test-python test-consumers test-ui lint bench bench-quick default-model fixtures clean
 
 ## Build, install ONNX Runtime, serve the default model on 127.0.0.1:8080.
 run: ort build
@@ -37,14 +37,37 @@ $(VENV_STAMP): exporter/pyproject.toml
 	$(VENV)/bin/pip install --quiet -e 'exporter[test]'
 	touch $@
 
-## Every test: Rust unit and integration tests (real ONNX Runtime, real server on port 0), then the exporter's.
-test: test-rust test-python
+## Every test: Rust unit and integration tests (real ONNX Runtime, real server on port 0), then the exporter's,
+## the labeling formats read by their real consumers, and the viewer in headless Chromium.
+test: test-rust test-python test-consumers test-ui
 
 test-rust: $(ORT_LIB) $(ORT_OLD_LIB)
 	$(CARGO_TEST) --locked
 
 test-python: $(VENV_STAMP)
 	$(VENV)/bin/python -m pytest exporter/tests -q
+
+# pycocotools, Label Studio's converter: what reads camserve's labeling formats (tests/consumers/).
+CONSUMERS_VENV := .venv-consumers
+CONSUMERS_STAMP := $(CONSUMERS_VENV)/.installed
+$(CONSUMERS_STAMP): tests/consumers/requirements.txt
+	$(PYTHON) -m venv $(CONSUMERS_VENV)
+	$(CONSUMERS_VENV)/bin/pip install --quiet -r tests/consumers/requirements.txt
+	touch $@
+
+## The labeling formats decoded by pycocotools and Label Studio's converter, against the real binary.
+test-consumers: $(ORT_LIB) $(CONSUMERS_STAMP)
+	cargo build --locked --bin camserve
+	CAMSERVE_BIN=target/debug/camserve $(CONSUMERS_VENV)/bin/python -m pytest tests/consumers -q -W ignore::DeprecationWarning
+
+## The /ui viewer end to end in Debian's headless Chromium (installed with apt-get when missing; CI runs as root).
+## The screenshot lands in tests/artifacts/viewer.png.
+test-ui: $(ORT_LIB)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
+	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends nodejs npm)
+	npm ci --no-audit --no-fund --silent
+	cargo build --locked --bin camserve
+	CAMSERVE_BIN=target/debug/camserve node tests/ui/viewer.test.mjs
 
 ## The performance table: bare ONNX Runtime vs camserve (oha over loopback) vs pytorch-grad-cam (if `make venv` ran).
 bench: ort $(OHA)
@@ -73,4 +96,4 @@ fixtures: $(VENV_STAMP)
 
 clean:
 	cargo clean
-	rm -rf .ort .ort-1.30 $(VENV)
+	rm -rf .ort .ort-1.30 $(VENV) $(CONSUMERS_VENV) node_modules

@@ -145,6 +145,8 @@ fn serve(setup: Setup, bind: Option<SocketAddr>) -> anyhow::Result<()> {
         limits: config.limits.clone(),
         request_timeout: config.server.request_timeout(),
         ready: AtomicBool::new(true),
+        cors: config.cors.clone(),
+        label_studio: config.label_studio.clone(),
     });
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {

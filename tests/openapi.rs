@@ -7,8 +7,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
-use camserve::config::Limits;
-use common::{TestServer, fixture, model_config, png_bytes};
+use camserve::config::{CorsConfig, Limits};
+use common::{TestServer, fixture, label_studio_config, model_config, png_bytes};
 use serde_json::Value;
 
 fn spec() -> Value {
@@ -32,6 +32,22 @@ fn resolve<'a>(spec: &'a Value, node: &'a Value) -> &'a Value {
 /// Checks `value` against the subset of JSON Schema that openapi.yaml uses; returns what does not conform.
 fn conform(spec: &Value, schema: &Value, value: &Value, at: &str, problems: &mut Vec<String>) {
     let schema = resolve(spec, schema);
+    if let Some(alternatives) = schema["oneOf"].as_array() {
+        let matching = alternatives
+            .iter()
+            .filter(|alternative| {
+                let mut found = Vec::new();
+                conform(spec, alternative, value, at, &mut found);
+                found.is_empty()
+            })
+            .count();
+        if matching != 1 {
+            problems.push(format!(
+                "{at}: matches {matching} of the oneOf alternatives, not exactly 1"
+            ));
+        }
+        return;
+    }
     if value.is_null() && schema["nullable"] == true {
         return;
     }
@@ -99,9 +115,13 @@ async fn every_documented_response_is_what_the_server_sends() {
         max_body_bytes: 64 * 1024,
         ..Limits::default()
     };
-    let server = TestServer::with(
+    // Port 1 on loopback is allowed but refuses connections: the fetch fails (502).
+    let server = TestServer::with_integrations(
         vec![model_config("tiny", &fixture("tiny_cnn.onnx"))],
         limits,
+        std::time::Duration::from_secs(30),
+        CorsConfig::default(),
+        Some(label_studio_config("tiny", &["127.0.0.1:1"])),
     )
     .await;
     let png = png_bytes(&image::RgbImage::from_pixel(
@@ -125,7 +145,78 @@ async fn every_documented_response_is_what_the_server_sends() {
             body: body.to_vec(),
         };
     let (explain, predict) = ("/v1/models/{model}/explain", "/v1/models/{model}/predict");
+    let data_uri = format!(
+        "data:image/png;base64,{}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &png)
+    );
+    let task = |image: &str| {
+        serde_json::json!({"tasks": [{"id": 1, "data": {"image": image}}]}).to_string()
+    };
+    let ls_predict = "/label-studio/predict";
     let mut examples = vec![
+        get("/ui", "/ui"),
+        get("/label-studio/health", "/label-studio/health"),
+        post(
+            "/label-studio/setup",
+            "/label-studio/setup",
+            "application/json",
+            b"{\"project\": \"1\"}",
+        ),
+        post(
+            "/label-studio/setup",
+            "/label-studio/setup",
+            "application/json",
+            b"[]",
+        ),
+        post(
+            ls_predict,
+            ls_predict,
+            "application/json",
+            task(&data_uri).as_bytes(),
+        ),
+        post(ls_predict, ls_predict, "application/json", b"{}"),
+        post(
+            ls_predict,
+            ls_predict,
+            "application/json",
+            task("http://192.0.2.1/a.png").as_bytes(),
+        ),
+        post(
+            ls_predict,
+            ls_predict,
+            "application/json",
+            task("http://127.0.0.1:1/a.png").as_bytes(),
+        ),
+        post(
+            explain,
+            "/v1/models/tiny/explain?format=labelstudio&top_k=2",
+            "image/png",
+            &png,
+        ),
+        post(
+            explain,
+            "/v1/models/tiny/explain?format=cvat",
+            "image/png",
+            &png,
+        ),
+        post(
+            explain,
+            "/v1/models/tiny/explain?format=coco",
+            "image/png",
+            &png,
+        ),
+        post(
+            explain,
+            "/v1/models/tiny/explain?format=fiftyone&heatmap=gray8",
+            "image/png",
+            &png,
+        ),
+        post(
+            explain,
+            "/v1/models/tiny/explain?format=coco&output=json",
+            "image/png",
+            &png,
+        ),
         get("/healthz", "/healthz"),
         get("/readyz", "/readyz"),
         get("/v1/models", "/v1/models"),
@@ -215,8 +306,12 @@ async fn every_documented_response_is_what_the_server_sends() {
         }
         let response = request.send().await.unwrap();
         let status = response.status().as_str().to_owned();
+        // The media type without parameters such as `charset`.
         let content_type = response.headers()["content-type"]
             .to_str()
+            .unwrap()
+            .split(';')
+            .next()
             .unwrap()
             .to_owned();
         let bytes = response.bytes().await.unwrap();

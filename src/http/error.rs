@@ -33,11 +33,13 @@ pub enum ErrorCode {
     Overloaded,
     Timeout,
     Internal,
+    ImageUrlNotAllowed,
+    ImageFetchFailed,
 }
 
 impl ErrorCode {
     /// Every code, for the test that keeps openapi.yaml's list equal to this one.
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 20] = [
         Self::RouteNotFound,
         Self::MethodNotAllowed,
         Self::ModelNotFound,
@@ -56,6 +58,8 @@ impl ErrorCode {
         Self::Overloaded,
         Self::Timeout,
         Self::Internal,
+        Self::ImageUrlNotAllowed,
+        Self::ImageFetchFailed,
     ];
 
     pub fn status(self) -> StatusCode {
@@ -75,6 +79,8 @@ impl ErrorCode {
             }
             Self::Overloaded | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::ImageUrlNotAllowed => StatusCode::FORBIDDEN,
+            Self::ImageFetchFailed => StatusCode::BAD_GATEWAY,
         }
     }
 

@@ -1,9 +1,13 @@
 //! Routes, the request middleware (request ids, error envelopes, access logs) and the server loop.
 
+mod cors;
 mod error;
+mod formats;
 mod handlers;
 mod image_body;
+mod label_studio;
 mod params;
+mod ui;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,7 +24,7 @@ use tracing::Instrument;
 
 pub use error::{ApiError, ErrorCode};
 
-use crate::config::Limits;
+use crate::config::{CorsConfig, LabelStudioConfig, Limits};
 use crate::registry::Registry;
 
 pub struct AppState {
@@ -30,6 +34,8 @@ pub struct AppState {
     pub request_timeout: Duration,
     /// False once shutdown has begun, so that load balancers stop sending new requests.
     pub ready: AtomicBool,
+    pub cors: CorsConfig,
+    pub label_studio: Option<LabelStudioConfig>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -42,20 +48,26 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 pub fn router(state: SharedState) -> Router {
     let body_limit = state.limits.max_body_bytes;
-    Router::new()
+    let routes = Router::new()
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/models/{model}", get(handlers::get_model))
         .route("/v1/models/{model}/predict", post(handlers::predict))
-        .route("/v1/models/{model}/explain", post(handlers::explain))
+        .route("/v1/models/{model}/explain", post(handlers::explain));
+    let routes = label_studio::routes(ui::routes(routes), state.label_studio.as_ref());
+    let router = routes
         .fallback(handlers::route_not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             request_context,
-        ))
-        .with_state(state)
+        ));
+    // Outermost, so that preflights are answered and error envelopes carry the CORS headers too.
+    match cors::layer(&state.cors) {
+        Some(cors) => router.layer(cors).with_state(state),
+        None => router.with_state(state),
+    }
 }
 
 /// Serves until `shutdown` resolves, then stops taking requests and lets those in flight finish.

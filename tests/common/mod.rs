@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 
-use camserve::config::{Config, Limits, ModelConfig};
+use camserve::config::{Config, CorsConfig, LabelStudioConfig, Limits, ModelConfig};
 use camserve::http::{self, AppState};
 use camserve::registry::Registry;
 use camserve::runtime::{self, Runtime};
@@ -42,6 +42,20 @@ pub fn model_config(name: &str, file: &Path) -> ModelConfig {
         .remove(0)
 }
 
+/// A `[label_studio]` table for `model`, fetching from `allowed_hosts`, as a user would write it.
+pub fn label_studio_config(model: &str, allowed_hosts: &[&str]) -> LabelStudioConfig {
+    let hosts: Vec<String> = allowed_hosts.iter().map(|h| format!("\"{h}\"")).collect();
+    let toml = format!(
+        "[runtime]\nlibrary = \"x\"\n[[models]]\nname = \"{model}\"\nfile = \"m.onnx\"\n\
+         [label_studio]\nmodel = \"{model}\"\nallowed_hosts = [{}]\nfetch_timeout_secs = 2\n",
+        hosts.join(", ")
+    );
+    Config::from_toml(&toml, Path::new("/"))
+        .unwrap()
+        .label_studio
+        .unwrap()
+}
+
 pub struct TestServer {
     pub base: String,
     pub client: reqwest::Client,
@@ -71,12 +85,25 @@ impl TestServer {
         limits: Limits,
         request_timeout: std::time::Duration,
     ) -> Self {
+        Self::with_integrations(models, limits, request_timeout, Default::default(), None).await
+    }
+
+    /// With CORS origins and the Label Studio backend configured.
+    pub async fn with_integrations(
+        models: Vec<ModelConfig>,
+        limits: Limits,
+        request_timeout: std::time::Duration,
+        cors: CorsConfig,
+        label_studio: Option<LabelStudioConfig>,
+    ) -> Self {
         let registry = Registry::load(runtime(), &models).expect("fixture models load");
         let state = Arc::new(AppState {
             registry,
             limits,
             request_timeout,
             ready: AtomicBool::new(true),
+            cors,
+            label_studio,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
