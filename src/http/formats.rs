@@ -166,7 +166,7 @@ pub fn label_studio(
         if let Some(from_name) = &names.rectangles {
             for (b, region) in target.boxes.iter().enumerate() {
                 result.push(common(
-                    format!("c{}b{b}", t),
+                    format!("c{t}b{b}"),
                     from_name,
                     "rectanglelabels",
                     json!({
@@ -183,7 +183,7 @@ pub fn label_studio(
         if let Some(from_name) = &names.brush {
             let mask = mask_of(target, options.threshold, explanation);
             result.push(common(
-                format!("c{}m", t),
+                format!("c{t}m"),
                 from_name,
                 "brushlabels",
                 json!({

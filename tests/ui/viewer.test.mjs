@@ -2,7 +2,7 @@
 // Uploads the fixture image with its red square at rows 32-63, cols 16-47 (tests/fixtures/README.md), waits
 // for the overlay, checks the box drawn over it, and saves a screenshot under tests/artifacts/.
 import { spawn } from "node:child_process";
-import { mkdirSync, writeFileSync, mkdtempSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -111,12 +111,37 @@ try {
   const [download] = await Promise.all([page.waitForEvent("download"), page.click("button[data-format=coco]")]);
   assert.equal(download.suggestedFilename(), "red-coco.json");
 
+  // The same image dropped on the drop zone replaces the chosen file.
+  const dropped = await page.evaluateHandle(async (b64) => {
+    const transfer = new DataTransfer();
+    const blob = await (await fetch(`data:image/png;base64,${b64}`)).blob();
+    transfer.items.add(new File([blob], "dropped.png", { type: "image/png" }));
+    return transfer;
+  }, readFileSync(path.join(fixtures, "images/red_blue_128.png")).toString("base64"));
+  await page.dispatchEvent("#drop-zone", "drop", { dataTransfer: dropped });
+  assert.equal(await page.textContent("#file-name"), "dropped.png (404 bytes)");
+
+  // The model's two best classes: a card each, blue (the larger square, rows 80-111, cols 72-119) first.
+  await page.check("#by-top-k");
+  await page.fill("#top-k", "2");
+  await page.click("#explain");
+  await page.waitForSelector("#target-1 img.overlay");
+  const cards = await page.$$eval("#targets .target", (sections) => sections.map((s) => [
+    s.querySelector("h3").textContent.split(" ")[0],
+    Array.from(s.querySelectorAll("svg.boxes rect")).map((r) =>
+      ["x", "y", "width", "height"].map((a) => Number(r.getAttribute(a)))),
+  ]));
+  assert.deepEqual(cards, [["blue", [[72, 80, 48, 32]]], ["red", [[16, 32, 32, 32]]]]);
+
   // A class the model does not have: the server's message is shown, not a blank page.
   await page.fill("#classes", "green");
+  await page.check("#by-name");
   await page.click("#explain");
   await page.waitForSelector("#status.error");
   assert.match(await page.textContent("#status"), /no class is labelled `green`.*\(class_out_of_range\)/);
   await page.fill("#classes", "red");
+  await page.fill("#top-k", "1");
+  await page.check("#by-name");
   await page.click("#explain");
   await page.waitForFunction(() => document.querySelector("#status").textContent.startsWith("Explained"));
 
