@@ -47,7 +47,7 @@ test-rust: $(ORT_LIB) $(ORT_OLD_LIB)
 test-python: $(VENV_STAMP)
 	$(VENV)/bin/python -m pytest exporter/tests -q
 
-# pycocotools, Label Studio's converter: what reads camserve's labeling formats (tests/consumers/).
+# pycocotools, Label Studio's SDK, FiftyOne: what reads camserve's labeling formats (tests/consumers/).
 CONSUMERS_VENV := .venv-consumers
 CONSUMERS_STAMP := $(CONSUMERS_VENV)/.installed
 $(CONSUMERS_STAMP): tests/consumers/requirements.txt
@@ -55,7 +55,7 @@ $(CONSUMERS_STAMP): tests/consumers/requirements.txt
 	$(CONSUMERS_VENV)/bin/pip install --quiet -r tests/consumers/requirements.txt
 	touch $@
 
-## The labeling formats decoded by pycocotools and Label Studio's converter, against the real binary.
+## The labeling formats read by pycocotools, Label Studio's SDK and FiftyOne, against the real binary.
 test-consumers: $(ORT_LIB) $(CONSUMERS_STAMP)
 	cargo build --locked --bin camserve
 	CAMSERVE_BIN=target/debug/camserve $(CONSUMERS_VENV)/bin/python -m pytest tests/consumers -q -W ignore::DeprecationWarning

@@ -1,7 +1,7 @@
 """camserve's labeling formats, read by the tools that consume them.
 
 Starts the real camserve binary on a free port with the fixture red detector, POSTs the fixture image and
-decodes the answers with pycocotools, Label Studio's converter and FiftyOne's label classes.
+decodes and validates the answers with pycocotools, Label Studio's SDK and FiftyOne's label classes.
 The expected mask is computed here, independently of camserve, from the fixture's known geometry.
 """
 
@@ -22,7 +22,8 @@ from pathlib import Path
 import fiftyone.core.labels as fo_labels
 import numpy as np
 import pytest
-from label_studio_converter.brush import decode_rle
+from label_studio_sdk.converter.brush import decode_rle
+from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -182,12 +183,26 @@ def test_label_studio_brush_and_rectangles_decode(camserve):
     assert set(np.unique(rgba)) <= {0, 255}
 
 
+LABEL_CONFIG = (
+    '<View><Image name="image" value="$image"/>'
+    '<RectangleLabels name="label" toName="image"><Label value="red"/><Label value="blue"/></RectangleLabels>'
+    '<BrushLabels name="mask" toName="image"><Label value="red"/><Label value="blue"/></BrushLabels></View>'
+)
+
+
+def test_label_studio_validates_the_prediction(camserve):
+    # Label Studio's own validator: regions, tag names, labels and geometry against the labeling config.
+    interface = LabelInterface(LABEL_CONFIG)
+    prediction = explain(camserve, "top_k=2&format=labelstudio")
+    assert len(prediction["result"]) == 4  # a box and a brush mask per class
+    assert interface.validate_prediction(prediction, return_errors=True) == []
+    # The validator is not a rubber stamp: a label outside the config is refused.
+    prediction["result"][0]["value"]["rectanglelabels"] = ["green"]
+    assert interface.validate_prediction(prediction, return_errors=True) != []
+
+
 def test_label_studio_backend_end_to_end(camserve, image_host):
-    label_config = (
-        '<View><Image name="image" value="$image"/>'
-        '<RectangleLabels name="label" toName="image"><Label value="red"/><Label value="blue"/></RectangleLabels>'
-        '<BrushLabels name="mask" toName="image"><Label value="red"/><Label value="blue"/></BrushLabels></View>'
-    )
+    label_config = LABEL_CONFIG
     request = {
         "tasks": [{"id": 1, "data": {"image": f"http://{image_host}/red_blue_128.png"}}],
         "label_config": label_config,
@@ -196,6 +211,7 @@ def test_label_studio_backend_end_to_end(camserve, image_host):
     status, body = post(f"{camserve}/label-studio/predict", json.dumps(request).encode(), "application/json")
     assert status == 200, body
     [prediction] = body["results"]
+    assert LabelInterface(label_config).validate_prediction(prediction, return_errors=True) == []
     by_label = {}
     for region in prediction["result"]:
         labels = region["value"].get("rectanglelabels") or region["value"]["brushlabels"]
