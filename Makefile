@@ -60,7 +60,8 @@ test-consumers: $(ORT_LIB) $(CONSUMERS_STAMP)
 	cargo build --locked --bin camserve
 	CAMSERVE_BIN=target/debug/camserve $(CONSUMERS_VENV)/bin/python -m pytest tests/consumers -q -W ignore::DeprecationWarning
 
-## The /ui viewer end to end in Debian's headless Chromium (installed with apt-get when missing; CI runs as root).
+## The /ui viewer end to end in Debian's headless Chromium (chromium, nodejs and npm installed with apt-get when
+## missing; CI runs as root). playwright-core stays at 1.61, the last release that runs on Debian 12's Node 18.
 ## The screenshot lands in tests/artifacts/viewer.png.
 test-ui: $(ORT_LIB)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
