@@ -22,8 +22,8 @@ ST_STAMP := $(ST_VENV)/.installed
 # What the CPU image holds in /opt/camserve, built here by the Dockerfile's own steps.
 IMAGE_ROOT := target/image-root/opt/camserve
 
-.PHONY: run build ort venv test test-rust test-python test-gateway test-schemathesis test-deploy test-image image-root lint bench \
-	bench-quick soak default-model fixtures clean
+.PHONY: run build ort venv test test-rust test-python test-gateway test-schemathesis test-deploy test-image \
+	image-root test-consumers test-ui lint bench bench-quick soak default-model fixtures clean
 
 ## Build, install ONNX Runtime, serve the default model on 127.0.0.1:8080.
 run: ort build
@@ -48,9 +48,10 @@ $(VENV_STAMP): exporter/pyproject.toml
 	touch $@
 
 ## Every test: Rust unit and integration tests (real ONNX Runtime, real server on port 0), camserve behind a real
-## nginx, schemathesis against openapi.yaml, the exporter's tests, the Dockerfiles and Kubernetes manifests
-## linted, the image's tree built and run.
-test: test-rust test-gateway test-schemathesis test-python test-deploy test-image
+## nginx, schemathesis against openapi.yaml, the exporter's tests, the labeling formats read by their real
+## consumers, the viewer in headless Chromium, the Dockerfiles and Kubernetes manifests linted, the image's tree
+## built and run.
+test: test-rust test-gateway test-schemathesis test-python test-consumers test-ui test-deploy test-image
 
 test-rust: $(ORT_LIB) $(ORT_OLD_LIB)
 	$(CARGO_TEST) --locked $(NOT_GATEWAY)
@@ -91,6 +92,29 @@ test-image: image-root
 test-python: $(VENV_STAMP)
 	$(VENV)/bin/python -m pytest exporter/tests -q
 
+# pycocotools, Label Studio's SDK, FiftyOne: what reads camserve's labeling formats (tests/consumers/).
+CONSUMERS_VENV := .venv-consumers
+CONSUMERS_STAMP := $(CONSUMERS_VENV)/.installed
+$(CONSUMERS_STAMP): tests/consumers/requirements.txt
+	$(PYTHON) -m venv $(CONSUMERS_VENV)
+	$(CONSUMERS_VENV)/bin/pip install --quiet -r tests/consumers/requirements.txt
+	touch $@
+
+## The labeling formats read by pycocotools, Label Studio's SDK and FiftyOne, against the real binary.
+test-consumers: $(ORT_LIB) $(CONSUMERS_STAMP)
+	cargo build --locked --bin camserve
+	CAMSERVE_BIN=target/debug/camserve $(CONSUMERS_VENV)/bin/python -m pytest tests/consumers -q -W ignore::DeprecationWarning
+
+## The /ui viewer end to end in Debian's headless Chromium (chromium, nodejs and npm installed with apt-get when
+## missing; CI runs as root). playwright-core stays at 1.61, the last release that runs on Debian 12's Node 18.
+## The screenshot lands in tests/artifacts/viewer.png.
+test-ui: $(ORT_LIB)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
+	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends nodejs npm)
+	npm ci --no-audit --no-fund --silent
+	cargo build --locked --bin camserve
+	CAMSERVE_BIN=target/debug/camserve node tests/ui/viewer.test.mjs
+
 ## The performance table: bare ONNX Runtime vs camserve (oha over loopback) vs pytorch-grad-cam (if `make venv` ran).
 bench: ort $(OHA)
 	cargo build --release --locked --bin camserve --example bench_ort
@@ -123,4 +147,4 @@ fixtures: $(VENV_STAMP)
 
 clean:
 	cargo clean
-	rm -rf .ort .ort-1.30 $(VENV) $(DEPLOY_VENV)
+	rm -rf .ort .ort-1.30 $(VENV) $(DEPLOY_VENV) $(ST_VENV) $(CONSUMERS_VENV) node_modules

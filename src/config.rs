@@ -25,6 +25,56 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub models: Vec<ModelConfig>,
+    #[serde(default)]
+    pub cors: CorsConfig,
+    /// Absent: no Label Studio routes.
+    pub label_studio: Option<LabelStudioConfig>,
+}
+
+/// Browser origins allowed to call the API from their pages; none by default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Exact origins such as `"https://labelstudio.example.com"`, or `"*"` for any.
+    pub allowed_origins: Vec<String>,
+}
+
+/// camserve as a Label Studio ML backend: `{prefix}/health`, `{prefix}/setup`, `{prefix}/predict`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelStudioConfig {
+    #[serde(default = "default_label_studio_prefix")]
+    pub prefix: String,
+    /// The model that answers; it must be one of `[[models]]`.
+    pub model: String,
+    /// Hosts (`name` or `name:port`) that task image URLs may point to. Nothing else is fetched, so
+    /// camserve is no open proxy; `data:` URIs need no host.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    #[serde(default = "default_fetch_max_bytes")]
+    pub fetch_max_bytes: usize,
+    #[serde(default = "default_fetch_timeout_secs")]
+    pub fetch_timeout_secs: u64,
+    /// Classes predicted per task (the model's best ones).
+    #[serde(default = "one")]
+    pub top_k: usize,
+    #[serde(default = "default_threshold")]
+    pub threshold: f32,
+    #[serde(default = "one")]
+    pub max_boxes: usize,
+}
+
+fn default_label_studio_prefix() -> String {
+    "/label-studio".into()
+}
+fn default_fetch_max_bytes() -> usize {
+    16 * 1024 * 1024
+}
+fn default_fetch_timeout_secs() -> u64 {
+    10
+}
+fn default_threshold() -> f32 {
+    0.15
 }
 
 /// The admin API (register, replace, remove and reload models) is on only when a token is set.
@@ -273,6 +323,49 @@ impl Config {
         if self.server.request_timeout_secs == 0 {
             return invalid("server.request_timeout_secs must be >= 1".into());
         }
+        for origin in &self.cors.allowed_origins {
+            let valid = origin == "*"
+                || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.ends_with('/')
+                    && axum::http::HeaderValue::from_str(origin).is_ok());
+            if !valid {
+                return invalid(format!(
+                    "cors.allowed_origins: `{origin}` is not an origin such as `https://host:port` (no path) or `*`"
+                ));
+            }
+        }
+        if let Some(ls) = &self.label_studio {
+            if !ls.prefix.starts_with('/') || ls.prefix.ends_with('/') || ls.prefix.contains("//") {
+                return invalid(format!(
+                    "label_studio.prefix `{}` must start with `/` and not end with one",
+                    ls.prefix
+                ));
+            }
+            if !self.models.iter().any(|m| m.name == ls.model) {
+                return invalid(format!(
+                    "label_studio.model `{}` is not one of [[models]]",
+                    ls.model
+                ));
+            }
+            if ls.top_k == 0 || ls.fetch_max_bytes == 0 || ls.fetch_timeout_secs == 0 {
+                return invalid(
+                    "label_studio.top_k, fetch_max_bytes and fetch_timeout_secs must be >= 1"
+                        .into(),
+                );
+            }
+            if !(ls.threshold > 0.0 && ls.threshold <= 1.0) {
+                return invalid("label_studio.threshold must be above 0 and at most 1".into());
+            }
+            if let Some(host) = ls
+                .allowed_hosts
+                .iter()
+                .find(|h| h.is_empty() || h.contains(['/', '@', ' ']))
+            {
+                return invalid(format!(
+                    "label_studio.allowed_hosts: `{host}` is not a host or host:port"
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -371,6 +464,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("model name `a/b`"), "{err}");
+    }
+
+    #[test]
+    fn cors_and_label_studio_are_checked() {
+        let config = Config::from_toml(MINIMAL, Path::new(".")).unwrap();
+        assert!(config.cors.allowed_origins.is_empty() && config.label_studio.is_none());
+
+        let with = format!(
+            "{MINIMAL}\n[cors]\nallowed_origins = [\"http://a.test:8081\"]\n[label_studio]\nmodel = \"m\"\nallowed_hosts = [\"127.0.0.1:9000\"]\n"
+        );
+        let config = Config::from_toml(&with, Path::new(".")).unwrap();
+        let ls = config.label_studio.unwrap();
+        assert_eq!(
+            (ls.prefix.as_str(), ls.top_k, ls.fetch_timeout_secs),
+            ("/label-studio", 1, 10)
+        );
+
+        for (bad, message) in [
+            (
+                "[cors]\nallowed_origins = [\"http://a.test/\"]",
+                "not an origin",
+            ),
+            ("[label_studio]\nmodel = \"other\"", "not one of [[models]]"),
+            (
+                "[label_studio]\nmodel = \"m\"\nprefix = \"ls\"",
+                "must start with `/`",
+            ),
+            (
+                "[label_studio]\nmodel = \"m\"\nallowed_hosts = [\"http://x\"]",
+                "not a host",
+            ),
+        ] {
+            let err = Config::from_toml(&format!("{MINIMAL}\n{bad}\n"), Path::new("."))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(message), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -181,13 +181,16 @@ fn serve(
         "admin API {}",
         if admin.is_some() { "on" } else { "off" }
     );
-    let state = Arc::new(AppState::new(
+    let mut state = AppState::new(
         runtime,
         registry,
         config.limits.clone(),
         config.server.request_timeout(),
         admin,
-    ));
+    );
+    state.cors = config.cors.clone();
+    state.label_studio = config.label_studio.clone();
+    let state = Arc::new(state);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(bind)

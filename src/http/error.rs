@@ -38,11 +38,13 @@ pub enum ErrorCode {
     InvalidModelConfig,
     ModelRefused,
     Internal,
+    ImageUrlNotAllowed,
+    ImageFetchFailed,
 }
 
 impl ErrorCode {
     /// Every code, for the test that keeps openapi.yaml's list equal to this one.
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 25] = [
         Self::RouteNotFound,
         Self::MethodNotAllowed,
         Self::ModelNotFound,
@@ -66,6 +68,8 @@ impl ErrorCode {
         Self::InvalidModelConfig,
         Self::ModelRefused,
         Self::Internal,
+        Self::ImageUrlNotAllowed,
+        Self::ImageFetchFailed,
     ];
 
     pub fn status(self) -> StatusCode {
@@ -89,6 +93,8 @@ impl ErrorCode {
             Self::InvalidModelFile | Self::InvalidModelConfig => StatusCode::BAD_REQUEST,
             Self::ModelRefused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::ImageUrlNotAllowed => StatusCode::FORBIDDEN,
+            Self::ImageFetchFailed => StatusCode::BAD_GATEWAY,
         }
     }
 

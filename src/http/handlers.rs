@@ -387,6 +387,20 @@ impl<'a> Canvas<'a> {
 }
 
 fn encode(info: &ModelInfo, explanation: &Explanation, params: &ExplainParams) -> Response {
+    if let Some(format) = params.format {
+        return Json(crate::http::formats::encode(
+            format,
+            info,
+            explanation,
+            &crate::http::formats::FormatOptions {
+                threshold: params.options.threshold,
+                model_version: &info.name,
+                max_side: params.max_side,
+                gray8: params.heatmap == HeatmapEncoding::Gray8,
+            },
+        ))
+        .into_response();
+    }
     let png = |bytes: Vec<u8>| ([(header::CONTENT_TYPE, "image/png")], bytes).into_response();
     let canvas = Canvas::new(&explanation.image, params.max_side);
     let first = &explanation.targets[0];

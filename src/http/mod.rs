@@ -1,10 +1,14 @@
 //! Routes, the request middleware (request ids, error envelopes, access logs) and the server loop.
 
 mod admin;
+mod cors;
 mod error;
+mod formats;
 mod handlers;
 pub mod image_body;
+mod label_studio;
 pub mod params;
+mod ui;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,7 +26,7 @@ use tracing::Instrument;
 pub use admin::Admin;
 pub use error::{ApiError, ErrorCode};
 
-use crate::config::{Limits, Shutdown};
+use crate::config::{CorsConfig, LabelStudioConfig, Limits, Shutdown};
 use crate::metrics::{Metrics, StageTimes};
 use crate::registry::Registry;
 use crate::runtime::Runtime;
@@ -41,6 +45,10 @@ pub struct AppState {
     /// Admin changes happen one at a time.
     admin_lock: tokio::sync::Mutex<()>,
     pub metrics: Metrics,
+    /// Origins allowed to call from browsers (none by default).
+    pub cors: CorsConfig,
+    /// The Label Studio ML backend routes, when configured.
+    pub label_studio: Option<LabelStudioConfig>,
 }
 
 impl AppState {
@@ -60,6 +68,8 @@ impl AppState {
             admin,
             admin_lock: tokio::sync::Mutex::new(()),
             metrics: Metrics::default(),
+            cors: CorsConfig::default(),
+            label_studio: None,
         }
     }
 }
@@ -76,7 +86,7 @@ const FORWARDED_HEADERS: [(&str, &str); 3] = [
 
 pub fn router(state: SharedState) -> Router {
     let body_limit = state.limits.max_body_bytes;
-    Router::new()
+    let routes = Router::new()
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .route("/metrics", get(handlers::metrics))
@@ -89,14 +99,20 @@ pub fn router(state: SharedState) -> Router {
         )
         .route("/v1/models/{model}/reload", post(admin::reload_model))
         .route("/v1/models/{model}/predict", post(handlers::predict))
-        .route("/v1/models/{model}/explain", post(handlers::explain))
+        .route("/v1/models/{model}/explain", post(handlers::explain));
+    let routes = label_studio::routes(ui::routes(routes), state.label_studio.as_ref());
+    let router = routes
         .fallback(handlers::route_not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             request_context,
-        ))
-        .with_state(state)
+        ));
+    // Outermost, so that preflights are answered and error envelopes carry the CORS headers too.
+    match cors::layer(&state.cors) {
+        Some(cors) => router.layer(cors).with_state(state),
+        None => router.with_state(state),
+    }
 }
 
 /// Serves until `shutdown` resolves, then stops taking requests and lets those in flight finish.

@@ -5,6 +5,7 @@ use crate::cam::CamMethod;
 use crate::config::Limits;
 use crate::explain::{ExplainOptions, Targets};
 use crate::http::error::{ApiError, ErrorCode};
+use crate::http::formats::Format;
 use crate::model::ModelInfo;
 
 /// What `explain` returns.
@@ -45,6 +46,8 @@ pub struct ExplainParams {
     pub map_size: MapSize,
     /// Longest side of image outputs and of image-sized maps.
     pub max_side: usize,
+    /// A labeling tool's format, in place of `output`.
+    pub format: Option<Format>,
 }
 
 const EXPLAIN_KEYS: &[&str] = &[
@@ -58,6 +61,7 @@ const EXPLAIN_KEYS: &[&str] = &[
     "max_boxes",
     "map_size",
     "max_side",
+    "format",
 ];
 
 fn pairs(query: Option<&str>, allowed: &[&str]) -> Result<Vec<(String, String)>, ApiError> {
@@ -236,6 +240,13 @@ pub fn explain(
             limits.max_output_side
         )));
     }
+    let format = match single::<String>(&pairs, "format", "")? {
+        None => None,
+        Some(_) => Some(choice(&pairs, "format", &Format::ALL, Format::Coco)?),
+    };
+    if format.is_some() && pairs.iter().any(|(k, _)| k == "output") {
+        return Err(invalid("give either `output` or `format`, not both".into()));
+    }
     if matches!(output, Output::Overlay | Output::Heatmap) && count != 1 {
         return Err(ApiError::new(
             ErrorCode::SingleTargetRequired,
@@ -251,7 +262,7 @@ pub fn explain(
             method,
             threshold,
             // Outputs without boxes don't pay for finding them.
-            max_boxes: if matches!(output, Output::Json | Output::Boxes) {
+            max_boxes: if format.is_some() || matches!(output, Output::Json | Output::Boxes) {
                 max_boxes
             } else {
                 0
@@ -262,6 +273,7 @@ pub fn explain(
         heatmap,
         map_size,
         max_side,
+        format,
     })
 }
 

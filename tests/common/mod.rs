@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use camserve::config::{Config, Limits, ModelConfig, Shutdown};
+use camserve::config::{Config, CorsConfig, LabelStudioConfig, Limits, ModelConfig, Shutdown};
 use camserve::http::{self, Admin, AppState};
 use camserve::registry::Registry;
 use camserve::runtime::{self, Runtime};
@@ -47,6 +47,8 @@ pub struct Options {
     pub limits: Limits,
     pub request_timeout: Duration,
     pub admin: Option<Admin>,
+    pub cors: CorsConfig,
+    pub label_studio: Option<LabelStudioConfig>,
 }
 
 impl Default for Options {
@@ -55,8 +57,24 @@ impl Default for Options {
             limits: Limits::default(),
             request_timeout: Duration::from_secs(30),
             admin: None,
+            cors: CorsConfig::default(),
+            label_studio: None,
         }
     }
+}
+
+/// A `[label_studio]` table for `model`, fetching from `allowed_hosts`, as a user would write it.
+pub fn label_studio_config(model: &str, allowed_hosts: &[&str]) -> LabelStudioConfig {
+    let hosts: Vec<String> = allowed_hosts.iter().map(|h| format!("\"{h}\"")).collect();
+    let toml = format!(
+        "[runtime]\nlibrary = \"x\"\n[[models]]\nname = \"{model}\"\nfile = \"m.onnx\"\n\
+         [label_studio]\nmodel = \"{model}\"\nallowed_hosts = [{}]\nfetch_timeout_secs = 2\n",
+        hosts.join(", ")
+    );
+    Config::from_toml(&toml, Path::new("/"))
+        .unwrap()
+        .label_studio
+        .unwrap()
 }
 
 pub struct TestServer {
@@ -90,20 +108,37 @@ impl TestServer {
         .await
     }
 
+    /// With CORS origins and the Label Studio backend configured.
+    pub async fn with_integrations(
+        models: Vec<ModelConfig>,
+        limits: Limits,
+        request_timeout: Duration,
+        cors: CorsConfig,
+        label_studio: Option<LabelStudioConfig>,
+    ) -> Self {
+        let options = Options {
+            limits,
+            request_timeout,
+            cors,
+            label_studio,
+            ..Options::default()
+        };
+        Self::with_options(models, options).await
+    }
+
     pub async fn with_options(models: Vec<ModelConfig>, options: Options) -> Self {
         let Options {
             limits,
             request_timeout,
             admin,
+            cors,
+            label_studio,
         } = options;
         let registry = Registry::load(runtime(), &models).expect("fixture models load");
-        let state = Arc::new(AppState::new(
-            runtime().clone(),
-            registry,
-            limits,
-            request_timeout,
-            admin,
-        ));
+        let mut state = AppState::new(runtime().clone(), registry, limits, request_timeout, admin);
+        state.cors = cors;
+        state.label_studio = label_studio;
+        let state = Arc::new(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         // Dropping the server (its sender) is the shutdown signal.

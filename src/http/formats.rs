@@ -1,0 +1,503 @@
+//! `explain?format=...`: the explanation as the pre-annotation formats of labeling tools.
+//!
+//! - `labelstudio`: one Label Studio prediction: `rectanglelabels` in percent of the image and the thresholded
+//!   map as `brushlabels` in Label Studio's RLE.
+//! - `cvat`: CVAT's serverless detector answer, rectangles in pixels.
+//! - `coco`: COCO results (`bbox` [x, y, w, h], `segmentation` as compressed RLE) with the categories.
+//! - `fiftyone`: FiftyOne `Detections` (relative [x, y, w, h]) and each map as a grayscale PNG with its range.
+//!
+//! Every score is the class's probability. Masks are the display map at or above `threshold` times its maximum,
+//! the same binarization the boxes come from.
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+use crate::boxes::Region;
+use crate::cam::Map;
+use crate::explain::{Explanation, TargetMap};
+use crate::model::ModelInfo;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    LabelStudio,
+    Cvat,
+    Coco,
+    FiftyOne,
+}
+
+impl Format {
+    pub const ALL: [(&'static str, Format); 4] = [
+        ("labelstudio", Format::LabelStudio),
+        ("cvat", Format::Cvat),
+        ("coco", Format::Coco),
+        ("fiftyone", Format::FiftyOne),
+    ];
+}
+
+/// The control and object tag names a Label Studio result refers to (`from_name`, `to_name`).
+#[derive(Debug, Clone)]
+pub struct LabelStudioNames {
+    pub rectangles: Option<String>,
+    pub brush: Option<String>,
+    pub image: String,
+}
+
+impl Default for LabelStudioNames {
+    /// The names of the labeling config in the README: `<RectangleLabels name="label">`,
+    /// `<BrushLabels name="mask">`, `<Image name="image">`.
+    fn default() -> Self {
+        Self {
+            rectangles: Some("label".into()),
+            brush: Some("mask".into()),
+            image: "image".into(),
+        }
+    }
+}
+
+/// What the formats need besides the explanation.
+pub struct FormatOptions<'a> {
+    pub threshold: f32,
+    pub model_version: &'a str,
+    /// Longest side of FiftyOne's heatmap PNGs.
+    pub max_side: usize,
+    /// FiftyOne heatmaps: 16-bit unless 8 is asked for.
+    pub gray8: bool,
+}
+
+pub fn encode(
+    format: Format,
+    info: &ModelInfo,
+    explanation: &Explanation,
+    options: &FormatOptions,
+) -> Value {
+    match format {
+        Format::LabelStudio => {
+            label_studio(info, explanation, options, &LabelStudioNames::default())
+        }
+        Format::Cvat => cvat(info, explanation),
+        Format::Coco => coco(info, explanation, options),
+        Format::FiftyOne => fiftyone(info, explanation, options),
+    }
+}
+
+fn image_size(explanation: &Explanation) -> (usize, usize) {
+    (
+        explanation.image.width() as usize,
+        explanation.image.height() as usize,
+    )
+}
+
+/// A target's binarized map at image size, read from the analysis-size map by nearest neighbour: for photos
+/// up to `explain::ANALYSIS_SIDE` that is the map the boxes were found on, pixel for pixel, and larger photos
+/// cost no full-size map.
+pub struct Mask<'a> {
+    heat: &'a Map,
+    cut: f32,
+    pub width: usize,
+    pub height: usize,
+}
+
+impl<'a> Mask<'a> {
+    pub fn new(heat: &'a Map, threshold: f32, width: usize, height: usize) -> Self {
+        let max = heat.min_max().map_or(0.0, |(_, max)| max);
+        // A map without a positive maximum has no region, as in `boxes::regions`.
+        let cut = if max > 0.0 && max.is_finite() {
+            threshold * max
+        } else {
+            f32::INFINITY
+        };
+        Self {
+            heat,
+            cut,
+            width,
+            height,
+        }
+    }
+
+    pub fn get(&self, x: usize, y: usize) -> bool {
+        let mx = x * self.heat.width / self.width;
+        let my = y * self.heat.height / self.height;
+        self.heat.data[my * self.heat.width + mx] >= self.cut
+    }
+}
+
+fn mask_of<'a>(target: &'a TargetMap, threshold: f32, explanation: &Explanation) -> Mask<'a> {
+    let (width, height) = image_size(explanation);
+    Mask::new(&target.heat, threshold, width, height)
+}
+
+fn label<'a>(info: &'a ModelInfo, target: &TargetMap) -> &'a str {
+    &info.labels[target.class]
+}
+
+fn probability(explanation: &Explanation, target: &TargetMap) -> f32 {
+    explanation.probabilities[target.class]
+}
+
+/// Percent of `whole`, as Label Studio places regions.
+fn percent(part: usize, whole: usize) -> f64 {
+    100.0 * part as f64 / whole as f64
+}
+
+/// One Label Studio prediction (`{"model_version", "score", "result": [...]}`) for the image.
+pub fn label_studio(
+    info: &ModelInfo,
+    explanation: &Explanation,
+    options: &FormatOptions,
+    names: &LabelStudioNames,
+) -> Value {
+    let (width, height) = image_size(explanation);
+    let mut result = Vec::new();
+    for (t, target) in explanation.targets.iter().enumerate() {
+        let score = probability(explanation, target);
+        let common = |id: String, from_name: &str, kind: &str, value: Value| {
+            json!({
+                "id": id,
+                "from_name": from_name,
+                "to_name": names.image,
+                "type": kind,
+                "original_width": width,
+                "original_height": height,
+                "image_rotation": 0,
+                "value": value,
+                "score": score,
+            })
+        };
+        if let Some(from_name) = &names.rectangles {
+            for (b, region) in target.boxes.iter().enumerate() {
+                result.push(common(
+                    format!("c{t}b{b}"),
+                    from_name,
+                    "rectanglelabels",
+                    json!({
+                        "x": percent(region.x_min, width),
+                        "y": percent(region.y_min, height),
+                        "width": percent(region.x_max - region.x_min, width),
+                        "height": percent(region.y_max - region.y_min, height),
+                        "rotation": 0,
+                        "rectanglelabels": [label(info, target)],
+                    }),
+                ));
+            }
+        }
+        if let Some(from_name) = &names.brush {
+            let mask = mask_of(target, options.threshold, explanation);
+            result.push(common(
+                format!("c{t}m"),
+                from_name,
+                "brushlabels",
+                json!({
+                    "format": "rle",
+                    "rle": brush_rle(&mask),
+                    "brushlabels": [label(info, target)],
+                }),
+            ));
+        }
+    }
+    let score = explanation
+        .targets
+        .first()
+        .map_or(0.0, |t| probability(explanation, t));
+    json!({ "model_version": options.model_version, "score": score, "result": result })
+}
+
+/// CVAT's serverless detector answer: `[{"label", "confidence", "points": [x1, y1, x2, y2], "type"}]`.
+pub fn cvat(info: &ModelInfo, explanation: &Explanation) -> Value {
+    let shapes: Vec<Value> = explanation
+        .targets
+        .iter()
+        .flat_map(|target| {
+            target.boxes.iter().map(move |r| {
+                json!({
+                    "label": label(info, target),
+                    "confidence": probability(explanation, target),
+                    "points": [r.x_min, r.y_min, r.x_max, r.y_max],
+                    "type": "rectangle",
+                })
+            })
+        })
+        .collect();
+    Value::Array(shapes)
+}
+
+/// COCO results for one image: an annotation per box, with the mask pixels inside that box as its segmentation.
+/// Category ids are class index + 1 (COCO keeps 0 for "no category").
+pub fn coco(info: &ModelInfo, explanation: &Explanation, options: &FormatOptions) -> Value {
+    let (width, height) = image_size(explanation);
+    let mut annotations = Vec::new();
+    for target in &explanation.targets {
+        let mask = mask_of(target, options.threshold, explanation);
+        for region in &target.boxes {
+            let (counts, area) = coco_counts(&mask, region);
+            annotations.push(json!({
+                "id": annotations.len() + 1,
+                "image_id": 1,
+                "category_id": target.class + 1,
+                "bbox": [region.x_min, region.y_min, region.x_max - region.x_min, region.y_max - region.y_min],
+                "area": area,
+                "segmentation": { "size": [height, width], "counts": coco_string(&counts) },
+                "score": probability(explanation, target),
+                "iscrowd": 0,
+            }));
+        }
+    }
+    let categories: Vec<Value> = info
+        .labels
+        .iter()
+        .enumerate()
+        .map(|(i, name)| json!({ "id": i + 1, "name": name }))
+        .collect();
+    json!({
+        "images": [{ "id": 1, "width": width, "height": height }],
+        "annotations": annotations,
+        "categories": categories,
+    })
+}
+
+/// FiftyOne `Detections` as `fo.Detections.from_dict` reads them, and one grayscale heatmap per class:
+/// `png` spans `range` (FiftyOne's `Heatmap.range`), `map_range` is the raw map's [min, max] after ReLU.
+pub fn fiftyone(info: &ModelInfo, explanation: &Explanation, options: &FormatOptions) -> Value {
+    let (width, height) = image_size(explanation);
+    let mut detections = Vec::new();
+    let mut heatmaps = Vec::new();
+    for target in &explanation.targets {
+        for r in &target.boxes {
+            detections.push(json!({
+                "_cls": "Detection",
+                "label": label(info, target),
+                "bounding_box": [
+                    r.x_min as f64 / width as f64,
+                    r.y_min as f64 / height as f64,
+                    (r.x_max - r.x_min) as f64 / width as f64,
+                    (r.y_max - r.y_min) as f64 / height as f64,
+                ],
+                "confidence": probability(explanation, target),
+            }));
+        }
+        let (w, h) = crate::explain::fit(width, height, options.max_side);
+        let heat = target.heat_at(w, h);
+        let (png, top) = if options.gray8 {
+            (crate::render::encode_png(&crate::render::gray8(&heat)), 255)
+        } else {
+            (
+                crate::render::encode_png(&crate::render::gray16(&heat)),
+                65535,
+            )
+        };
+        let png = png.expect("encoding a PNG into memory");
+        let (min, max) = target.raw.clone().relu().min_max().unwrap_or((0.0, 0.0));
+        heatmaps.push(json!({
+            "class": target.class,
+            "label": label(info, target),
+            "png": base64::engine::general_purpose::STANDARD.encode(png),
+            "range": [0, top],
+            "map_range": [min, max],
+        }));
+    }
+    json!({
+        "image": { "width": width, "height": height },
+        "detections": { "_cls": "Detections", "detections": detections },
+        "heatmaps": heatmaps,
+    })
+}
+
+/// pycocotools' uncompressed counts of the mask inside `region`, column-major, starting with a run of zeros;
+/// and the number of pixels set.
+pub fn coco_counts(mask: &Mask, region: &Region) -> (Vec<u32>, usize) {
+    let mut counts = Vec::new();
+    let (mut current, mut run, mut area) = (false, 0u32, 0);
+    for x in 0..mask.width {
+        for y in 0..mask.height {
+            let inside = (region.x_min..region.x_max).contains(&x)
+                && (region.y_min..region.y_max).contains(&y);
+            let on = inside && mask.get(x, y);
+            area += usize::from(on);
+            if on != current {
+                counts.push(run);
+                run = 0;
+                current = on;
+            }
+            run += 1;
+        }
+    }
+    counts.push(run);
+    (counts, area)
+}
+
+/// pycocotools' compressed RLE string (`rleToString` in maskApi.c): each count, from the third on, as the
+/// difference to the count two before, in 5-bit groups with a continuation bit, offset by 48 into ASCII.
+pub fn coco_string(counts: &[u32]) -> String {
+    let mut out = String::new();
+    for (i, &count) in counts.iter().enumerate() {
+        let mut x = i64::from(count);
+        if i > 2 {
+            x -= i64::from(counts[i - 2]);
+        }
+        loop {
+            let mut c = (x & 0x1f) as u8;
+            x >>= 5; // arithmetic: negative differences end at -1
+            let more = if c & 0x10 != 0 { x != -1 } else { x != 0 };
+            if more {
+                c |= 0x20;
+            }
+            out.push(char::from(c + 48));
+            if !more {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Label Studio's brush RLE: the mask as RGBA bytes (255 where set, else 0), row-major, packed with
+/// thi.ng's rle-pack as Label Studio's editor reads it: a 32-bit value count, a 5-bit word size - 1, four 4-bit
+/// run-length widths - 1, then per run a repeat bit, a 2-bit width index, the run length - 1 and the value.
+pub fn brush_rle(mask: &Mask) -> Vec<u8> {
+    let mut bits = BitWriter::default();
+    let values = mask.width * mask.height * 4;
+    bits.write(values as u64, 32);
+    bits.write(8 - 1, 5);
+    for width in RUN_WIDTHS {
+        bits.write(u64::from(width) - 1, 4);
+    }
+    let mut emit = |value: bool, mut length: usize| {
+        while length > 0 {
+            let take = length.min(1 << RUN_WIDTHS[3]);
+            let index = RUN_WIDTHS
+                .iter()
+                .position(|&w| take - 1 < 1 << w)
+                .expect("the widest run width fits");
+            bits.write(1, 1);
+            bits.write(index as u64, 2);
+            bits.write((take - 1) as u64, RUN_WIDTHS[index]);
+            bits.write(if value { 255 } else { 0 }, 8);
+            length -= take;
+        }
+    };
+    let (mut current, mut run) = (false, 0usize);
+    for y in 0..mask.height {
+        for x in 0..mask.width {
+            let on = mask.get(x, y);
+            if on != current && run > 0 {
+                emit(current, run * 4);
+                run = 0;
+            }
+            current = on;
+            run += 1;
+        }
+    }
+    emit(current, run * 4);
+    bits.finish()
+}
+
+/// Bit widths of run lengths: short runs cost few bits, and no run is longer than 2^16 values.
+const RUN_WIDTHS: [u32; 4] = [4, 8, 12, 16];
+
+/// Bits, most significant first, into bytes; the last byte is padded with zeros.
+#[derive(Default)]
+struct BitWriter {
+    bytes: Vec<u8>,
+    used: u32,
+}
+
+impl BitWriter {
+    fn write(&mut self, value: u64, width: u32) {
+        for i in (0..width).rev() {
+            if self.used.is_multiple_of(8) {
+                self.bytes.push(0);
+            }
+            let bit = ((value >> i) & 1) as u8;
+            *self.bytes.last_mut().expect("pushed above") |= bit << (7 - self.used % 8);
+            self.used += 1;
+        }
+    }
+
+    fn finish(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(width: usize, height: usize, data: &[f32]) -> Map {
+        Map::new(width, height, data.to_vec())
+    }
+
+    #[test]
+    fn brush_rle_bits_by_hand() {
+        // One pixel off, one on: 8 RGBA values, two runs of 4.
+        let heat = map(2, 1, &[0.0, 1.0]);
+        let mask = Mask::new(&heat, 0.5, 2, 1);
+        let expected = concat!(
+            "00000000000000000000000000001000", // 8 values
+            "00111",                            // word size 8
+            "0011",
+            "0111",
+            "1011",
+            "1111", // run widths 4, 8, 12, 16
+            "1",
+            "00",
+            "0011",
+            "00000000", // repeat, width 4, 4 values, 0
+            "1",
+            "00",
+            "0011",
+            "11111111", // repeat, width 4, 4 values, 255
+        );
+        let mut padded = expected.to_owned();
+        while !padded.len().is_multiple_of(8) {
+            padded.push('0');
+        }
+        let bytes: Vec<u8> = padded
+            .as_bytes()
+            .chunks(8)
+            .map(|c| u8::from_str_radix(std::str::from_utf8(c).unwrap(), 2).unwrap())
+            .collect();
+        assert_eq!(brush_rle(&mask), bytes);
+    }
+
+    #[test]
+    fn brush_rle_splits_runs_longer_than_the_widest_width() {
+        // 20000 pixels set = 80000 values: one run of 65536 and one of 14464, both with the 16-bit width.
+        let heat = map(200, 100, &[1.0; 20_000]);
+        let rle = brush_rle(&Mask::new(&heat, 0.5, 200, 100));
+        // 32 + 5 + 16 header bits, then 2 runs of 1 + 2 + 16 + 8 bits: 107 bits in 14 bytes.
+        assert_eq!(rle.len(), 14);
+        assert_eq!(u32::from_be_bytes(rle[..4].try_into().unwrap()), 80_000);
+    }
+
+    #[test]
+    fn coco_rle_equals_pycocotools() {
+        // A 4x3 mask (rows): 0110 / 0111 / 0000. pycocotools 2.0.11 `mask.encode(np.asfortranarray(m))` gives
+        // counts b"32101OO" (column-major runs 3,2,1,2,2,1,1, zeros first), `area` 5.
+        let heat = map(4, 3, &[0., 1., 1., 0., 0., 1., 1., 1., 0., 0., 0., 0.]);
+        let mask = Mask::new(&heat, 0.5, 4, 3);
+        let everything = Region {
+            x_min: 0,
+            y_min: 0,
+            x_max: 4,
+            y_max: 3,
+            area: 5,
+            mean: 1.0,
+            peak: 1.0,
+        };
+        let (counts, area) = coco_counts(&mask, &everything);
+        assert_eq!((counts.as_slice(), area), (&[3, 2, 1, 2, 2, 1, 1][..], 5));
+        assert_eq!(coco_string(&counts), "32101OO");
+        // Only column 3 of the box: the pixel at (3, 1).
+        let right = Region {
+            x_min: 3,
+            ..everything
+        };
+        assert_eq!(coco_counts(&mask, &right), (vec![10, 1, 1], 1));
+    }
+
+    #[test]
+    fn coco_string_of_long_and_decreasing_runs() {
+        // pycocotools 2.0.11 `mask.frPyObjects({"size": [1, n], "counts": c}, 1, n)["counts"]`.
+        assert_eq!(coco_string(&[0, 31, 9]), "0o09");
+        assert_eq!(coco_string(&[16, 70, 14]), "`0V2>");
+    }
+}
