@@ -23,7 +23,7 @@ ST_STAMP := $(ST_VENV)/.installed
 IMAGE_ROOT := target/image-root/opt/camserve
 
 .PHONY: run build ort venv test test-rust test-python test-gateway test-schemathesis test-deploy test-image \
-	image-root test-consumers test-ui lint bench bench-quick soak default-model fixtures clean
+	image-root test-consumers test-ui fuzz lint bench bench-quick soak default-model fixtures clean
 
 ## Build, install ONNX Runtime, serve the default model on 127.0.0.1:8080.
 run: ort build
@@ -131,7 +131,21 @@ soak: ort $(OHA)
 	$(PYTHON) bench/soak.py
 
 $(OHA):
-	cargo install --locked --no-default-features --root .tools oha --version 1.16.0
+	cargo install --locked --root .tools oha --version 1.16.0
+
+## cargo-fuzz (crates.io) on image decoding and request parsing, FUZZ_SECONDS each (600 for the record in
+## docs/hostile-input.md). The machine's stable toolchain builds the sanitizer flags with RUSTC_BOOTSTRAP=1.
+FUZZ_SECONDS ?= 600
+CARGO_FUZZ := .tools/bin/cargo-fuzz
+fuzz: $(CARGO_FUZZ)
+	for target in decode request; do \
+	  mkdir -p fuzz/corpus/$$target && \
+	  (cd fuzz && RUSTC_BOOTSTRAP=1 ../$(CARGO_FUZZ) run -O $$target corpus/$$target -- \
+	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -malloc_limit_mb=1024) || exit 1; \
+	done
+
+$(CARGO_FUZZ):
+	cargo install --locked --root .tools cargo-fuzz --version 0.13.2
 
 lint:
 	cargo fmt --check

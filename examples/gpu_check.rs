@@ -214,12 +214,12 @@ async fn check_model(
             };
             on_cuda = explain::explain(&cuda, bytes.clone(), &limits, &same).await?;
         }
-        let logits = relative_error(&on_cuda.logits, &on_cpu.logits);
+        let logits = camserve::cam::relative_difference(&on_cuda.logits, &on_cpu.logits);
         let maps = on_cpu
             .targets
             .iter()
             .zip(&on_cuda.targets)
-            .map(|(c, g)| relative_error(&g.raw.data, &c.raw.data))
+            .map(|(c, g)| camserve::cam::relative_difference(&g.raw.data, &c.raw.data))
             .fold(0.0f32, f32::max);
         println!(
             "  {label:<24} classes {:?}: map error {maps:.2e}, logits error {logits:.2e}",
@@ -321,22 +321,6 @@ async fn median<F: AsyncFnMut() -> Result<(), explain::ExplainError>>(
     }
     times.sort();
     Ok(times[times.len() / 2])
-}
-
-/// max |actual - expected| / max |expected|; infinite when the lengths differ or `actual` is not finite.
-fn relative_error(actual: &[f32], expected: &[f32]) -> f32 {
-    if actual.len() != expected.len() || actual.iter().any(|v| !v.is_finite()) {
-        return f32::INFINITY;
-    }
-    let scale = expected
-        .iter()
-        .fold(0.0f32, |m, v| m.max(v.abs()))
-        .max(1e-12);
-    actual
-        .iter()
-        .zip(expected)
-        .fold(0.0f32, |m, (a, e)| m.max((a - e).abs()))
-        / scale
 }
 
 /// The fixture PNGs, then three synthetic images at the model's input size, as (label, PNG bytes).

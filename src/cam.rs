@@ -126,6 +126,23 @@ fn taps(src: usize, dst: usize) -> Vec<Tap> {
         .collect()
 }
 
+/// max |actual - expected| / max |expected|: how far two maps (or score vectors) are apart, relative to the
+/// expected one's scale. Infinite when the lengths differ or `actual` holds NaN or infinity.
+pub fn relative_difference(actual: &[f32], expected: &[f32]) -> f32 {
+    if actual.len() != expected.len() || actual.iter().any(|v| !v.is_finite()) {
+        return f32::INFINITY;
+    }
+    let scale = expected
+        .iter()
+        .fold(0.0f32, |m, v| m.max(v.abs()))
+        .max(1e-12);
+    actual
+        .iter()
+        .zip(expected)
+        .fold(0.0f32, |m, (a, e)| m.max((a - e).abs()))
+        / scale
+}
+
 /// A CAM method computable from one Run's activations and gradients.
 /// Names and formulas are pytorch-grad-cam's.
 #[non_exhaustive]
@@ -280,6 +297,14 @@ fn x_grad_cam_weight(activations: &[f32], gradients: &[f32]) -> f32 {
 #[allow(clippy::excessive_precision)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relative_difference_by_hand() {
+        // max |[1, 2] - [1, 4]| = 2, max |[1, 4]| = 4.
+        assert_eq!(relative_difference(&[1.0, 2.0], &[1.0, 4.0]), 0.5);
+        assert_eq!(relative_difference(&[f32::NAN, 4.0], &[1.0, 4.0]), f32::INFINITY);
+        assert_eq!(relative_difference(&[1.0], &[1.0, 4.0]), f32::INFINITY);
+    }
 
     fn assert_close(got: &[f32], want: &[f32], tolerance: f32) {
         assert_eq!(got.len(), want.len(), "length");

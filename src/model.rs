@@ -490,17 +490,7 @@ fn probe(session: &mut Session, meta: &Metadata) -> Result<[usize; 3], String> {
     )
     .map_err(|e| format!("a Run on a batch of 2 failed (is the batch dimension dynamic?): {e}"))?
     .remove(1);
-    let scale = single
-        .logits
-        .iter()
-        .fold(0.0f32, |m, v| m.max(v.abs()))
-        .max(1e-6);
-    let differs = single
-        .logits
-        .iter()
-        .zip(&out.logits)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
-        / scale;
+    let differs = crate::cam::relative_difference(&out.logits, &single.logits);
     if differs > 1e-4 {
         return Err(format!(
             "the second image of a batch of 2 gets logits {differs:.1e} (relative) away from the same image alone"

@@ -220,15 +220,7 @@ pub fn read_npy_file(path: &Path) -> (Vec<usize>, Vec<f32>) {
 /// Largest absolute difference, relative to the largest absolute expected value.
 pub fn max_relative_error(actual: &[f32], expected: &[f32]) -> f32 {
     assert_eq!(actual.len(), expected.len(), "lengths differ");
-    let scale = expected
-        .iter()
-        .fold(0.0f32, |m, v| m.max(v.abs()))
-        .max(1e-12);
-    actual
-        .iter()
-        .zip(expected)
-        .fold(0.0f32, |m, (a, e)| m.max((a - e).abs()))
-        / scale
+    camserve::cam::relative_difference(actual, expected)
 }
 
 pub fn png_bytes(image: &image::RgbImage) -> Vec<u8> {
