@@ -302,7 +302,10 @@ mod tests {
     fn relative_difference_by_hand() {
         // max |[1, 2] - [1, 4]| = 2, max |[1, 4]| = 4.
         assert_eq!(relative_difference(&[1.0, 2.0], &[1.0, 4.0]), 0.5);
-        assert_eq!(relative_difference(&[f32::NAN, 4.0], &[1.0, 4.0]), f32::INFINITY);
+        assert_eq!(
+            relative_difference(&[f32::NAN, 4.0], &[1.0, 4.0]),
+            f32::INFINITY
+        );
         assert_eq!(relative_difference(&[1.0], &[1.0, 4.0]), f32::INFINITY);
     }
 
