@@ -4,7 +4,11 @@
 use camserve::preprocess::{ChannelOrder, DecodeLimits, Preprocess, decode};
 use libfuzzer_sys::fuzz_target;
 
-const LIMITS: DecodeLimits = DecodeLimits { max_width: 2048, max_height: 2048, max_pixels: 4_000_000 };
+const LIMITS: DecodeLimits = DecodeLimits {
+    max_width: 2048,
+    max_height: 2048,
+    max_pixels: 4_000_000,
+};
 
 fuzz_target!(|bytes: &[u8]| {
     if let Ok(image) = decode(bytes, &LIMITS) {

@@ -46,11 +46,15 @@ fuzz_target!(|input: &[u8]| {
     let _ = params::explain(Some(&query), model(), &limits);
     let _ = params::predict_top_k(Some(&query), model());
 
-    let mut request = axum::http::Request::builder().method("POST").uri("/v1/models/fuzz/explain");
+    let mut request = axum::http::Request::builder()
+        .method("POST")
+        .uri("/v1/models/fuzz/explain");
     if let Ok(value) = axum::http::HeaderValue::from_bytes(&content_type) {
         request = request.header("content-type", value);
     }
     let request = request.body(Body::from(body)).expect("a valid request");
-    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime");
     let _ = runtime.block_on(ImageBody::from_request(request, &()));
 });
