@@ -18,6 +18,10 @@ cat >"$work/camserve.toml" <<TOML
 library = "$PWD/.ort/onnxruntime/capi/libonnxruntime.so.1.31.1"
 [admin]
 models_dir = "$work/models"
+[label_studio]
+model = "tiny"
+allowed_hosts = ["127.0.0.1:1"]   # allowed, refuses connections: task images fail to fetch (502)
+fetch_timeout_secs = 2
 [[models]]
 name = "tiny"
 file = "$PWD/tests/fixtures/tiny_cnn.onnx"
@@ -27,7 +31,9 @@ target/debug/camserve serve --config "$work/camserve.toml" --bind "127.0.0.1:$po
   2>"$work/server.log" &
 server=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+# The Label Studio backend is left out: its model can be deleted by the admin calls schemathesis makes.
 "$st" run openapi.yaml --url "http://127.0.0.1:$port" --checks all --exclude-checks positive_data_acceptance \
+  --exclude-path-regex '^/label-studio' \
   -H "Authorization: Bearer $token" --max-time "$seconds" --workers 2 --no-color
 if grep -q "panicked" "$work/server.log"; then
   echo "the server panicked:" && grep -A5 panicked "$work/server.log" && exit 1
