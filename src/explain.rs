@@ -219,15 +219,15 @@ pub async fn explain(
                     width,
                 );
                 let image_size = (image.width() as usize, image.height() as usize);
-                let (width, height) = fit(image_size.0, image_size.1, ANALYSIS_SIDE);
-                let heat = cam::display_map(&raw, width, height);
+                let analysis_size = fit(image_size.0, image_size.1, ANALYSIS_SIDE);
+                let heat = cam::display_map(&raw, analysis_size.0, analysis_size.1);
                 let boxes = if options.max_boxes == 0 {
                     Vec::new()
                 } else {
                     boxes::regions(&heat, options.threshold, options.max_boxes)
                 }
                 .into_iter()
-                .map(|region| scale_region(region, (width, height), image_size))
+                .map(|region| scale_region(region, analysis_size, image_size))
                 .collect();
                 TargetMap {
                     class: output.target_class[row],
