@@ -102,6 +102,12 @@ pub fn fit(width: usize, height: usize, max_side: usize) -> (usize, usize) {
 }
 
 impl TargetMap {
+    /// (min, max) of Grad-CAM's map (the raw map after ReLU) on the target layer's grid: the range that
+    /// normalized heatmaps span. Upsampled values stay within it.
+    pub fn cam_range(&self) -> (f32, f32) {
+        self.raw.clone().relu().min_max().unwrap_or((0.0, 0.0))
+    }
+
     /// The display map at `width x height`: the stored one when the size matches, else made from the raw map.
     pub fn heat_at(&self, width: usize, height: usize) -> std::borrow::Cow<'_, Map> {
         if (self.heat.width, self.heat.height) == (width, height) {

@@ -15,6 +15,8 @@ use serde_json::{Value, json};
 use crate::boxes::Region;
 use crate::cam::Map;
 use crate::explain::{Explanation, TargetMap};
+use crate::http::handlers::Canvas;
+use crate::http::params::HeatmapEncoding;
 use crate::model::ModelInfo;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,6 +262,7 @@ pub fn fiftyone(info: &ModelInfo, explanation: &Explanation, options: &FormatOpt
     let (width, height) = image_size(explanation);
     let mut detections = Vec::new();
     let mut heatmaps = Vec::new();
+    let canvas = Canvas::new(&explanation.image, options.max_side);
     for target in &explanation.targets {
         for r in &target.boxes {
             detections.push(json!({
@@ -274,18 +277,13 @@ pub fn fiftyone(info: &ModelInfo, explanation: &Explanation, options: &FormatOpt
                 "confidence": probability(explanation, target),
             }));
         }
-        let (w, h) = crate::explain::fit(width, height, options.max_side);
-        let heat = target.heat_at(w, h);
-        let (png, top) = if options.gray8 {
-            (crate::render::encode_png(&crate::render::gray8(&heat)), 255)
+        let (encoding, top) = if options.gray8 {
+            (HeatmapEncoding::Gray8, 255)
         } else {
-            (
-                crate::render::encode_png(&crate::render::gray16(&heat)),
-                65535,
-            )
+            (HeatmapEncoding::Gray16, 65535)
         };
-        let png = png.expect("encoding a PNG into memory");
-        let (min, max) = target.raw.clone().relu().min_max().unwrap_or((0.0, 0.0));
+        let png = canvas.heatmap(target, encoding);
+        let (min, max) = target.cam_range();
         heatmaps.push(json!({
             "class": target.class,
             "label": label(info, target),

@@ -322,7 +322,7 @@ fn cam_map(
     canvas: &Canvas,
 ) -> (Map, (f32, f32)) {
     let map = target.raw.clone().relu();
-    let range = map.min_max().unwrap_or((0.0, 0.0));
+    let range = target.cam_range();
     let map = match size {
         MapSize::Activation => map,
         MapSize::Input => map.resize_bilinear(info.preprocess.width, info.preprocess.height),
@@ -340,7 +340,7 @@ fn image_size(explanation: &Explanation) -> Size {
 
 /// What image outputs are drawn on: the photo's size, capped by `max_side`. The photo is resized only once,
 /// and only when an overlay needs it.
-struct Canvas<'a> {
+pub(crate) struct Canvas<'a> {
     width: usize,
     height: usize,
     image: &'a image::RgbImage,
@@ -348,7 +348,7 @@ struct Canvas<'a> {
 }
 
 impl<'a> Canvas<'a> {
-    fn new(image: &'a image::RgbImage, max_side: usize) -> Self {
+    pub(crate) fn new(image: &'a image::RgbImage, max_side: usize) -> Self {
         let (width, height) =
             explain::fit(image.width() as usize, image.height() as usize, max_side);
         Self {
@@ -376,7 +376,7 @@ impl<'a> Canvas<'a> {
         ))
     }
 
-    fn heatmap(&self, target: &TargetMap, encoding: HeatmapEncoding) -> Vec<u8> {
+    pub(crate) fn heatmap(&self, target: &TargetMap, encoding: HeatmapEncoding) -> Vec<u8> {
         let heat = target.heat_at(self.width, self.height);
         match encoding {
             HeatmapEncoding::Color => encode_png(&render::colormap(&heat)),
@@ -483,7 +483,7 @@ fn base64_png(bytes: Vec<u8>) -> String {
 
 /// Which class an image answer shows, and the range of the map its colours span.
 fn with_map_headers(mut response: Response, target: &TargetMap) -> Response {
-    let (min, max) = target.raw.clone().relu().min_max().unwrap_or((0.0, 0.0));
+    let (min, max) = target.cam_range();
     let headers = response.headers_mut();
     headers.insert(
         HeaderName::from_static("x-cam-class"),
