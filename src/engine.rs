@@ -114,6 +114,8 @@ fn serve_session(
     let mut held: Option<Job> = None;
     loop {
         let Some(first) = held.take().or_else(|| jobs.recv().ok()) else {
+            drop(session);
+            release_freed_memory();
             return;
         };
         let mut batch = vec![first];
@@ -137,6 +139,17 @@ fn serve_session(
         if !batch.is_empty() {
             run_batch(&mut session, batch, input_size);
         }
+    }
+}
+
+/// Hands memory that a dropped session freed back to the system. glibc keeps freed blocks in its arenas, and
+/// ONNX Runtime's are scattered enough that without this every model replacement left about 50 MiB resident
+/// (EfficientNet-Lite0: 259 -> 641 MiB after 8 replacements; flat with it).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it is safe to call from any thread.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
