@@ -395,6 +395,13 @@ async fn label_studio_backend_fetches_only_from_allowed_hosts() {
             .unwrap()
             .contains("data.image")
     );
+    // A labeling config that is not a string is refused, even with no tasks to predict.
+    let (status, body) = ls_predict(&server, json!({"tasks": [], "label_config": 5})).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("malformed_body")),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -75,9 +75,16 @@ async fn predict(State(state): State<SharedState>, body: Bytes) -> Result<Respon
     let tasks = request["tasks"]
         .as_array()
         .ok_or_else(|| ApiError::new(ErrorCode::MalformedBody, "the body has no `tasks` list"))?;
-    let tags = request["label_config"]
-        .as_str()
-        .map_or_else(Tags::default, Tags::from_label_config);
+    let tags = match &request["label_config"] {
+        Value::Null => Tags::default(),
+        Value::String(xml) => Tags::from_label_config(xml),
+        _ => {
+            return Err(ApiError::new(
+                ErrorCode::MalformedBody,
+                "`label_config` must be the project's labeling config, a string",
+            ));
+        }
+    };
     let model = state.registry.get(&config.model).ok_or_else(|| {
         ApiError::new(
             ErrorCode::ModelNotFound,
