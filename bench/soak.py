@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """`make soak`: 50 concurrent clients for 60 s against the release binary on loopback, twice: once plain, once
 with the model replaced through the admin API in the middle. Passes when every answer is 200 or a deliberate 503
-(a full queue), no connection fails, and resident memory stays flat. Prints p50 and p99.
+(a full queue), no connection fails, and resident memory stays flat (with replacements: comes back to within
+10% of where it was). Prints p50 and p99.
 """
 
 import argparse
@@ -104,8 +105,11 @@ def main() -> int:
                 unexpected = set(r["statuses"]) - {"200", "503"}
                 if unexpected or r["errors"] or "200" not in r["statuses"]:
                     failures.append(f"{name}: statuses {r['statuses']}, errors {r['errors']}")
-                if r["rss_max_mib"] > 1.10 * r["rss_first_mib"]:
-                    failures.append(f"{name}: memory grew from {r['rss_first_mib']:.0f} to {r['rss_max_mib']:.0f} MiB")
+                # A replacement holds two copies of the model while the old one drains: the peak may rise then,
+                # but memory must come back.
+                grown = r["rss_last_mib"] if replace else r["rss_max_mib"]
+                if grown > 1.10 * r["rss_first_mib"]:
+                    failures.append(f"{name}: memory grew from {r['rss_first_mib']:.0f} to {grown:.0f} MiB")
                 if replace and r["replacements"] != [200, 200]:
                     failures.append(f"{name}: replacements answered {r['replacements']}")
         finally:

@@ -31,10 +31,9 @@ target/debug/camserve serve --config "$work/camserve.toml" --bind "127.0.0.1:$po
   2>"$work/server.log" &
 server=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
-# The Label Studio backend is left out: its model can be deleted by the admin calls schemathesis makes.
+# One worker: with two, schemathesis 4.32.5 sometimes stopped with an internal KeyError (a race in a cache).
 "$st" run openapi.yaml --url "http://127.0.0.1:$port" --checks all --exclude-checks positive_data_acceptance \
-  --exclude-path-regex '^/label-studio' \
-  -H "Authorization: Bearer $token" --max-time "$seconds" --workers 2 --no-color
+  -H "Authorization: Bearer $token" --max-time "$seconds" --workers 1 --no-color
 if grep -q "panicked" "$work/server.log"; then
   echo "the server panicked:" && grep -A5 panicked "$work/server.log" && exit 1
 fi

@@ -396,12 +396,15 @@ async fn label_studio_backend_fetches_only_from_allowed_hosts() {
             .contains("data.image")
     );
     // A labeling config that is not a string is refused, even with no tasks to predict.
-    let (status, body) = ls_predict(&server, json!({"tasks": [], "label_config": 5})).await;
-    assert_eq!(
-        (status, &body["error"]["code"]),
-        (400, &json!("malformed_body")),
-        "{body}"
-    );
+    for label_config in [json!(5), json!(null)] {
+        let body = json!({"tasks": [], "label_config": label_config});
+        let (status, body) = ls_predict(&server, body).await;
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (400, &json!("malformed_body")),
+            "{body}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -75,10 +75,10 @@ async fn predict(State(state): State<SharedState>, body: Bytes) -> Result<Respon
     let tasks = request["tasks"]
         .as_array()
         .ok_or_else(|| ApiError::new(ErrorCode::MalformedBody, "the body has no `tasks` list"))?;
-    let tags = match &request["label_config"] {
-        Value::Null => Tags::default(),
-        Value::String(xml) => Tags::from_label_config(xml),
-        _ => {
+    let tags = match request.get("label_config") {
+        None => Tags::default(),
+        Some(Value::String(xml)) => Tags::from_label_config(xml),
+        Some(_) => {
             return Err(ApiError::new(
                 ErrorCode::MalformedBody,
                 "`label_config` must be the project's labeling config, a string",
