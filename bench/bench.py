@@ -68,7 +68,7 @@ def post(url: str, body: bytes) -> tuple[float, dict]:
 class Server:
     """The release binary serving the default model, as `make run` does, with a queue deep enough for 16 clients."""
 
-    def __init__(self, threads: int, workdir: Path):
+    def __init__(self, threads: int, workdir: Path, binary: Path = RELEASE / "camserve"):
         self.port = free_port()
         config = workdir / "bench.toml"
         config.write_text(
@@ -76,7 +76,7 @@ class Server:
             f'[[models]]\nname = "default"\nfile = "{MODEL}"\nsessions = 1\nthreads = {threads}\n'
             f'queue_capacity = 256\nmax_batch = 8\n')
         self.process = subprocess.Popen(
-            [RELEASE / "camserve", "serve", "--config", config, "--bind", f"127.0.0.1:{self.port}"],
+            [binary, "serve", "--config", config, "--bind", f"127.0.0.1:{self.port}"],
             stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "warn"})
         for _ in range(300):
             try:
