@@ -15,8 +15,8 @@ pub enum Threshold {
 impl Threshold {
     /// The Grad-CAM paper's protocol: 15% of the maximum.
     pub const PAPER: Threshold = Threshold::Fraction(0.15);
-    /// What localized best on camserve's localization study (docs/localization.md).
-    pub const DEFAULT: Threshold = Threshold::Otsu;
+    /// Half the maximum: what localized best on camserve's localization study (docs/localization.md).
+    pub const DEFAULT: Threshold = Threshold::Fraction(0.5);
 
     /// `otsu`, or a fraction above 0 and at most 1.
     pub fn parse(text: &str) -> Option<Threshold> {
@@ -422,9 +422,7 @@ mod tests {
         assert_eq!(otsu(&photo), Some(0.486_328_07));
 
         let k = |i: usize| (i * 7919) % 997;
-        let shifted = (0..5000)
-            .map(|i| (k(i) as f32 - 300.0) / 37.0)
-            .collect();
+        let shifted = (0..5000).map(|i| (k(i) as f32 - 300.0) / 37.0).collect();
         assert_eq!(otsu(&Map::new(100, 50, shifted)), Some(5.298_774_7));
         let squared = (0..5000)
             .map(|i| (k(i) * k(i)) as f32 / 994_009.0)
@@ -438,7 +436,10 @@ mod tests {
         // its centre is half a bin width, 1 / 512, above the minimum.
         assert_eq!(otsu(&drawn(&["...", "99."])), Some(0.9 / 512.0));
         assert_eq!(otsu(&Map::new(2, 1, vec![3.0, 3.0])), Some(3.0));
-        assert_eq!(otsu(&Map::new(3, 1, vec![0.0, f32::NAN, 1.0])), Some(1.0 / 512.0));
+        assert_eq!(
+            otsu(&Map::new(3, 1, vec![0.0, f32::NAN, 1.0])),
+            Some(1.0 / 512.0)
+        );
         assert_eq!(otsu(&Map::new(1, 1, vec![f32::NAN])), None);
         // A bright patch on a dim plateau: 15% of the maximum takes the whole map, Otsu's level (0.3011719 in
         // scikit-image) only the patch.

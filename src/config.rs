@@ -499,8 +499,12 @@ mod tests {
             ("/label-studio", 1, 10)
         );
         assert_eq!(ls.threshold, Threshold::DEFAULT);
-        for (given, threshold) in [("0.5", Threshold::Fraction(0.5)), ("\"otsu\"", Threshold::Otsu)] {
-            let config = Config::from_toml(&format!("{with}threshold = {given}\n"), Path::new(".")).unwrap();
+        for (given, threshold) in [
+            ("0.5", Threshold::Fraction(0.5)),
+            ("\"otsu\"", Threshold::Otsu),
+        ] {
+            let config =
+                Config::from_toml(&format!("{with}threshold = {given}\n"), Path::new(".")).unwrap();
             assert_eq!(config.label_studio.unwrap().threshold, threshold);
         }
 
