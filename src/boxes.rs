@@ -433,7 +433,7 @@ mod tests {
     #[test]
     fn otsu_by_hand() {
         // Two values: every split between bin 0 and bin 255 separates them equally well; the first wins, and
-        // its centre is half a bin width, 1 / 512, above the minimum.
+        // its centre is half a bin width (the range / 512) above the minimum.
         assert_eq!(otsu(&drawn(&["...", "99."])), Some(0.9 / 512.0));
         assert_eq!(otsu(&Map::new(2, 1, vec![3.0, 3.0])), Some(3.0));
         assert_eq!(
