@@ -23,7 +23,8 @@ ST_STAMP := $(ST_VENV)/.installed
 IMAGE_ROOT := target/image-root/opt/camserve
 
 .PHONY: run build ort venv test test-rust test-python test-gateway test-schemathesis test-deploy test-image \
-	image-root test-consumers test-ui fuzz lint bench bench-quick soak default-model fixtures clean
+	image-root test-consumers test-ui fuzz lint bench bench-quick soak localization localization-fixtures \
+	default-model fixtures clean
 
 ## Build, install ONNX Runtime, serve the default model on 127.0.0.1:8080.
 run: ort build
@@ -124,6 +125,21 @@ bench: ort $(OHA)
 bench-quick: ort $(OHA)
 	cargo build --release --locked --bin camserve --example bench_ort
 	$(PYTHON) bench/bench.py --quick
+
+## The localization study (docs/localization.md): the set regenerated from scikit-image's photos, then every
+## case through the release binary per method and threshold; prints the table. LOCALIZATION_ARGS passes options
+## (e.g. --methods gradcam,layercam --thresholds 0.15,otsu --bin target/debug/camserve).
+localization: ort $(VENV_STAMP)
+	cargo build --release --locked --bin camserve
+	$(VENV)/bin/python bench/localization_set.py target/localization/set
+	$(VENV)/bin/python bench/localization.py $(LOCALIZATION_ARGS)
+
+## The localization fixtures CI checks (tests/localization.rs): the subset's images and their expected IoUs.
+localization-fixtures: ort $(VENV_STAMP)
+	cargo build --release --locked --bin camserve
+	$(VENV)/bin/python bench/localization_set.py tests/fixtures/localization --ci
+	$(VENV)/bin/python bench/localization.py --set tests/fixtures/localization --methods gradcam \
+	  --thresholds 0.15,default --expected tests/fixtures/localization/expected.json
 
 ## 50 clients for 60 s, plain and with the model replaced twice: only 200s and deliberate 503s, flat memory.
 soak: ort $(OHA)

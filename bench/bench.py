@@ -69,7 +69,7 @@ class Server:
     """The release binary serving the default model, as `make run` does, with a queue deep enough for 16 clients:
     `sessions` sessions of `threads // sessions` intra-op threads each, so the thread count stays the same."""
 
-    def __init__(self, threads: int, workdir: Path, sessions: int = 1):
+    def __init__(self, threads: int, workdir: Path, sessions: int = 1, binary: Path = RELEASE / "camserve"):
         self.port = free_port()
         config = workdir / "bench.toml"
         config.write_text(
@@ -77,7 +77,7 @@ class Server:
             f'[[models]]\nname = "default"\nfile = "{MODEL}"\nsessions = {sessions}\nthreads = {threads // sessions}\n'
             f'queue_capacity = 256\nmax_batch = 8\n')
         self.process = subprocess.Popen(
-            [RELEASE / "camserve", "serve", "--config", config, "--bind", f"127.0.0.1:{self.port}"],
+            [binary, "serve", "--config", config, "--bind", f"127.0.0.1:{self.port}"],
             stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "warn"})
         for _ in range(300):
             try:

@@ -1,5 +1,6 @@
 //! Timings behind the choices in preprocess and render: `cargo run --release --example measure`.
 
+use camserve::boxes::Threshold;
 use camserve::cam::{Map, display_map};
 use camserve::preprocess::{ChannelOrder, DecodeLimits, Preprocess, decode};
 use camserve::{boxes, render};
@@ -176,12 +177,16 @@ fn main() {
     let one = Map::new(4000, 3000, vec![1.0; 12_000_000]);
     println!(
         "  one segment covering the map: {:?}",
-        time(5, || boxes::regions(&one, 0.15, 5))
+        time(5, || boxes::regions(&one, Threshold::PAPER, 5))
     );
     let big_heat = heat(4000, 3000);
     println!(
         "  upsampled 7x7 map (2 segments): {:?}",
-        time(5, || boxes::regions(&big_heat, 0.15, 5))
+        time(5, || boxes::regions(&big_heat, Threshold::PAPER, 5))
+    );
+    println!(
+        "  the same at Otsu's level (its histogram included): {:?}",
+        time(5, || boxes::regions(&big_heat, Threshold::Otsu, 5))
     );
     let mut seed = 7u32;
     let speckle = Map::new(
@@ -196,7 +201,7 @@ fn main() {
     );
     println!(
         "  random half-on pixels: {:?}",
-        time(5, || boxes::regions(&speckle, 0.15, 5))
+        time(5, || boxes::regions(&speckle, Threshold::PAPER, 5))
     );
     println!(
         "display_map 7x7 -> 4000x3000: {:?}",

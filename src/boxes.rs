@@ -1,10 +1,108 @@
-//! Boxes around the regions of a map, by the Grad-CAM paper's localization protocol:
-//! binarize at a fraction of the map's maximum, then take connected segments, largest first.
+//! Boxes around the regions of a map: binarize it (at a fraction of its maximum, as the Grad-CAM paper's
+//! localization protocol does with 15%, or at Otsu's threshold), then take connected segments, largest first.
 
 use crate::cam::Map;
 
-/// The paper's threshold: 15% of the map's maximum.
-pub const DEFAULT_THRESHOLD_FRACTION: f32 = 0.15;
+/// Where a map is binarized: pixels at or above the level are in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Threshold {
+    /// This fraction of the map's maximum, in (0, 1].
+    Fraction(f32),
+    /// Otsu's threshold of the map's values (see [`otsu`]): adapts to each map.
+    Otsu,
+}
+
+impl Threshold {
+    /// The Grad-CAM paper's protocol: 15% of the maximum.
+    pub const PAPER: Threshold = Threshold::Fraction(0.15);
+    /// Half the maximum: what localized best on camserve's localization study (docs/localization.md).
+    pub const DEFAULT: Threshold = Threshold::Fraction(0.5);
+
+    /// `otsu`, or a fraction above 0 and at most 1.
+    pub fn parse(text: &str) -> Option<Threshold> {
+        if text == "otsu" {
+            return Some(Threshold::Otsu);
+        }
+        let fraction: f32 = text.parse().ok()?;
+        (fraction > 0.0 && fraction <= 1.0).then_some(Threshold::Fraction(fraction))
+    }
+
+    /// The map value at and above which pixels are in; `None` when the map's maximum is not a positive finite
+    /// number (such a map has no region).
+    pub fn level(self, map: &Map) -> Option<f32> {
+        let (_, max) = map.min_max()?;
+        if !(max > 0.0 && max.is_finite()) {
+            return None;
+        }
+        match self {
+            Threshold::Fraction(fraction) => Some(fraction * max),
+            Threshold::Otsu => otsu(map),
+        }
+    }
+}
+
+impl std::fmt::Display for Threshold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Threshold::Fraction(fraction) => write!(f, "{fraction}"),
+            Threshold::Otsu => f.write_str("otsu"),
+        }
+    }
+}
+
+/// Otsu's threshold as scikit-image's `threshold_otsu(map)` computes it for a float32 image, step for step and
+/// in float32 as it does, so that both pick the same bin: a 256-bin histogram over the map's [min, max] (NumPy's
+/// bin edges), then the centre of the bin that maximizes the between-class variance. A constant map gives its
+/// value. NaN pixels are left out (scikit-image refuses them); `None` when no other pixel is left.
+pub fn otsu(map: &Map) -> Option<f32> {
+    const BINS: usize = 256;
+    let (min, max) = map.min_max()?;
+    if !(min.is_finite() && max.is_finite()) {
+        return None;
+    }
+    if min == max {
+        return Some(min);
+    }
+    // np.linspace(min, max, 257) in float32, its last edge exactly max.
+    let step = (max - min) / BINS as f32;
+    let mut edges: Vec<f32> = (0..=BINS).map(|i| i as f32 * step + min).collect();
+    edges[BINS] = max;
+    // np.histogram: an index by scaling, corrected against the edges so each value lands in [edge i, edge i+1).
+    let mut counts = [0f32; BINS];
+    for &v in map.data.iter().filter(|v| !v.is_nan()) {
+        let mut i = (((v - min) / (max - min) * BINS as f32) as usize).min(BINS - 1);
+        if v < edges[i] {
+            i -= 1;
+        } else if i != BINS - 1 && v >= edges[i + 1] {
+            i += 1;
+        }
+        counts[i] += 1.0;
+    }
+    let centres: Vec<f32> = edges.windows(2).map(|e| (e[0] + e[1]) / 2.0).collect();
+    // Cumulative pixel counts and means from the low end (bins 0..=i) and from the high end (bins i..).
+    let cumulative = |order: &mut dyn Iterator<Item = usize>| {
+        let (mut weight, mut sum) = (0f32, 0f32);
+        let mut out = vec![(0f32, 0f32); BINS];
+        for i in order {
+            weight += counts[i];
+            sum += counts[i] * centres[i];
+            out[i] = (weight, sum / weight);
+        }
+        out
+    };
+    let low = cumulative(&mut (0..BINS));
+    let high = cumulative(&mut (0..BINS).rev());
+    let mut best = (0, f32::NEG_INFINITY);
+    for i in 0..BINS - 1 {
+        let ((weight1, mean1), (weight2, mean2)) = (low[i], high[i + 1]);
+        let difference = mean1 - mean2;
+        let variance = weight1 * weight2 * (difference * difference);
+        if variance > best.1 {
+            best = (i, variance);
+        }
+    }
+    Some(centres[best.0])
+}
 
 /// One 8-connected segment of the binarized map.
 #[derive(Clone, Debug, PartialEq)]
@@ -21,17 +119,16 @@ pub struct Region {
     pub peak: f32,
 }
 
-/// Up to `max_boxes` segments where the map is `>= threshold_fraction * max`, largest area first
+/// Up to `max_boxes` segments where the map is at or above `threshold`'s level, largest area first
 /// (equal areas keep the raster order of their first pixel). A map whose maximum is not a
 /// positive finite number has no regions; NaN pixels are never in a segment.
-pub fn regions(map: &Map, threshold_fraction: f32, max_boxes: usize) -> Vec<Region> {
-    let Some((_, max)) = map.min_max() else {
+pub fn regions(map: &Map, threshold: Threshold, max_boxes: usize) -> Vec<Region> {
+    let Some(threshold) = threshold.level(map) else {
         return Vec::new();
     };
-    if !(max > 0.0 && max.is_finite()) || max_boxes == 0 {
+    if max_boxes == 0 {
         return Vec::new();
     }
-    let threshold = threshold_fraction * max;
     // Segments are built from horizontal runs of pixels that are in, joined with union-find:
     // one pass over the pixels, no recursion, and work per run rather than per pixel.
     let runs = runs_above(map, threshold);
@@ -132,8 +229,8 @@ fn union(parent: &mut [usize], a: usize, b: usize) {
 }
 
 /// The paper's single box: the largest segment, if any.
-pub fn largest_segment(map: &Map, threshold_fraction: f32) -> Option<Region> {
-    regions(map, threshold_fraction, 1).pop()
+pub fn largest_segment(map: &Map, threshold: Threshold) -> Option<Region> {
+    regions(map, threshold, 1).pop()
 }
 
 #[cfg(test)]
@@ -153,6 +250,10 @@ mod tests {
         Map::new(rows[0].len(), rows.len(), data)
     }
 
+    fn f(fraction: f32) -> Threshold {
+        Threshold::Fraction(fraction)
+    }
+
     fn bounds(region: &Region) -> (usize, usize, usize, usize) {
         (region.x_min, region.y_min, region.x_max, region.y_max)
     }
@@ -161,22 +262,22 @@ mod tests {
     fn two_blobs_largest_first() {
         let map = drawn(&["........", ".55.....", ".55..999", ".....999", ".....9.."]);
         // The 9-blob has 7 pixels in columns 5..8, rows 2..5; the 5-blob 4 pixels.
-        let found = regions(&map, 0.15, 5);
+        let found = regions(&map, f(0.15), 5);
         assert_eq!(found.len(), 2);
         assert_eq!(bounds(&found[0]), (5, 2, 8, 5));
         assert_eq!((found[0].area, found[0].peak), (7, 0.9));
         assert!((found[0].mean - 0.9).abs() < 1e-6);
         assert_eq!(bounds(&found[1]), (1, 1, 3, 3));
         assert_eq!(found[1].area, 4);
-        assert_eq!(regions(&map, 0.15, 1), vec![found[0].clone()]);
-        assert_eq!(largest_segment(&map, 0.15), Some(found[0].clone()));
+        assert_eq!(regions(&map, f(0.15), 1), vec![found[0].clone()]);
+        assert_eq!(largest_segment(&map, f(0.15)), Some(found[0].clone()));
     }
 
     #[test]
     fn diagonal_neighbours_join() {
         // Pixels touching only at corners form one 8-connected segment.
         let map = drawn(&["9...", ".9..", "..9.", ".9.9"]);
-        let found = regions(&map, 0.15, 5);
+        let found = regions(&map, f(0.15), 5);
         assert_eq!(found.len(), 1);
         assert_eq!(bounds(&found[0]), (0, 0, 4, 4));
         assert_eq!(found[0].area, 5);
@@ -185,16 +286,16 @@ mod tests {
     #[test]
     fn shapes_that_join_late_or_not_at_all() {
         // A U: its two arms are separate runs until the bottom row joins them.
-        let u = regions(&drawn(&["9.9", "9.9", "999"]), 0.15, 5);
+        let u = regions(&drawn(&["9.9", "9.9", "999"]), f(0.15), 5);
         assert_eq!(
             u.iter().map(|r| (r.area, bounds(r))).collect::<Vec<_>>(),
             vec![(7, (0, 0, 3, 3))]
         );
         // An empty row in between, and a gap of two columns between rows, separate.
-        assert_eq!(regions(&drawn(&["9..", "...", "9.."]), 0.15, 5).len(), 2);
-        assert_eq!(regions(&drawn(&["9...", "..9."]), 0.15, 5).len(), 2);
+        assert_eq!(regions(&drawn(&["9..", "...", "9.."]), f(0.15), 5).len(), 2);
+        assert_eq!(regions(&drawn(&["9...", "..9."]), f(0.15), 5).len(), 2);
         // An N: a left arm, a diagonal, and a right arm joined only through corners.
-        let n = regions(&drawn(&["9..9", "99.9", "9.99", "9..9"]), 0.15, 5);
+        let n = regions(&drawn(&["9..9", "99.9", "9.99", "9..9"]), f(0.15), 5);
         assert_eq!(n.iter().map(|r| r.area).collect::<Vec<_>>(), vec![10]);
     }
 
@@ -251,7 +352,7 @@ mod tests {
             let map = Map::new(width, height, data);
             let max = map.min_max().unwrap().1;
             let inside: Vec<bool> = map.data.iter().map(|&v| v >= density * max).collect();
-            let got: Vec<_> = regions(&map, density, usize::MAX)
+            let got: Vec<_> = regions(&map, f(density), usize::MAX)
                 .iter()
                 .map(|r| (r.area, bounds(r)))
                 .collect();
@@ -267,7 +368,7 @@ mod tests {
     fn threshold_is_inclusive() {
         // max 1.0 and fraction 0.5: the 5s (0.5 >= 0.5) are in, the 4s are out.
         let map = Map::new(4, 1, vec![1.0, 0.5, 0.0, 0.4]);
-        let found = regions(&map, 0.5, 5);
+        let found = regions(&map, f(0.5), 5);
         assert_eq!(found.len(), 1);
         assert_eq!((bounds(&found[0]), found[0].area), ((0, 0, 2, 1), 2));
         assert!((found[0].mean - 0.75).abs() < 1e-6);
@@ -277,28 +378,91 @@ mod tests {
     #[test]
     fn fraction_zero_takes_every_pixel_and_one_takes_the_peaks() {
         let map = drawn(&["1..", "..9"]);
-        assert_eq!(regions(&map, 0.0, 5)[0].area, 6);
-        let peaks = regions(&map, 1.0, 5);
+        assert_eq!(regions(&map, f(0.0), 5)[0].area, 6);
+        let peaks = regions(&map, f(1.0), 5);
         assert_eq!(peaks.len(), 1);
         assert_eq!(bounds(&peaks[0]), (2, 1, 3, 2));
     }
 
     #[test]
     fn degenerate_maps_have_no_regions() {
-        assert!(regions(&Map::new(0, 0, vec![]), 0.15, 5).is_empty());
-        assert!(regions(&drawn(&["...", "..."]), 0.15, 5).is_empty());
-        assert!(regions(&Map::new(2, 1, vec![-1.0, -0.5]), 0.15, 5).is_empty());
-        assert!(regions(&Map::new(2, 1, vec![f32::NAN, f32::NAN]), 0.15, 5).is_empty());
-        assert!(regions(&drawn(&["9"]), 0.15, 0).is_empty());
-        assert_eq!(largest_segment(&drawn(&["..."]), 0.15), None);
+        assert!(regions(&Map::new(0, 0, vec![]), f(0.15), 5).is_empty());
+        assert!(regions(&drawn(&["...", "..."]), f(0.15), 5).is_empty());
+        assert!(regions(&Map::new(2, 1, vec![-1.0, -0.5]), f(0.15), 5).is_empty());
+        assert!(regions(&Map::new(2, 1, vec![f32::NAN, f32::NAN]), f(0.15), 5).is_empty());
+        assert!(regions(&drawn(&["9"]), f(0.15), 0).is_empty());
+        assert_eq!(largest_segment(&drawn(&["..."]), f(0.15)), None);
     }
 
     #[test]
     fn nan_pixels_split_nothing_and_join_nothing() {
         let map = Map::new(3, 1, vec![1.0, f32::NAN, 1.0]);
-        let found = regions(&map, 0.15, 5);
+        let found = regions(&map, f(0.15), 5);
         assert_eq!(found.iter().map(|r| r.area).collect::<Vec<_>>(), vec![1, 1]);
         assert_eq!(bounds(&found[0]), (0, 0, 1, 1));
+    }
+
+    // Otsu's thresholds below are scikit-image 0.26's `threshold_otsu` on the same float32 maps (numpy 2.4):
+    //   np.load(...gradcam.npy); np.float32(k - 300) / np.float32(37) and (k * k).astype(np.float32) /
+    //   np.float32(994009) for k = (arange(5000) * 7919) % 997, shaped (50, 100).
+    #[test]
+    fn otsu_equals_scikit_image() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/reference/efficientnet_lite0.chelsea_224.class285.gradcam.npy"
+        );
+        let bytes = std::fs::read(path).unwrap();
+        // A float32 [224, 224] .npy: its header ends with a newline at a multiple of 64 bytes.
+        let start = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
+        let data: Vec<f32> = bytes[start..]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let photo = Map::new(224, 224, data);
+        assert_eq!(otsu(&photo), Some(0.486_328_07));
+
+        let k = |i: usize| (i * 7919) % 997;
+        let shifted = (0..5000).map(|i| (k(i) as f32 - 300.0) / 37.0).collect();
+        assert_eq!(otsu(&Map::new(100, 50, shifted)), Some(5.298_774_7));
+        let squared = (0..5000)
+            .map(|i| (k(i) * k(i)) as f32 / 994_009.0)
+            .collect();
+        assert_eq!(otsu(&Map::new(100, 50, squared)), Some(0.407_384_66));
+    }
+
+    #[test]
+    fn otsu_by_hand() {
+        // Two values: every split between bin 0 and bin 255 separates them equally well; the first wins, and
+        // its centre is half a bin width (the range / 512) above the minimum.
+        assert_eq!(otsu(&drawn(&["...", "99."])), Some(0.9 / 512.0));
+        assert_eq!(otsu(&Map::new(2, 1, vec![3.0, 3.0])), Some(3.0));
+        assert_eq!(
+            otsu(&Map::new(3, 1, vec![0.0, f32::NAN, 1.0])),
+            Some(1.0 / 512.0)
+        );
+        assert_eq!(otsu(&Map::new(1, 1, vec![f32::NAN])), None);
+        // A bright patch on a dim plateau: 15% of the maximum takes the whole map, Otsu's level (0.3011719 in
+        // scikit-image) only the patch.
+        let map = drawn(&["3333333", "3399933", "3399933", "3333333"]);
+        assert_eq!(regions(&map, Threshold::PAPER, 5)[0].area, 28);
+        let found = regions(&map, Threshold::Otsu, 5);
+        assert_eq!(found.len(), 1);
+        assert_eq!((bounds(&found[0]), found[0].area), ((2, 1, 5, 3), 6));
+    }
+
+    #[test]
+    fn thresholds_parse_and_print() {
+        assert_eq!(Threshold::parse("otsu"), Some(Threshold::Otsu));
+        assert_eq!(Threshold::parse("0.15"), Some(Threshold::PAPER));
+        assert_eq!(Threshold::parse("1"), Some(Threshold::Fraction(1.0)));
+        for bad in ["0", "-0.1", "1.01", "NaN", "inf", "Otsu", ""] {
+            assert_eq!(Threshold::parse(bad), None, "{bad}");
+        }
+        assert_eq!(Threshold::PAPER.to_string(), "0.15");
+        assert_eq!(Threshold::Otsu.to_string(), "otsu");
+        let map = drawn(&["5.9"]);
+        assert_eq!(Threshold::Fraction(0.5).level(&map), Some(0.45));
+        assert_eq!(Threshold::Otsu.level(&drawn(&["..."])), None);
     }
 
     #[test]
@@ -310,7 +474,7 @@ mod tests {
             .collect();
         let map = Map::new(width, height, data);
         let started = Instant::now();
-        let found = regions(&map, 0.15, 5);
+        let found = regions(&map, f(0.15), 5);
         println!(
             "boxes::regions on 4000x3000, one segment: {:?}",
             started.elapsed()

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::boxes::Threshold;
 use crate::preprocess::DecodeLimits;
 
 pub const DEFAULT_CONFIG_PATH: &str = "config/default.toml";
@@ -58,8 +59,9 @@ pub struct LabelStudioConfig {
     /// Classes predicted per task (the model's best ones).
     #[serde(default = "one")]
     pub top_k: usize,
-    #[serde(default = "default_threshold")]
-    pub threshold: f32,
+    /// Boxes and brush masks: a fraction of the map's maximum, or `"otsu"`.
+    #[serde(default = "default_threshold", deserialize_with = "threshold")]
+    pub threshold: Threshold,
     #[serde(default = "one")]
     pub max_boxes: usize,
 }
@@ -73,8 +75,27 @@ fn default_fetch_max_bytes() -> usize {
 fn default_fetch_timeout_secs() -> u64 {
     10
 }
-fn default_threshold() -> f32 {
-    0.15
+fn default_threshold() -> Threshold {
+    Threshold::DEFAULT
+}
+
+/// A number or `"otsu"`, as the `threshold` query parameter takes it.
+fn threshold<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Threshold, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        Number(f32),
+        Name(String),
+    }
+    let text = match Given::deserialize(deserializer)? {
+        Given::Number(n) => n.to_string(),
+        Given::Name(name) => name,
+    };
+    Threshold::parse(&text).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "threshold must be `otsu` or a number above 0 and at most 1, got {text}"
+        ))
+    })
 }
 
 /// The admin API (register, replace, remove and reload models) is on only when a token is set.
@@ -353,9 +374,6 @@ impl Config {
                         .into(),
                 );
             }
-            if !(ls.threshold > 0.0 && ls.threshold <= 1.0) {
-                return invalid("label_studio.threshold must be above 0 and at most 1".into());
-            }
             if let Some(host) = ls
                 .allowed_hosts
                 .iter()
@@ -480,6 +498,15 @@ mod tests {
             (ls.prefix.as_str(), ls.top_k, ls.fetch_timeout_secs),
             ("/label-studio", 1, 10)
         );
+        assert_eq!(ls.threshold, Threshold::DEFAULT);
+        for (given, threshold) in [
+            ("0.5", Threshold::Fraction(0.5)),
+            ("\"otsu\"", Threshold::Otsu),
+        ] {
+            let config =
+                Config::from_toml(&format!("{with}threshold = {given}\n"), Path::new(".")).unwrap();
+            assert_eq!(config.label_studio.unwrap().threshold, threshold);
+        }
 
         for (bad, message) in [
             (
@@ -494,6 +521,14 @@ mod tests {
             (
                 "[label_studio]\nmodel = \"m\"\nallowed_hosts = [\"http://x\"]",
                 "not a host",
+            ),
+            (
+                "[label_studio]\nmodel = \"m\"\nthreshold = 0",
+                "threshold must be `otsu` or a number above 0",
+            ),
+            (
+                "[label_studio]\nmodel = \"m\"\nthreshold = \"mean\"",
+                "got mean",
             ),
         ] {
             let err = Config::from_toml(&format!("{MINIMAL}\n{bad}\n"), Path::new("."))

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use image::RgbImage;
 
-use crate::boxes::{self, Region};
+use crate::boxes::{self, Region, Threshold};
 use crate::cam::{self, CamMethod, Map};
 use crate::config::Limits;
 use crate::engine::EngineError;
@@ -26,8 +26,8 @@ pub enum Targets {
 pub struct ExplainOptions {
     pub targets: Targets,
     pub method: CamMethod,
-    /// Fraction of the map's maximum at which it is binarized for boxes (the Grad-CAM paper uses 0.15).
-    pub threshold: f32,
+    /// Where the map is binarized for boxes and masks.
+    pub threshold: Threshold,
     pub max_boxes: usize,
 }
 
@@ -36,7 +36,7 @@ impl Default for ExplainOptions {
         Self {
             targets: Targets::TopK(1),
             method: CamMethod::GradCam,
-            threshold: 0.15,
+            threshold: Threshold::DEFAULT,
             max_boxes: 1,
         }
     }

@@ -169,8 +169,11 @@ async fn formats_carry_the_known_square() {
     assert_eq!(fo8["heatmaps"][0]["range"], json!([0, 255]));
 
     // At the paper's 15% the box grows to where the weight is still 0.1875: 3 px on each side.
-    let (_, cvat) = explain(&server, "class=red&format=cvat").await;
+    let (_, cvat) = explain(&server, "class=red&format=cvat&threshold=0.15").await;
     assert_eq!(cvat[0]["points"], json!([13, 29, 51, 67]));
+    // The default threshold is half the maximum: the square.
+    let (_, cvat) = explain(&server, "class=red&format=cvat").await;
+    assert_eq!(cvat[0]["points"], json!(SQUARE));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -255,7 +258,7 @@ fn tasks(url: &str) -> Value {
 async fn label_studio_backend_fetches_only_from_allowed_hosts() {
     let (host, _image_server) = image_host().await;
     let mut config = label_studio_config("red", &[&host]);
-    config.threshold = 0.5;
+    config.threshold = camserve::boxes::Threshold::Fraction(0.5);
     config.top_k = 2;
     config.fetch_max_bytes = 100_000;
     config.fetch_timeout_secs = 1;

@@ -248,6 +248,14 @@ async fn every_error_has_its_status_code_and_request_id() {
         ),
         bad(
             Method::POST,
+            "/v1/models/tiny/explain?threshold=mean",
+            Some("image/png"),
+            png(),
+            400,
+            "invalid_parameter",
+        ),
+        bad(
+            Method::POST,
             "/v1/models/tiny/explain?output=pdf",
             Some("image/png"),
             png(),

@@ -6,13 +6,13 @@
 //! - `coco`: COCO results (`bbox` [x, y, w, h], `segmentation` as compressed RLE) with the categories.
 //! - `fiftyone`: FiftyOne `Detections` (relative [x, y, w, h]) and each map as a grayscale PNG with its range.
 //!
-//! Every score is the class's probability. Masks are the display map at or above `threshold` times its maximum,
+//! Every score is the class's probability. Masks are the display map at or above `threshold`'s level,
 //! the same binarization the boxes come from.
 
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::boxes::Region;
+use crate::boxes::{Region, Threshold};
 use crate::cam::Map;
 use crate::explain::{Explanation, TargetMap};
 use crate::http::handlers::Canvas;
@@ -58,7 +58,7 @@ impl Default for LabelStudioNames {
 
 /// What the formats need besides the explanation.
 pub struct FormatOptions<'a> {
-    pub threshold: f32,
+    pub threshold: Threshold,
     pub model_version: &'a str,
     /// Longest side of FiftyOne's heatmap PNGs.
     pub max_side: usize,
@@ -100,14 +100,9 @@ pub struct Mask<'a> {
 }
 
 impl<'a> Mask<'a> {
-    pub fn new(heat: &'a Map, threshold: f32, width: usize, height: usize) -> Self {
-        let max = heat.min_max().map_or(0.0, |(_, max)| max);
+    pub fn new(heat: &'a Map, threshold: Threshold, width: usize, height: usize) -> Self {
         // A map without a positive maximum has no region, as in `boxes::regions`.
-        let cut = if max > 0.0 && max.is_finite() {
-            threshold * max
-        } else {
-            f32::INFINITY
-        };
+        let cut = threshold.level(heat).unwrap_or(f32::INFINITY);
         Self {
             heat,
             cut,
@@ -123,7 +118,7 @@ impl<'a> Mask<'a> {
     }
 }
 
-fn mask_of<'a>(target: &'a TargetMap, threshold: f32, explanation: &Explanation) -> Mask<'a> {
+fn mask_of<'a>(target: &'a TargetMap, threshold: Threshold, explanation: &Explanation) -> Mask<'a> {
     let (width, height) = image_size(explanation);
     Mask::new(&target.heat, threshold, width, height)
 }
@@ -427,7 +422,7 @@ mod tests {
     fn brush_rle_bits_by_hand() {
         // One pixel off, one on: 8 RGBA values, two runs of 4.
         let heat = map(2, 1, &[0.0, 1.0]);
-        let mask = Mask::new(&heat, 0.5, 2, 1);
+        let mask = Mask::new(&heat, Threshold::Fraction(0.5), 2, 1);
         let expected = concat!(
             "00000000000000000000000000001000", // 8 values
             "00111",                            // word size 8
@@ -460,7 +455,7 @@ mod tests {
     fn brush_rle_splits_runs_longer_than_the_widest_width() {
         // 20000 pixels set = 80000 values: one run of 65536 and one of 14464, both with the 16-bit width.
         let heat = map(200, 100, &[1.0; 20_000]);
-        let rle = brush_rle(&Mask::new(&heat, 0.5, 200, 100));
+        let rle = brush_rle(&Mask::new(&heat, Threshold::Fraction(0.5), 200, 100));
         // 32 + 5 + 16 header bits, then 2 runs of 1 + 2 + 16 + 8 bits: 107 bits in 14 bytes.
         assert_eq!(rle.len(), 14);
         assert_eq!(u32::from_be_bytes(rle[..4].try_into().unwrap()), 80_000);
@@ -471,7 +466,7 @@ mod tests {
         // A 4x3 mask (rows): 0110 / 0111 / 0000. pycocotools 2.0.11 `mask.encode(np.asfortranarray(m))` gives
         // counts b"32101OO" (column-major runs 3,2,1,2,2,1,1, zeros first), `area` 5.
         let heat = map(4, 3, &[0., 1., 1., 0., 0., 1., 1., 1., 0., 0., 0., 0.]);
-        let mask = Mask::new(&heat, 0.5, 4, 3);
+        let mask = Mask::new(&heat, Threshold::Fraction(0.5), 4, 3);
         let everything = Region {
             x_min: 0,
             y_min: 0,

@@ -1,6 +1,7 @@
 //! Query parameters of `predict` and `explain`, parsed by hand: `class` repeats, and every mistake gets a message
 //! that names the parameter. Unknown parameters are refused so that a typo never silently falls back to a default.
 
+use crate::boxes::Threshold;
 use crate::cam::CamMethod;
 use crate::config::Limits;
 use crate::explain::{ExplainOptions, Targets};
@@ -219,13 +220,14 @@ pub fn explain(
     if !(0.0..=1.0).contains(&alpha) {
         return Err(invalid(format!("`alpha` must be from 0 to 1, got {alpha}")));
     }
-    let threshold =
-        single::<f32>(&pairs, "threshold", "a number above 0, at most 1")?.unwrap_or(0.15);
-    if !(threshold > 0.0 && threshold <= 1.0) {
-        return Err(invalid(format!(
-            "`threshold` must be above 0 and at most 1, got {threshold}"
-        )));
-    }
+    let threshold = match single::<String>(&pairs, "threshold", "")? {
+        None => Threshold::DEFAULT,
+        Some(text) => Threshold::parse(&text).ok_or_else(|| {
+            invalid(format!(
+                "`threshold` must be `otsu` or a number above 0 and at most 1, got `{text}`"
+            ))
+        })?,
+    };
     let max_boxes = single::<usize>(&pairs, "max_boxes", "an integer from 0 to 100")?.unwrap_or(1);
     if max_boxes > 100 {
         return Err(invalid(format!(
