@@ -114,7 +114,7 @@ def main() -> None:
     methods, thresholds = args.methods.split(","), args.thresholds.split(",")
 
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server(args.threads, Path(tmp), args.bin)
+        server = Server(args.threads, Path(tmp), binary=args.bin)
         try:
             measured = measure(server, cases, args.set, methods, thresholds, args.target, args.query)
         finally:
