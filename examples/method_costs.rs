@@ -73,7 +73,7 @@ fn main() -> anyhow::Result<()> {
             ..plain.clone()
         },
     ));
-    for channels in [8, 16, 32, 64, 128, 256] {
+    for channels in [8, 16, 32, 64, 128, 256, 512] {
         cases.push((
             format!("scorecam max_channels={channels}"),
             ExplainOptions {
@@ -84,21 +84,42 @@ fn main() -> anyhow::Result<()> {
         ));
     }
 
-    println!("| what | median ms | inference ms | Runs' images |");
-    println!("|---|---|---|---|");
+    // Score-CAM with every channel, to see how far each budget's picture is from it.
+    let all_channels = model.info.activation_shape[0];
+    let full = ExplainOptions {
+        method: CamMethod::ScoreCam,
+        max_channels: all_channels,
+        ..plain.clone()
+    };
+    let full = tokio.block_on(explain::explain(&model, bytes.clone(), &limits, &full))?;
+    let full = &full.targets[0].heat;
+
+    println!(
+        "| what | median ms | inference ms | largest Run (images) | max abs difference from all {all_channels} channels |"
+    );
+    println!("|---|---|---|---|---|");
     for (name, options) in cases {
         let mut samples: Vec<(Duration, Duration, usize)> = Vec::new();
+        let mut difference = String::new();
         for i in 0..runs + 1 {
             let started = Instant::now();
             let e = tokio.block_on(explain::explain(&model, bytes.clone(), &limits, &options))?;
             if i > 0 {
                 samples.push((started.elapsed(), e.timings.inference, e.timings.batch_size));
             }
+            if options.method == CamMethod::ScoreCam {
+                let heat = &e.targets[0].heat.data;
+                let d = heat
+                    .iter()
+                    .zip(&full.data)
+                    .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                difference = format!("{d:.3}");
+            }
         }
         samples.sort();
         let (total, inference, batch) = samples[samples.len() / 2];
         println!(
-            "| {name} | {:.1} | {:.1} | {batch} (largest) |",
+            "| {name} | {:.1} | {:.1} | {batch} | {difference} |",
             total.as_secs_f64() * 1e3,
             inference.as_secs_f64() * 1e3
         );
