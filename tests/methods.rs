@@ -380,3 +380,41 @@ async fn new_parameters_refuse_bad_values() {
         );
     }
 }
+
+/// Extra Runs count as inference: the stage times of a request with Score-CAM and the trust score still add up to
+/// at most its total, and its inference time exceeds that of a plain one-Run request by its extra Runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn stage_times_add_up_with_extra_runs() {
+    let cases: Vec<Case> = cases()
+        .into_iter()
+        .filter(|c| c.model == "tiny_cnn.onnx")
+        .collect();
+    let server = server(&cases).await;
+    let case = &cases[0];
+    let mut inference = Vec::new();
+    for options in [
+        "output=boxes",
+        "output=boxes&method=scorecam&max_channels=32&trust=true&aug_smooth=true",
+    ] {
+        let response = explain(&server, case, options).await;
+        assert_eq!(response.status(), 200);
+        let ms =
+            |name: &str| -> f64 { response.headers()[name].to_str().unwrap().parse().unwrap() };
+        let stages: f64 = [
+            "x-decode-time",
+            "x-queue-time",
+            "x-inference-time",
+            "x-render-time",
+        ]
+        .iter()
+        .map(|s| ms(s))
+        .sum();
+        assert!(
+            stages <= ms("x-total-time"),
+            "{options}: stages {stages} > total"
+        );
+        inference.push(ms("x-inference-time"));
+    }
+    // 1 Run against 1 + 6 x 1 (32 masked images each) + 1 (trust): many times the work.
+    assert!(inference[1] > 3.0 * inference[0], "{inference:?}");
+}
