@@ -249,6 +249,19 @@ async fn prepare(
     .map_err(|_| ExplainError::Panicked("preprocessing"))?
 }
 
+/// What a request spent after decoding: its Runs (waits and inference, added up) and the CPU work around them.
+struct Spent {
+    runs: RunTimes,
+    cpu: Duration,
+}
+
+impl Spent {
+    fn add(&mut self, runs: RunTimes, cpu: Duration) {
+        self.runs = self.runs.then(runs);
+        self.cpu += cpu;
+    }
+}
+
 /// Runs CPU-heavy work on a blocking thread; returns its result and how long it took.
 async fn blocking<T: Send + 'static>(
     stage: &'static str,
@@ -348,7 +361,7 @@ async fn score_cam_logits(
     tensor: Arc<Vec<f32>>,
     output: Arc<RunOutput>,
     max_channels: usize,
-    times: &mut (RunTimes, Duration),
+    spent: &mut Spent,
 ) -> Result<(Vec<usize>, Vec<Vec<f32>>), ExplainError> {
     let p = &model.info.preprocess;
     let (width, height) = (p.width, p.height);
@@ -373,7 +386,7 @@ async fn score_cam_logits(
         .await?;
         let images = inputs.len() / (3 * width * height);
         let (outputs, run_times) = run(model, inputs, images, &seeds, 1).await?;
-        *times = (times.0.then(run_times), times.1 + cpu);
+        spent.add(run_times, cpu);
         logits.extend(outputs.into_iter().map(|o| o.logits));
     }
     Ok((channels, logits))
@@ -409,7 +422,10 @@ pub async fn explain(
             run(model, inputs.clone(), n, &seed_rows(&named, classes).0, k).await?;
         (outputs, run_times) = (again, run_times.then(times));
     }
-    let mut times = (run_times, Duration::ZERO);
+    let mut spent = Spent {
+        runs: run_times,
+        cpu: Duration::ZERO,
+    };
 
     let outputs: Vec<Arc<RunOutput>> = outputs.into_iter().map(Arc::new).collect();
     let mut scored = Vec::new();
@@ -422,7 +438,7 @@ pub async fn explain(
                     copy,
                     output.clone(),
                     options.max_channels,
-                    &mut times,
+                    &mut spent,
                 )
                 .await?,
             );
@@ -496,13 +512,12 @@ pub async fn explain(
             .collect::<Vec<_>>()
     })
     .await?;
-    times.1 += cpu;
+    spent.cpu += cpu;
 
     let probabilities = softmax(&outputs[0].logits);
     if options.trust {
-        trust(model, &tensor, &probabilities, &mut targets, &mut times).await?;
+        trust(model, &tensor, &probabilities, &mut targets, &mut spent).await?;
     }
-    let (run_times, maps) = times;
     Ok(Explanation {
         image,
         logits: outputs[0].logits.clone(),
@@ -510,10 +525,10 @@ pub async fn explain(
         targets,
         timings: Timings {
             decode,
-            queue: run_times.queue,
-            inference: run_times.inference,
-            batch_size: run_times.batch_size,
-            maps,
+            queue: spent.runs.queue,
+            inference: spent.runs.inference,
+            batch_size: spent.runs.batch_size,
+            maps: spent.cpu,
         },
     })
 }
@@ -524,7 +539,7 @@ async fn trust(
     tensor: &[f32],
     probabilities: &[f32],
     targets: &mut [TargetMap],
-    times: &mut (RunTimes, Duration),
+    spent: &mut Spent,
 ) -> Result<(), ExplainError> {
     let (width, height) = (model.info.preprocess.width, model.info.preprocess.height);
     let maps: Vec<Map> = targets
@@ -542,7 +557,7 @@ async fn trust(
     .await?;
     let seeds = vec![0.0; model.info.num_classes()];
     let (outputs, run_times) = run(model, inputs, 2 * targets.len(), &seeds, 1).await?;
-    *times = (times.0.then(run_times), times.1 + cpu);
+    spent.add(run_times, cpu);
     for (target, pair) in targets.iter_mut().zip(outputs.chunks_exact(2)) {
         target.trust = Some(Trust {
             probability: probabilities[target.class],
