@@ -94,6 +94,81 @@ impl Map {
     }
 }
 
+impl Map {
+    /// Bilinear resize with aligned corners, as torch's `UpsamplingBilinear2d` (`align_corners=True`): the
+    /// corner pixels of source and target coincide, `src = dst * (src_size - 1) / (dst_size - 1)`, in f32.
+    pub fn resize_bilinear_aligned(&self, width: usize, height: usize) -> Map {
+        if width == 0 || height == 0 || self.data.is_empty() {
+            return Map::new(width, height, vec![0.0; width * height]);
+        }
+        let taps = |src: usize, dst: usize| -> Vec<Tap> {
+            let scale = if dst > 1 {
+                (src - 1) as f32 / (dst - 1) as f32
+            } else {
+                0.0
+            };
+            (0..dst)
+                .map(|d| {
+                    let pos = scale * d as f32;
+                    let first = (pos as usize).min(src - 1);
+                    let frac = pos - first as f32;
+                    Tap {
+                        first,
+                        second: (first + 1).min(src - 1),
+                        first_weight: 1.0 - frac,
+                        second_weight: frac,
+                    }
+                })
+                .collect()
+        };
+        let (xs, ys) = (taps(self.width, width), taps(self.height, height));
+        let mut data = Vec::with_capacity(width * height);
+        for ty in &ys {
+            let (r0, r1) = (
+                &self.data[ty.first * self.width..][..self.width],
+                &self.data[ty.second * self.width..][..self.width],
+            );
+            data.extend(xs.iter().map(|tx| {
+                ty.first_weight
+                    * (tx.first_weight * r0[tx.first] + tx.second_weight * r0[tx.second])
+                    + ty.second_weight
+                        * (tx.first_weight * r1[tx.first] + tx.second_weight * r1[tx.second])
+            }));
+        }
+        Map::new(width, height, data)
+    }
+
+    /// Mirrored left to right.
+    pub fn flipped_horizontally(&self) -> Map {
+        let data = self
+            .data
+            .chunks_exact(self.width.max(1))
+            .flat_map(|row| row.iter().rev().copied())
+            .collect();
+        Map::new(self.width, self.height, data)
+    }
+
+    /// The pixel-wise mean of maps of one size.
+    ///
+    /// # Panics
+    /// If `maps` is empty or their sizes differ.
+    pub fn mean(maps: &[Map]) -> Map {
+        let first = &maps[0];
+        let mut data = vec![0.0f32; first.data.len()];
+        for map in maps {
+            assert_eq!(
+                (map.width, map.height),
+                (first.width, first.height),
+                "maps differ in size"
+            );
+            data.iter_mut().zip(&map.data).for_each(|(d, v)| *d += v);
+        }
+        let n = maps.len() as f32;
+        data.iter_mut().for_each(|d| *d /= n);
+        Map::new(first.width, first.height, data)
+    }
+}
+
 /// The two source samples, and their weights, behind one destination sample.
 struct Tap {
     first: usize,
@@ -143,8 +218,8 @@ pub fn relative_difference(actual: &[f32], expected: &[f32]) -> f32 {
         / scale
 }
 
-/// A CAM method computable from one Run's activations and gradients.
-/// Names and formulas are pytorch-grad-cam's.
+/// A CAM method. Names and formulas are pytorch-grad-cam's. All but Score-CAM need only one Run's activations
+/// and gradients; Score-CAM scores masked copies of the input with more Runs (see [`score_cam`]).
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CamMethod {
@@ -156,17 +231,29 @@ pub enum CamMethod {
     XGradCam,
     /// No channel weights: the sum over channels of gradient times activation, per pixel.
     HiResCam,
+    /// As HiResCAM, with negative products of gradient and activation set to zero.
+    GradCamElementWise,
     /// As HiResCAM, with negative gradients set to zero.
     LayerCam,
+    /// The first principal component of the activations (no gradients).
+    EigenCam,
+    /// The first principal component of gradient times activation.
+    EigenGradCam,
+    /// Channel weights are the softmax of the target's logits on the input masked by each channel.
+    ScoreCam,
 }
 
 impl CamMethod {
-    pub const ALL: [CamMethod; 5] = [
+    pub const ALL: [CamMethod; 9] = [
         Self::GradCam,
         Self::GradCamPlusPlus,
         Self::XGradCam,
         Self::HiResCam,
+        Self::GradCamElementWise,
         Self::LayerCam,
+        Self::EigenCam,
+        Self::EigenGradCam,
+        Self::ScoreCam,
     ];
 
     /// The name clients use, as in pytorch-grad-cam.
@@ -176,7 +263,11 @@ impl CamMethod {
             Self::GradCamPlusPlus => "gradcampp",
             Self::XGradCam => "xgradcam",
             Self::HiResCam => "hirescam",
+            Self::GradCamElementWise => "gradcam_elementwise",
             Self::LayerCam => "layercam",
+            Self::EigenCam => "eigencam",
+            Self::EigenGradCam => "eigengradcam",
+            Self::ScoreCam => "scorecam",
         }
     }
 }
@@ -184,18 +275,21 @@ impl CamMethod {
 /// The map of one image for one target, BEFORE ReLU: raw maps (with their sign and range) are
 /// part of the API; see [`compute_relu`] for the usual picture.
 ///
-/// `activations` and `gradients` are `[channels, height, width]`, row-major.
+/// `activations` and `gradients` are `[channels, height, width]`, row-major. With `eigen_smooth`, the map is
+/// the first principal component of the method's weighted activations instead of their sum over channels, as
+/// pytorch-grad-cam's `eigen_smooth=True` (Eigen-CAM and Eigen-Grad-CAM always take it).
 ///
 /// # Panics
-/// If a slice's length is not `channels * height * width`.
+/// If a slice's length is not `channels * height * width`, or for [`CamMethod::ScoreCam`], whose channel
+/// weights come from more Runs: use [`score_cam`].
 pub fn compute(
     method: CamMethod,
     activations: &[f32],
     gradients: &[f32],
-    channels: usize,
-    height: usize,
-    width: usize,
+    shape: [usize; 3],
+    eigen_smooth: bool,
 ) -> Map {
+    let [channels, height, width] = shape;
     let plane = height * width;
     assert_eq!(
         activations.len(),
@@ -207,30 +301,33 @@ pub fn compute(
         channels * plane,
         "gradients are not [{channels},{height},{width}]"
     );
-    let mut data = vec![0.0f32; plane];
     if plane == 0 {
-        return Map::new(width, height, data);
+        return Map::new(width, height, Vec::new());
     }
+    let mut weighted = Vec::with_capacity(activations.len());
     for (a, g) in activations
         .chunks_exact(plane)
         .zip(gradients.chunks_exact(plane))
     {
-        let channel_weight = |weight| std::iter::repeat_n(weight, plane);
         match method {
-            CamMethod::GradCam => add_weighted(&mut data, a, channel_weight(mean(g))),
-            CamMethod::GradCamPlusPlus => add_weighted(
-                &mut data,
-                a,
-                channel_weight(grad_cam_plus_plus_weight(a, g)),
-            ),
-            CamMethod::XGradCam => {
-                add_weighted(&mut data, a, channel_weight(x_grad_cam_weight(a, g)))
+            CamMethod::GradCam => scale(&mut weighted, a, mean(g)),
+            CamMethod::GradCamPlusPlus => scale(&mut weighted, a, grad_cam_plus_plus_weight(a, g)),
+            CamMethod::XGradCam => scale(&mut weighted, a, x_grad_cam_weight(a, g)),
+            CamMethod::HiResCam | CamMethod::EigenGradCam => {
+                weighted.extend(a.iter().zip(g).map(|(a, g)| a * g))
             }
-            CamMethod::HiResCam => add_weighted(&mut data, a, g.iter().copied()),
-            CamMethod::LayerCam => add_weighted(&mut data, a, g.iter().map(|g| g.max(0.0))),
+            CamMethod::GradCamElementWise => {
+                weighted.extend(a.iter().zip(g).map(|(a, g)| (a * g).max(0.0)))
+            }
+            CamMethod::LayerCam => weighted.extend(a.iter().zip(g).map(|(a, g)| g.max(0.0) * a)),
+            CamMethod::EigenCam => weighted.extend_from_slice(a),
+            CamMethod::ScoreCam => {
+                panic!("Score-CAM's weights come from masked Runs: use cam::score_cam")
+            }
         }
     }
-    Map::new(width, height, data)
+    let project = eigen_smooth || matches!(method, CamMethod::EigenCam | CamMethod::EigenGradCam);
+    reduce(&weighted, shape, project)
 }
 
 /// [`compute`] followed by ReLU, as pytorch-grad-cam does before scaling.
@@ -238,11 +335,233 @@ pub fn compute_relu(
     method: CamMethod,
     activations: &[f32],
     gradients: &[f32],
-    channels: usize,
-    height: usize,
-    width: usize,
+    shape: [usize; 3],
+    eigen_smooth: bool,
 ) -> Map {
-    compute(method, activations, gradients, channels, height, width).relu()
+    compute(method, activations, gradients, shape, eigen_smooth).relu()
+}
+
+/// Score-CAM's map from the target's logits on the masked inputs of the `scored` channels (see
+/// [`score_cam_masks`]): channel weights are the softmax of those logits, 0 for channels not scored.
+///
+/// # Panics
+/// If `activations` is not `shape`, or `scored` and `logits` differ in length.
+pub fn score_cam(
+    activations: &[f32],
+    shape: [usize; 3],
+    scored: &[usize],
+    logits: &[f32],
+    eigen_smooth: bool,
+) -> Map {
+    let [channels, height, width] = shape;
+    let plane = height * width;
+    assert_eq!(
+        activations.len(),
+        channels * plane,
+        "activations are not {shape:?}"
+    );
+    assert_eq!(scored.len(), logits.len(), "one logit per scored channel");
+    let mut weights = vec![0.0f32; channels];
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f64> = logits.iter().map(|&l| f64::from(l - max).exp()).collect();
+    let total: f64 = exp.iter().sum();
+    for (&channel, e) in scored.iter().zip(&exp) {
+        weights[channel] = (e / total) as f32;
+    }
+    let mut weighted = Vec::with_capacity(activations.len());
+    for (a, &w) in activations.chunks_exact(plane.max(1)).zip(&weights) {
+        scale(&mut weighted, a, w);
+    }
+    reduce(&weighted, shape, eigen_smooth)
+}
+
+/// The channels Score-CAM scores with a budget of `max_channels`: those of largest mean activation, in
+/// descending order (ties: the lower index first); every channel when the budget covers them all.
+pub fn score_cam_channels(
+    activations: &[f32],
+    shape: [usize; 3],
+    max_channels: usize,
+) -> Vec<usize> {
+    let plane = (shape[1] * shape[2]).max(1);
+    let means: Vec<f64> = activations
+        .chunks_exact(plane)
+        .map(|a| a.iter().map(|&v| f64::from(v)).sum::<f64>() / plane as f64)
+        .collect();
+    let mut order: Vec<usize> = (0..means.len()).collect();
+    order.sort_by(|&a, &b| means[b].total_cmp(&means[a]).then(a.cmp(&b)));
+    order.truncate(max_channels);
+    order
+}
+
+/// Score-CAM's mask of one channel, `[height, width]` of the input: the channel upsampled bilinearly with
+/// aligned corners (torch's `UpsamplingBilinear2d`, as pytorch-grad-cam does) and min-max scaled,
+/// `(x - min) / (max - min + 1e-8)`.
+pub fn score_cam_mask(channel: &Map, width: usize, height: usize) -> Map {
+    let up = channel.resize_bilinear_aligned(width, height);
+    let (min, max) = up.min_max().unwrap_or((0.0, 0.0));
+    let scale = max - min + 1e-8;
+    Map::new(
+        width,
+        height,
+        up.data.iter().map(|v| (v - min) / scale).collect(),
+    )
+}
+
+/// `out += a * weight`, one channel.
+fn scale(out: &mut Vec<f32>, activations: &[f32], weight: f32) {
+    out.extend(activations.iter().map(|a| a * weight));
+}
+
+/// A [channels, h, w] tensor to one map: the sum over channels, or its first principal component.
+fn reduce(weighted: &[f32], shape: [usize; 3], project: bool) -> Map {
+    let [channels, height, width] = shape;
+    let plane = height * width;
+    let sum_over_channels = || {
+        let mut map = vec![0.0f32; plane];
+        for channel in weighted.chunks_exact(plane) {
+            map.iter_mut().zip(channel).for_each(|(m, v)| *m += v);
+        }
+        map
+    };
+    let data = if project {
+        principal_projection(weighted, channels, plane, &sum_over_channels())
+    } else {
+        sum_over_channels()
+    };
+    Map::new(width, height, data)
+}
+
+/// pytorch-grad-cam's `get_2d_projection` for one image: the pixels x channels matrix X (NaN set to 0, each
+/// channel centred on its mean over pixels) projected on its first right-singular vector, i.e. `U[:,0] * S[0]`.
+/// That vector comes from the smaller of the two Gram matrices X Xᵀ (pixels) or Xᵀ X (channels), by Jacobi.
+///
+/// An SVD's sign is arbitrary (LAPACK returns either). camserve's is the one whose projection correlates
+/// positively with `channel_sum`, the unsmoothed map; on an exact tie, the one whose entry of largest
+/// magnitude is positive.
+fn principal_projection(
+    weighted: &[f32],
+    channels: usize,
+    plane: usize,
+    channel_sum: &[f32],
+) -> Vec<f32> {
+    // x[c * plane + p], centred per channel, in f64.
+    let mut x: Vec<f64> = weighted
+        .iter()
+        .map(|&v| if v.is_nan() { 0.0 } else { f64::from(v) })
+        .collect();
+    for channel in x.chunks_exact_mut(plane) {
+        let mean = channel.iter().sum::<f64>() / plane as f64;
+        channel.iter_mut().for_each(|v| *v -= mean);
+    }
+    let mut projection = vec![0.0f64; plane];
+    if plane <= channels {
+        // Gram X Xᵀ (pixels x pixels) = U S² Uᵀ: the projection is U[:,0] * S[0].
+        let mut gram = vec![0.0f64; plane * plane];
+        for channel in x.chunks_exact(plane) {
+            for p in 0..plane {
+                for q in p..plane {
+                    gram[p * plane + q] += channel[p] * channel[q];
+                }
+            }
+        }
+        mirror(&mut gram, plane);
+        let (value, vector) = top_eigenvector(gram, plane);
+        let singular = value.max(0.0).sqrt();
+        projection
+            .iter_mut()
+            .zip(&vector)
+            .for_each(|(p, u)| *p = u * singular);
+    } else {
+        // Gram Xᵀ X (channels x channels) = V S² Vᵀ: the projection is X V[:,0].
+        let mut gram = vec![0.0f64; channels * channels];
+        for c in 0..channels {
+            for d in c..channels {
+                let (a, b) = (&x[c * plane..][..plane], &x[d * plane..][..plane]);
+                gram[c * channels + d] = a.iter().zip(b).map(|(a, b)| a * b).sum();
+            }
+        }
+        mirror(&mut gram, channels);
+        let (_, vector) = top_eigenvector(gram, channels);
+        for (channel, v) in x.chunks_exact(plane).zip(&vector) {
+            projection
+                .iter_mut()
+                .zip(channel)
+                .for_each(|(p, x)| *p += x * v);
+        }
+    }
+    let mut score: f64 = projection
+        .iter()
+        .zip(channel_sum)
+        .map(|(p, s)| p * f64::from(*s))
+        .sum();
+    if score == 0.0 {
+        score =
+            projection.iter().copied().fold(
+                0.0f64,
+                |best, p| if p.abs() > best.abs() { p } else { best },
+            );
+    }
+    let sign = if score < 0.0 { -1.0 } else { 1.0 };
+    projection.iter().map(|p| (sign * p) as f32).collect()
+}
+
+/// Copies the upper triangle of an n x n matrix onto the lower one.
+fn mirror(matrix: &mut [f64], n: usize) {
+    for p in 0..n {
+        for q in 0..p {
+            matrix[p * n + q] = matrix[q * n + p];
+        }
+    }
+}
+
+/// The largest eigenvalue of a symmetric n x n matrix and a unit eigenvector for it, by cyclic Jacobi
+/// rotations (Golub and Van Loan, Matrix Computations, 8.5): robust to close eigenvalues, where power
+/// iteration is slow, and small enough for the matrices here (at most min(pixels, channels) on a side).
+fn top_eigenvector(mut a: Vec<f64>, n: usize) -> (f64, Vec<f64>) {
+    let mut v = vec![0.0f64; n * n];
+    (0..n).for_each(|i| v[i * n + i] = 1.0);
+    let total: f64 = a.iter().map(|x| x * x).sum();
+    for _sweep in 0..64 {
+        let off: f64 = (0..n)
+            .flat_map(|p| (p + 1..n).map(move |q| (p, q)))
+            .map(|(p, q)| a[p * n + q] * a[p * n + q])
+            .sum();
+        if off <= 1e-30 * total {
+            break;
+        }
+        for p in 0..n {
+            for q in p + 1..n {
+                let apq = a[p * n + q];
+                if apq == 0.0 {
+                    continue;
+                }
+                let theta = (a[q * n + q] - a[p * n + p]) / (2.0 * apq);
+                let t = if theta >= 0.0 { 1.0 } else { -1.0 } / (theta.abs() + theta.hypot(1.0));
+                let c = 1.0 / t.hypot(1.0);
+                let s = t * c;
+                // A <- Jᵀ A J and V <- V J, J the rotation in the (p, q) plane.
+                for k in 0..n {
+                    let (akp, akq) = (a[k * n + p], a[k * n + q]);
+                    a[k * n + p] = c * akp - s * akq;
+                    a[k * n + q] = s * akp + c * akq;
+                }
+                for k in 0..n {
+                    let (apk, aqk) = (a[p * n + k], a[q * n + k]);
+                    a[p * n + k] = c * apk - s * aqk;
+                    a[q * n + k] = s * apk + c * aqk;
+                }
+                for k in 0..n {
+                    let (vkp, vkq) = (v[k * n + p], v[k * n + q]);
+                    v[k * n + p] = c * vkp - s * vkq;
+                    v[k * n + q] = s * vkp + c * vkq;
+                }
+            }
+        }
+    }
+    let top = (0..n)
+        .max_by(|&i, &j| a[i * n + i].total_cmp(&a[j * n + j]))
+        .unwrap_or(0);
+    (a[top * n + top], (0..n).map(|k| v[k * n + top]).collect())
 }
 
 /// The map pytorch-grad-cam returns for one target layer, at image size: ReLU, min-max,
@@ -254,14 +573,6 @@ pub fn display_map(raw: &Map, width: usize, height: usize) -> Map {
         .resize_bilinear(width, height)
         .relu()
         .normalized()
-}
-
-/// `map += weights * activations`, pixel by pixel.
-fn add_weighted(map: &mut [f32], activations: &[f32], weights: impl Iterator<Item = f32>) {
-    map.iter_mut()
-        .zip(activations)
-        .zip(weights)
-        .for_each(|((m, a), w)| *m += w * a);
 }
 
 fn mean(values: &[f32]) -> f32 {
@@ -422,13 +733,14 @@ mod tests {
     // so the map is 0.5 * A0 + A1 = [[0.5, 2, -1.5], [4, 2.5, -2]].
     const ACTIVATIONS: [f32; 12] = [1., 2., 3., 4., 5., 6., 0., 1., -3., 2., 0., -5.];
     const GRADIENTS: [f32; 12] = [0.5, -1., 0.5, 1., 0., 2., 2., 0., 1., -1., 3., 1.];
+    const SHAPE: [usize; 3] = [2, 2, 3];
 
     #[test]
     fn grad_cam_by_hand() {
-        let map = compute(CamMethod::GradCam, &ACTIVATIONS, &GRADIENTS, 2, 2, 3);
+        let map = compute(CamMethod::GradCam, &ACTIVATIONS, &GRADIENTS, SHAPE, false);
         assert_eq!((map.width, map.height), (3, 2));
         assert_close(&map.data, &[0.5, 2.0, -1.5, 4.0, 2.5, -2.0], 1e-6);
-        let positive = compute_relu(CamMethod::GradCam, &ACTIVATIONS, &GRADIENTS, 2, 2, 3);
+        let positive = compute_relu(CamMethod::GradCam, &ACTIVATIONS, &GRADIENTS, SHAPE, false);
         assert_close(&positive.data, &[0.5, 2.0, 0.0, 4.0, 2.5, 0.0], 1e-6);
     }
 
@@ -443,9 +755,11 @@ mod tests {
             (CamMethod::XGradCam, [0.761904776096344, 3.5238094329833984, -3.7142856121063232, 7.047618865966797, 3.809523820877075, -5.4285712242126465]),
             (CamMethod::HiResCam, [0.5, -2.0, -1.5, 2.0, 0.0, 7.0]),
             (CamMethod::LayerCam, [0.5, 0.0, -1.5, 4.0, 0.0, 7.0]),
+            // relu(G * A).sum(axis=1); pixel (0, 2): relu(0.5 * 3) + relu(1 * -3) = 1.5.
+            (CamMethod::GradCamElementWise, [0.5, 0.0, 1.5, 4.0, 0.0, 12.0]),
         ];
         for (method, want) in cases {
-            let map = compute(method, &ACTIVATIONS, &GRADIENTS, 2, 2, 3);
+            let map = compute(method, &ACTIVATIONS, &GRADIENTS, SHAPE, false);
             let close = map
                 .data
                 .iter()
@@ -455,10 +769,129 @@ mod tests {
         }
     }
 
+    fn assert_relative(got: &[f32], want: &[f32], what: &str) {
+        let error = relative_difference(got, want);
+        assert!(error < 1e-5, "{what}: got {got:?}, want {want:?} ({error})");
+    }
+
+    #[test]
+    fn principal_components_match_pytorch_grad_cam() {
+        // pytorch-grad-cam's get_2d_projection on [1, 2, 2, 3] arrays (numpy's LAPACK SVD), then camserve's
+        // orientation (projection . channel sum > 0). LAPACK's sign was the opposite for Eigen-CAM and for
+        // Grad-CAM with eigen_smooth; the values below have camserve's sign.
+        // Eigen-CAM: the activations; Eigen-Grad-CAM: G * A; Grad-CAM smoothed: mean_hw(G) * A.
+        #[rustfmt::skip]
+        let cases = [
+            (CamMethod::EigenCam, false, [1.8612319231033325, 2.309998035430908, -1.7159568071365356, 2.3125860691070557, 0.0765196904540062, -4.84437894821167]),
+            (CamMethod::EigenGradCam, false, [-2.618717908859253, -4.954178333282471, -0.6141596436500549, 1.364509105682373, -3.0858099460601807, 9.908355712890625]),
+            (CamMethod::GradCam, true, [1.0442063808441162, 1.938193678855896, -2.086581230163574, 2.7424161434173584, 0.685146152973175, -4.323380947113037]),
+        ];
+        for (method, eigen_smooth, want) in cases {
+            let map = compute(method, &ACTIVATIONS, &GRADIENTS, SHAPE, eigen_smooth);
+            assert_relative(&map.data, &want, &format!("{method:?}"));
+        }
+        // Eigen-CAM ignores eigen_smooth, as in pytorch-grad-cam.
+        assert_eq!(
+            compute(CamMethod::EigenCam, &ACTIVATIONS, &GRADIENTS, SHAPE, true),
+            compute(CamMethod::EigenCam, &ACTIVATIONS, &GRADIENTS, SHAPE, false)
+        );
+    }
+
+    #[test]
+    fn principal_component_through_the_pixel_gram_matrix() {
+        // 5 channels of 2x2 (more channels than pixels: the pixels x pixels Gram matrix is used).
+        // rng = np.random.default_rng(1); B = rng.standard_normal((1, 5, 2, 2)).astype(np.float32);
+        // get_2d_projection(B), oriented (LAPACK's sign was flipped).
+        #[rustfmt::skip]
+        let activations = [0.3455841839313507, 0.8216181397438049, 0.3304370641708374, -1.3031572103500366, 0.9053558707237244, 0.4463745653629303, -0.5369532108306885, 0.581118106842041, 0.3645724058151245, 0.2941325008869171, 0.028422242030501366, 0.5467129945755005, -0.7364540696144104, -0.16290995478630066, -0.4821193218231201, 0.5988461971282959, 0.03972210735082626, -0.2924567461013794, -0.7819084525108337, -0.2571922540664673];
+        let want = [
+            -0.36692655086517334,
+            -0.6198797225952148,
+            -0.6147297024726868,
+            1.6015360355377197,
+        ];
+        let map = compute(
+            CamMethod::EigenCam,
+            &activations,
+            &[0.0; 20],
+            [5, 2, 2],
+            false,
+        );
+        assert_relative(&map.data, &want, "5 channels, 4 pixels");
+    }
+
+    #[test]
+    fn jacobi_finds_the_largest_eigenpair() {
+        // [[2, 1], [1, 2]]: eigenvalues 3 and 1, the top eigenvector (1, 1) / sqrt(2).
+        let (value, vector) = top_eigenvector(vec![2.0, 1.0, 1.0, 2.0], 2);
+        assert!((value - 3.0).abs() < 1e-12, "{value}");
+        assert!((vector[0].abs() - 0.5f64.sqrt()).abs() < 1e-12 && vector[0] == vector[1]);
+        // rng = np.random.default_rng(1); M = rng.standard_normal((6, 6)); M = M + M.T;
+        // np.linalg.eigh(M)[0][-1] = 5.097291051448011. And M v = value v.
+        #[rustfmt::skip]
+        let m = vec![0.016284361036687015, -0.45037499735453235, 0.9164588072712092, 1.1741890595285354, -2.8094324468181857, -1.568164941401109, -0.45037499735453235, -0.8443808231527071, 2.2564146049909413, 0.3263360188441111, 2.2133217825205027, -1.9302509900825884, 0.9164588072712092, 2.2564146049909413, 1.2934059924036938, -0.5642886818683125, -0.4784201346319772, -0.9164228870702119, 1.1741890595285354, 0.3263360188441111, -0.5642886818683125, -1.3664533235611245, -0.5783353380415422, -1.4461916415278298, -2.8094324468181857, 2.2133217825205027, -0.4784201346319772, -0.5783353380415422, 1.1874961435716456, 1.7703275725703138, -1.568164941401109, -1.9302509900825884, -0.9164228870702119, -1.4461916415278298, 1.7703275725703138, -2.1435748337548883];
+        let (value, vector) = top_eigenvector(m.clone(), 6);
+        assert!((value - 5.097291051448011).abs() < 1e-10, "{value}");
+        for (row, v) in m.chunks_exact(6).zip(&vector) {
+            let mv: f64 = row.iter().zip(&vector).map(|(a, b)| a * b).sum();
+            assert!((mv - value * v).abs() < 1e-10);
+        }
+    }
+
+    #[test]
+    fn aligned_resize_matches_torch() {
+        // torch.nn.UpsamplingBilinear2d(size=(5, 7))(small() as [1, 1, 3, 4]).
+        #[rustfmt::skip]
+        let want = [
+            1.0, 3.0, 5.0, 3.5, 2.0, 5.0, 8.0,
+            0.5, 2.25, 4.0, 4.75, 5.5, 5.75, 6.0,
+            0.0, 1.5, 3.0, 6.0, 9.0, 6.5, 4.0,
+            3.5, 3.0, 2.5, 5.0, 7.5, 5.0, 2.5,
+            7.0, 4.5, 2.0, 4.0, 6.0, 3.5, 1.0,
+        ];
+        assert_close(&small().resize_bilinear_aligned(7, 5).data, &want, 1e-6);
+        // The mask: min-max scaled, so its extremes are 0 and (almost) 1.
+        let mask = score_cam_mask(&small(), 7, 5);
+        assert_close(&mask.data[..3], &[1.0 / 9.0, 3.0 / 9.0, 5.0 / 9.0], 1e-6);
+        assert_eq!(mask.min_max().map(|(lo, _)| lo), Some(0.0));
+    }
+
+    #[test]
+    fn score_cam_by_hand() {
+        // Channels by mean activation: A0 has mean 3.5, A1 mean -0.83: budget 1 scores channel 0 only.
+        assert_eq!(score_cam_channels(&ACTIVATIONS, SHAPE, 1), vec![0]);
+        assert_eq!(score_cam_channels(&ACTIVATIONS, SHAPE, 5), vec![0, 1]);
+        // Weights softmax([0, ln 3]) = [1/4, 3/4]: the map is A0 / 4 + 3 A1 / 4.
+        let map = score_cam(&ACTIVATIONS, SHAPE, &[0, 1], &[0.0, 3f32.ln()], false);
+        let want: Vec<f32> = (0..6)
+            .map(|i| ACTIVATIONS[i] / 4.0 + 3.0 * ACTIVATIONS[6 + i] / 4.0)
+            .collect();
+        assert_close(&map.data, &want, 1e-6);
+        // One scored channel has weight 1; the other 0.
+        let map = score_cam(&ACTIVATIONS, SHAPE, &[1], &[-7.0], false);
+        assert_close(&map.data, &ACTIVATIONS[6..], 1e-6);
+    }
+
+    #[test]
+    fn flips_and_means() {
+        assert_eq!(
+            small().flipped_horizontally().data,
+            vec![8., 2., 5., 1., 4., 9., 3., 0., 1., 6., 2., 7.]
+        );
+        let mean = Map::mean(&[small(), small().flipped_horizontally()]);
+        assert_eq!(mean.data[..4], [4.5, 3.5, 3.5, 4.5]);
+    }
+
     #[test]
     #[should_panic(expected = "gradients are not [2,2,3]")]
     fn compute_refuses_mismatched_shapes() {
-        compute(CamMethod::GradCam, &ACTIVATIONS, &GRADIENTS[..11], 2, 2, 3);
+        compute(
+            CamMethod::GradCam,
+            &ACTIVATIONS,
+            &GRADIENTS[..11],
+            SHAPE,
+            false,
+        );
     }
 
     #[test]

@@ -170,6 +170,9 @@ pub struct Limits {
     pub max_classes_per_request: usize,
     /// Longest side of image outputs (overlay, heatmap, image-sized maps); larger photos are drawn smaller.
     pub max_output_side: usize,
+    /// The largest Score-CAM `max_channels` a request may ask for: each channel is one masked input to Run
+    /// (six with `aug_smooth`).
+    pub max_score_cam_channels: usize,
 }
 
 impl Limits {
@@ -190,6 +193,7 @@ impl Default for Limits {
             max_image_pixels: 40_000_000,
             max_classes_per_request: 32,
             max_output_side: 4096,
+            max_score_cam_channels: 2048,
         }
     }
 }
@@ -333,11 +337,13 @@ impl Config {
             limits.max_classes_per_request,
             limits.max_body_bytes,
             limits.max_output_side,
+            limits.max_score_cam_channels,
         ]
         .contains(&0)
         {
             return invalid(
-                "limits.max_classes_per_request, max_body_bytes and max_output_side must be >= 1"
+                "limits.max_classes_per_request, max_body_bytes, max_output_side and max_score_cam_channels \
+                 must be >= 1"
                     .into(),
             );
         }

@@ -1,8 +1,11 @@
 //! Runs sessions on threads of their own, off the async runtime. Each session is owned by one thread that takes
 //! jobs from the model's bounded queue; a full queue is refused at once rather than left to grow.
 //!
-//! Batching: a session thread that takes a job also takes the jobs already waiting with the same number of
-//! targets (up to `max_batch`), optionally waiting `max_batch_wait` for more, and runs them in one Run.
+//! A job is one or more images with the same number of targets each (one image for a plain explanation; the
+//! augmented copies for `aug_smooth`; masked copies for Score-CAM and the trust score). Batching: a session
+//! thread that takes a job also takes the jobs already waiting with the same number of targets while the Run
+//! stays within `max_batch` images, optionally waiting `max_batch_wait` for more, and runs them in one Run. A job
+//! larger than `max_batch` runs alone, in one Run.
 
 use std::time::{Duration, Instant};
 
@@ -29,11 +32,24 @@ pub struct RunTimes {
     pub batch_size: usize,
 }
 
-type Reply = oneshot::Sender<Result<(RunOutput, RunTimes), EngineError>>;
+impl RunTimes {
+    /// The times of several Runs one request made one after the other: waits and Runs add up; the batch size is
+    /// the largest.
+    pub fn then(self, next: RunTimes) -> RunTimes {
+        RunTimes {
+            queue: self.queue + next.queue,
+            inference: self.inference + next.inference,
+            batch_size: self.batch_size.max(next.batch_size),
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<(Vec<RunOutput>, RunTimes), EngineError>>;
 
 struct Job {
     input: Vec<f32>,
     seeds: Vec<f32>,
+    images: usize,
     k: usize,
     enqueued: Instant,
     reply: Reply,
@@ -69,17 +85,19 @@ impl Runner {
         Self { queue }
     }
 
-    /// Runs one preprocessed image [3,H,W] with K seed rows.
+    /// Runs `images` preprocessed images [images,3,H,W], each with K seed rows, in one Run; one output per image.
     pub async fn run(
         &self,
         input: Vec<f32>,
+        images: usize,
         seeds: Vec<f32>,
         k: usize,
-    ) -> Result<(RunOutput, RunTimes), EngineError> {
+    ) -> Result<(Vec<RunOutput>, RunTimes), EngineError> {
         let (reply, result) = oneshot::channel();
         let job = Job {
             input,
             seeds,
+            images,
             k,
             enqueued: Instant::now(),
             reply,
@@ -118,15 +136,19 @@ fn serve_session(
             release_freed_memory();
             return;
         };
+        let mut images = first.images;
         let mut batch = vec![first];
         let deadline = Instant::now() + batching.max_wait;
-        while batch.len() < batching.max_batch {
+        while images < batching.max_batch {
             let next = match deadline.checked_duration_since(Instant::now()) {
                 Some(left) if !left.is_zero() => jobs.recv_timeout(left),
                 _ => jobs.try_recv().map_err(|_| RecvTimeoutError::Timeout),
             };
             match next {
-                Ok(job) if job.k == batch[0].k => batch.push(job),
+                Ok(job) if job.k == batch[0].k && images + job.images <= batching.max_batch => {
+                    images += job.images;
+                    batch.push(job);
+                }
                 Ok(job) => {
                     held = Some(job);
                     break;
@@ -156,7 +178,7 @@ fn release_freed_memory() {
 fn run_batch(session: &mut Session, batch: Vec<Job>, input_size: [usize; 2]) {
     let started = Instant::now();
     let k = batch[0].k;
-    // One image runs from its own buffer; a batch needs the images side by side.
+    // One job runs from its own buffer; a batch needs the images side by side.
     let result = if let [job] = &batch[..] {
         model::run(session, &job.input, input_size, &job.seeds, k)
     } else {
@@ -165,16 +187,18 @@ fn run_batch(session: &mut Session, batch: Vec<Job>, input_size: [usize; 2]) {
         model::run(session, &inputs, input_size, &seeds, k)
     };
     let inference = started.elapsed();
-    let batch_size = batch.len();
+    let batch_size = batch.iter().map(|job| job.images).sum();
     match result {
         Ok(outputs) => {
-            for (job, output) in batch.into_iter().zip(outputs) {
+            let mut outputs = outputs.into_iter();
+            for job in batch {
                 let times = RunTimes {
                     queue: started - job.enqueued,
                     inference,
                     batch_size,
                 };
-                let _ = job.reply.send(Ok((output, times)));
+                let mine = outputs.by_ref().take(job.images).collect();
+                let _ = job.reply.send(Ok((mine, times)));
             }
         }
         Err(e) => {

@@ -1,5 +1,7 @@
 //! The one pipeline behind `POST /explain`, `POST /predict` and `camserve explain`: bytes -> image -> tensor ->
-//! one Run -> a map and boxes per target class. CPU-heavy steps run on blocking threads, never on the async runtime.
+//! one Run -> a map and boxes per target class. Options add Runs, each one batch: `aug_smooth` puts its augmented
+//! copies into the first Run; Score-CAM scores masked inputs, and the trust score perturbed ones, in Runs of their
+//! own. CPU-heavy steps run on blocking threads, never on the async runtime.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,7 +11,8 @@ use image::RgbImage;
 use crate::boxes::{self, Region, Threshold};
 use crate::cam::{self, CamMethod, Map};
 use crate::config::Limits;
-use crate::engine::EngineError;
+use crate::engine::{EngineError, RunTimes};
+use crate::model::RunOutput;
 use crate::preprocess::{self, DecodeError};
 use crate::registry::Model;
 
@@ -26,19 +29,76 @@ pub enum Targets {
 pub struct ExplainOptions {
     pub targets: Targets,
     pub method: CamMethod,
+    /// The first principal component of the weighted activations instead of their channel sum.
+    pub eigen_smooth: bool,
+    /// The mean over [`AUGMENTATIONS`] of the de-augmented maps.
+    pub aug_smooth: bool,
+    /// Score-CAM: how many channels (those of largest mean activation) are scored; the others weigh 0.
+    pub max_channels: usize,
+    /// Adds a [`Trust`] figure to each target.
+    pub trust: bool,
     /// Where the map is binarized for boxes and masks.
     pub threshold: Threshold,
     pub max_boxes: usize,
 }
+
+/// Score-CAM's default channel budget: on the default model (1280 channels) the smallest tried whose picture is
+/// within about 0.06 of all channels', for 64 masked images' worth of Runs (docs/methods.md has the measurement).
+pub const DEFAULT_SCORE_CAM_CHANNELS: usize = 64;
+
+/// Masked inputs per Run for Score-CAM: a Run's memory grows with its batch.
+const SCORE_CAM_IMAGES_PER_RUN: usize = 32;
 
 impl Default for ExplainOptions {
     fn default() -> Self {
         Self {
             targets: Targets::TopK(1),
             method: CamMethod::GradCam,
+            eigen_smooth: false,
+            aug_smooth: false,
+            max_channels: DEFAULT_SCORE_CAM_CHANNELS,
+            trust: false,
             threshold: Threshold::DEFAULT,
             max_boxes: 1,
         }
+    }
+}
+
+/// pytorch-grad-cam's `aug_smooth` (ttach: `HorizontalFlip()` x `Multiply([0.9, 1, 1.1])` on the preprocessed
+/// tensor): (mirrored, factor). The identity comes first: its Run gives the scores and the classes.
+pub const AUGMENTATIONS: [(bool, f32); 6] = [
+    (false, 1.0),
+    (false, 0.9),
+    (false, 1.1),
+    (true, 0.9),
+    (true, 1.0),
+    (true, 1.1),
+];
+
+/// How far the map can be trusted: the target's probability on the image, on the image with only the map's
+/// salient part kept (input x map, the rest pulled to the preprocessing mean, as pytorch-grad-cam's
+/// `CamMultImageConfidenceChange` perturbs), and with that part removed (input x (1 - map)).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Trust {
+    pub probability: f32,
+    pub kept_probability: f32,
+    pub removed_probability: f32,
+}
+
+impl Trust {
+    /// pytorch-grad-cam's `DropInConfidence`: max(0, probability - kept_probability).
+    pub fn drop_in_confidence(&self) -> f32 {
+        (self.probability - self.kept_probability).max(0.0)
+    }
+
+    /// pytorch-grad-cam's `IncreaseInConfidence`: the kept part alone is more convincing than the image.
+    pub fn increase_in_confidence(&self) -> bool {
+        self.kept_probability > self.probability
+    }
+
+    /// How much the probability falls when the salient part is removed (negative: it rises).
+    pub fn removal_drop(&self) -> f32 {
+        self.probability - self.removed_probability
     }
 }
 
@@ -77,12 +137,16 @@ pub struct Timings {
 
 pub struct TargetMap {
     pub class: usize,
-    /// The method's map on the target layer's grid, before ReLU and normalization.
+    /// The method's map on the target layer's grid, before ReLU and normalization; with `aug_smooth`, the mean of
+    /// the augmented copies' maps (de-augmented).
     pub raw: Map,
+    /// With `aug_smooth`, each augmented copy's raw map, de-augmented (mirrored back); else empty.
+    pub variants: Vec<Map>,
     /// pytorch-grad-cam's display map (ReLU, min-max normalized, upsampled) at the analysis size.
     pub heat: Map,
     /// In original-image pixels.
     pub boxes: Vec<Region>,
+    pub trust: Option<Trust>,
 }
 
 /// Boxes are found on the display map at most this many pixels on its longer side, then scaled to image pixels:
@@ -113,8 +177,22 @@ impl TargetMap {
         if (self.heat.width, self.heat.height) == (width, height) {
             std::borrow::Cow::Borrowed(&self.heat)
         } else {
-            std::borrow::Cow::Owned(cam::display_map(&self.raw, width, height))
+            std::borrow::Cow::Owned(display(&self.raw, &self.variants, width, height))
         }
+    }
+}
+
+/// pytorch-grad-cam's picture of a map: [`cam::display_map`]; with `aug_smooth`, the mean of the copies' display
+/// maps (not normalized again, as pytorch-grad-cam's `forward_augmentation_smoothing`).
+fn display(raw: &Map, variants: &[Map], width: usize, height: usize) -> Map {
+    if variants.is_empty() {
+        cam::display_map(raw, width, height)
+    } else {
+        let maps: Vec<Map> = variants
+            .iter()
+            .map(|v| cam::display_map(v, width, height))
+            .collect();
+        Map::mean(&maps)
     }
 }
 
@@ -171,6 +249,53 @@ async fn prepare(
     .map_err(|_| ExplainError::Panicked("preprocessing"))?
 }
 
+/// What a request spent after decoding: its Runs (waits and inference, added up) and the CPU work around them.
+struct Spent {
+    runs: RunTimes,
+    cpu: Duration,
+}
+
+impl Spent {
+    fn add(&mut self, runs: RunTimes, cpu: Duration) {
+        self.runs = self.runs.then(runs);
+        self.cpu += cpu;
+    }
+}
+
+/// Runs CPU-heavy work on a blocking thread; returns its result and how long it took.
+async fn blocking<T: Send + 'static>(
+    stage: &'static str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<(T, Duration), ExplainError> {
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let out = work();
+        (out, started.elapsed())
+    })
+    .await
+    .map_err(|_| ExplainError::Panicked(stage))
+}
+
+/// One Run of `images` images [images,3,H,W], each with the same K seed rows.
+async fn run(
+    model: &Model,
+    inputs: Vec<f32>,
+    images: usize,
+    seeds: &[f32],
+    k: usize,
+) -> Result<(Vec<RunOutput>, RunTimes), ExplainError> {
+    let (outputs, times) = model
+        .runner
+        .run(inputs, images, seeds.repeat(images), k)
+        .await?;
+    if outputs.len() != images {
+        return Err(
+            EngineError::Failed(format!("{} outputs for {images} images", outputs.len())).into(),
+        );
+    }
+    Ok((outputs, times))
+}
+
 /// Class scores only: one Run with a single all-zero seed row.
 pub async fn predict(
     model: &Arc<Model>,
@@ -179,7 +304,7 @@ pub async fn predict(
 ) -> Result<(Vec<f32>, Timings), ExplainError> {
     let (_, tensor, decode) = prepare(model, bytes, limits).await?;
     let seeds = vec![0.0; model.info.num_classes()];
-    let (output, run) = model.runner.run(tensor, seeds, 1).await?;
+    let (mut outputs, run) = run(model, tensor, 1, &seeds, 1).await?;
     let timings = Timings {
         decode,
         queue: run.queue,
@@ -187,7 +312,84 @@ pub async fn predict(
         batch_size: run.batch_size,
         maps: Duration::ZERO,
     };
-    Ok((output.logits, timings))
+    Ok((outputs.swap_remove(0).logits, timings))
+}
+
+/// One seed row per target: one-hot for a class, all zero for "the k-th best class".
+fn seed_rows(targets: &Targets, classes: usize) -> (Vec<f32>, usize) {
+    match targets {
+        Targets::TopK(k) => (vec![0.0; k * classes], *k),
+        Targets::Classes(list) => {
+            let mut seeds = vec![0.0; list.len() * classes];
+            for (row, &class) in list.iter().enumerate() {
+                seeds[row * classes + class] = 1.0;
+            }
+            (seeds, list.len())
+        }
+    }
+}
+
+/// The augmented copies of a preprocessed tensor, side by side.
+fn augmented(tensor: &[f32], augmentations: &[(bool, f32)], width: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(tensor.len() * augmentations.len());
+    for &(mirrored, factor) in augmentations {
+        for row in tensor.chunks_exact(width) {
+            if mirrored {
+                out.extend(row.iter().rev().map(|v| v * factor));
+            } else {
+                out.extend(row.iter().map(|v| v * factor));
+            }
+        }
+    }
+    out
+}
+
+/// `tensor` [3,H,W] times each mask [H,W], side by side.
+fn masked(tensor: &[f32], masks: impl Iterator<Item = Map>) -> Vec<f32> {
+    let mut out = Vec::new();
+    for mask in masks {
+        for plane in tensor.chunks_exact(mask.data.len()) {
+            out.extend(plane.iter().zip(&mask.data).map(|(x, m)| x * m));
+        }
+    }
+    out
+}
+
+/// Score-CAM's masked Runs for one image: the scored channels and the logits of the input masked by each.
+async fn score_cam_logits(
+    model: &Model,
+    tensor: Arc<Vec<f32>>,
+    output: Arc<RunOutput>,
+    max_channels: usize,
+    spent: &mut Spent,
+) -> Result<(Vec<usize>, Vec<Vec<f32>>), ExplainError> {
+    let p = &model.info.preprocess;
+    let (width, height) = (p.width, p.height);
+    let shape = output.activation_shape;
+    let channels = cam::score_cam_channels(&output.activations, shape, max_channels);
+    let seeds = vec![0.0; model.info.num_classes()];
+    let mut logits = Vec::with_capacity(channels.len());
+    for chunk in channels.chunks(SCORE_CAM_IMAGES_PER_RUN) {
+        let (chunk, tensor, output) = (chunk.to_vec(), tensor.clone(), output.clone());
+        let (inputs, cpu) = blocking("Score-CAM masks", move || {
+            let plane = shape[1] * shape[2];
+            let masks = chunk.iter().map(|&c| {
+                let channel = Map::new(
+                    shape[2],
+                    shape[1],
+                    output.activations[c * plane..][..plane].to_vec(),
+                );
+                cam::score_cam_mask(&channel, width, height)
+            });
+            masked(&tensor, masks)
+        })
+        .await?;
+        let images = inputs.len() / (3 * width * height);
+        let (outputs, run_times) = run(model, inputs, images, &seeds, 1).await?;
+        spent.add(run_times, cpu);
+        logits.extend(outputs.into_iter().map(|o| o.logits));
+    }
+    Ok((channels, logits))
 }
 
 pub async fn explain(
@@ -198,68 +400,172 @@ pub async fn explain(
 ) -> Result<Explanation, ExplainError> {
     let (image, tensor, decode) = prepare(model, bytes, limits).await?;
     let classes = model.info.num_classes();
+    let width = model.info.preprocess.width;
     // All targets ride in one Run: one seed row each; an all-zero row k means "the k-th best class".
-    let (seeds, k) = match &options.targets {
-        Targets::TopK(k) => (vec![0.0; k * classes], *k),
-        Targets::Classes(list) => {
-            let mut seeds = vec![0.0; list.len() * classes];
-            for (row, &class) in list.iter().enumerate() {
-                seeds[row * classes + class] = 1.0;
-            }
-            (seeds, list.len())
-        }
+    let (seeds, k) = seed_rows(&options.targets, classes);
+    let augmentations = &AUGMENTATIONS[..if options.aug_smooth {
+        AUGMENTATIONS.len()
+    } else {
+        1
+    }];
+    let inputs = augmented(&tensor, augmentations, width);
+    let n = augmentations.len();
+    let (mut outputs, mut run_times) = run(model, inputs.clone(), n, &seeds, k).await?;
+    // Every copy must explain the classes the image itself resolved to; rarely, a copy ranks them otherwise and
+    // the copies run again with those classes named.
+    if outputs
+        .iter()
+        .any(|o| o.target_class != outputs[0].target_class)
+    {
+        let named = Targets::Classes(outputs[0].target_class.clone());
+        let (again, times) =
+            run(model, inputs.clone(), n, &seed_rows(&named, classes).0, k).await?;
+        (outputs, run_times) = (again, run_times.then(times));
+    }
+    let mut spent = Spent {
+        runs: run_times,
+        cpu: Duration::ZERO,
     };
-    let (output, run) = model.runner.run(tensor, seeds, k).await?;
-    let options = options.clone();
-    tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let [channels, height, width] = output.activation_shape;
-        let targets = (0..k)
+
+    let outputs: Vec<Arc<RunOutput>> = outputs.into_iter().map(Arc::new).collect();
+    let mut scored = Vec::new();
+    if options.method == CamMethod::ScoreCam {
+        for (copy, output) in inputs.chunks_exact(tensor.len()).zip(&outputs) {
+            let copy = Arc::new(copy.to_vec());
+            scored.push(
+                score_cam_logits(
+                    model,
+                    copy,
+                    output.clone(),
+                    options.max_channels,
+                    &mut spent,
+                )
+                .await?,
+            );
+        }
+    }
+
+    let opts = options.clone();
+    let maps_outputs = outputs.clone();
+    let image_size = (image.width() as usize, image.height() as usize);
+    let (mut targets, cpu) = blocking("mapping", move || {
+        let outputs = maps_outputs;
+        let shape = outputs[0].activation_shape;
+        let analysis_size = fit(image_size.0, image_size.1, ANALYSIS_SIDE);
+        (0..k)
             .map(|row| {
-                let raw = cam::compute(
-                    options.method,
-                    &output.activations,
-                    output.gradient(row),
-                    channels,
-                    height,
-                    width,
-                );
-                let image_size = (image.width() as usize, image.height() as usize);
-                let analysis_size = fit(image_size.0, image_size.1, ANALYSIS_SIDE);
-                let heat = cam::display_map(&raw, analysis_size.0, analysis_size.1);
-                let boxes = if options.max_boxes == 0 {
+                let class = outputs[0].target_class[row];
+                let variants: Vec<Map> = outputs
+                    .iter()
+                    .zip(AUGMENTATIONS)
+                    .enumerate()
+                    .map(|(i, (output, (mirrored, _)))| {
+                        let raw = match scored.get(i) {
+                            Some((channels, logits)) => {
+                                let scores: Vec<f32> = logits.iter().map(|l| l[class]).collect();
+                                cam::score_cam(
+                                    &output.activations,
+                                    shape,
+                                    channels,
+                                    &scores,
+                                    opts.eigen_smooth,
+                                )
+                            }
+                            None => cam::compute(
+                                opts.method,
+                                &output.activations,
+                                output.gradient(row),
+                                shape,
+                                opts.eigen_smooth,
+                            ),
+                        };
+                        if mirrored {
+                            raw.flipped_horizontally()
+                        } else {
+                            raw
+                        }
+                    })
+                    .collect();
+                let (raw, variants) = if variants.len() == 1 {
+                    (variants.into_iter().next().expect("one map"), Vec::new())
+                } else {
+                    (Map::mean(&variants), variants)
+                };
+                let heat = display(&raw, &variants, analysis_size.0, analysis_size.1);
+                let boxes = if opts.max_boxes == 0 {
                     Vec::new()
                 } else {
-                    boxes::regions(&heat, options.threshold, options.max_boxes)
+                    boxes::regions(&heat, opts.threshold, opts.max_boxes)
                 }
                 .into_iter()
                 .map(|region| scale_region(region, analysis_size, image_size))
                 .collect();
                 TargetMap {
-                    class: output.target_class[row],
+                    class,
                     raw,
+                    variants,
                     heat,
                     boxes,
+                    trust: None,
                 }
             })
-            .collect();
-        let timings = Timings {
-            decode,
-            queue: run.queue,
-            inference: run.inference,
-            batch_size: run.batch_size,
-            maps: started.elapsed(),
-        };
-        Explanation {
-            image,
-            probabilities: softmax(&output.logits),
-            logits: output.logits,
-            targets,
-            timings,
-        }
+            .collect::<Vec<_>>()
     })
-    .await
-    .map_err(|_| ExplainError::Panicked("mapping"))
+    .await?;
+    spent.cpu += cpu;
+
+    let probabilities = softmax(&outputs[0].logits);
+    if options.trust {
+        trust(model, &tensor, &probabilities, &mut targets, &mut spent).await?;
+    }
+    Ok(Explanation {
+        image,
+        logits: outputs[0].logits.clone(),
+        probabilities,
+        targets,
+        timings: Timings {
+            decode,
+            queue: spent.runs.queue,
+            inference: spent.runs.inference,
+            batch_size: spent.runs.batch_size,
+            maps: spent.cpu,
+        },
+    })
+}
+
+/// The trust figures of every target, from one Run of the perturbed inputs (two per target).
+async fn trust(
+    model: &Model,
+    tensor: &[f32],
+    probabilities: &[f32],
+    targets: &mut [TargetMap],
+    spent: &mut Spent,
+) -> Result<(), ExplainError> {
+    let (width, height) = (model.info.preprocess.width, model.info.preprocess.height);
+    let maps: Vec<Map> = targets
+        .iter()
+        .map(|t| display(&t.raw, &t.variants, width, height))
+        .collect();
+    let tensor = tensor.to_vec();
+    let (inputs, cpu) = blocking("trust inputs", move || {
+        let perturbations = maps.into_iter().flat_map(|kept| {
+            let removed = Map::new(width, height, kept.data.iter().map(|m| 1.0 - m).collect());
+            [kept, removed]
+        });
+        masked(&tensor, perturbations)
+    })
+    .await?;
+    let seeds = vec![0.0; model.info.num_classes()];
+    let (outputs, run_times) = run(model, inputs, 2 * targets.len(), &seeds, 1).await?;
+    spent.add(run_times, cpu);
+    for (target, pair) in targets.iter_mut().zip(outputs.chunks_exact(2)) {
+        target.trust = Some(Trust {
+            probability: probabilities[target.class],
+            kept_probability: softmax(&pair[0].logits)[target.class],
+            removed_probability: softmax(&pair[1].logits)[target.class],
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -104,7 +104,17 @@ async fn health_readiness_and_model_listing() {
     assert_eq!(tiny["device"], "cpu");
     assert_eq!(
         tiny["methods"],
-        serde_json::json!(["gradcam", "gradcampp", "xgradcam", "hirescam", "layercam"])
+        serde_json::json!([
+            "gradcam",
+            "gradcampp",
+            "xgradcam",
+            "hirescam",
+            "gradcam_elementwise",
+            "layercam",
+            "eigencam",
+            "eigengradcam",
+            "scorecam"
+        ])
     );
     let size = &tiny["input_size"];
     assert!(size["width"].as_u64().unwrap() > 0 && size["height"].as_u64().unwrap() > 0);

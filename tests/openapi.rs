@@ -380,6 +380,12 @@ async fn every_documented_response_is_what_the_server_sends() {
         ),
         post(
             explain,
+            "/v1/models/tiny/explain?output=raw&method=scorecam&max_channels=4&aug_smooth=true&trust=true&relu=false",
+            "image/png",
+            &png,
+        ),
+        post(
+            explain,
             "/v1/models/tiny/explain?output=boxes",
             "image/png",
             &png,

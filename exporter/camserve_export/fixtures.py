@@ -22,12 +22,15 @@ from .cam import gradcam_lowres
 from .check import reference
 from .export import export_contract
 from .metadata import Preprocess, numbered_labels, read_metadata, set_metadata
+from .references import ALWAYS_PROJECTED, METHODS, pytorch_grad_cam_map, score_cam_numpy, trust_figures
 from .split import ExplicitSplit, hook_split
 
 SEED = 0
 TINY_SIZE = 64
 RED_SIZE = 128
 DEFAULT_MODEL = "../../models/efficientnet_lite0.onnx"  # relative to the fixtures directory
+TINY_SCORE_CAM_BUDGET = 8  # of tiny_cnn's 32 channels
+DEFAULT_SCORE_CAM_BUDGET = 64  # the server's default max_channels
 
 
 class TinyCNN(nn.Module):
@@ -113,33 +116,62 @@ def _write_images(root: Path) -> dict[str, Path]:
 
 
 # -------------------------------------------------------------------------------------------------- references
-def _cases(root: Path, split, model_file: str, preprocess: Preprocess, size: int, image: Path, classes):
-    """Reference maps for one image: lowres (autograd, relu'd, not normalized) and pytorch-grad-cam's output."""
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
+def _cases(root: Path, split, model_file: str, preprocess: Preprocess, size: int, image: Path, classes, extras=None):
+    """Reference maps for one image: lowres (autograd, relu'd, not normalized) and pytorch-grad-cam's output for
+    every one-Run method; `extras` (smoothing, Score-CAM, trust figures) for the image's first class."""
     x = preprocess.tensor(Image.open(image), size)
     with torch.no_grad():
         logits = split.logits(x)[0]
     ranked = torch.argsort(logits, descending=True).tolist()
     cases = []
-    for cls in classes(ranked):
+    for i, cls in enumerate(classes(ranked)):
         seeds = torch.nn.functional.one_hot(torch.tensor([[cls]]), logits.shape[0]).float()
         _, A, G = reference(split, x, seeds)
         lowres = gradcam_lowres(A[0], G[0, 0])
         if not lowres.max() > 0:
             raise RuntimeError(f"degenerate reference: Grad-CAM of class {cls} on {image.name} is all zero")
-        for p in split.root.parameters():
-            p.requires_grad_(True)  # pytorch-grad-cam needs a gradient to flow through the target layer
-        with GradCAM(model=split.root, target_layers=[split.target_module]) as cam:
-            gradcam = cam(input_tensor=x, targets=[ClassifierOutputTarget(cls)])[0]
         stem = f"{Path(model_file).stem}.{image.stem}.class{cls}"
-        np.save(root / "reference" / f"{stem}.lowres.npy", lowres.astype(np.float32))
-        np.save(root / "reference" / f"{stem}.gradcam.npy", gradcam.astype(np.float32))
-        cases.append({"model": model_file, "image": f"images/{image.name}", "class": cls, "rank": ranked.index(cls),
-                      "lowres": f"reference/{stem}.lowres.npy", "gradcam": f"reference/{stem}.gradcam.npy",
-                      "logits": [round(float(v), 6) for v in logits]})
+
+        def save(name: str, array: np.ndarray) -> str:
+            np.save(root / "reference" / f"{stem}.{name}.npy", array.astype(np.float32))
+            return f"reference/{stem}.{name}.npy"
+
+        methods, flipped = {}, []
+        for method in METHODS:
+            cam, flips = pytorch_grad_cam_map(split, x, cls, method)
+            methods[method] = save(method, cam)
+            if flips:
+                flipped.append(method)
+        case = {"model": model_file, "image": f"images/{image.name}", "class": cls, "rank": ranked.index(cls),
+                "lowres": save("lowres", lowres), "gradcam": methods["gradcam"], "methods": methods,
+                "lapack_sign_flipped": flipped, "logits": [round(float(v), 6) for v in logits]}
+        if i == 0 and extras:
+            case.update(_extras(split, x, cls, save, **extras))
+        cases.append(case)
     return cases
+
+
+def _extras(split, x, cls, save, smoothed=(), score_cam=(), trust=()):
+    """smoothed: (method, aug_smooth, eigen_smooth) triples; score_cam: channel budgets (None: every channel,
+    by pytorch-grad-cam's ScoreCAM; a number: the numpy computation of the budgeted form); trust: methods."""
+    out = {"smoothed": [], "scorecam": [], "trust": []}
+    for method, aug, eigen in smoothed:
+        cam, flips = pytorch_grad_cam_map(split, x, cls, method, aug_smooth=aug, eigen_smooth=eigen)
+        name = method + ".aug_smooth" * aug + ".eigen_smooth" * eigen
+        out["smoothed"].append({"method": method, "aug_smooth": aug, "eigen_smooth": eigen, "map": save(name, cam),
+                                "lapack_sign_flipped": flips > 0})
+    for budget in score_cam:
+        if budget is None:
+            cam, _ = pytorch_grad_cam_map(split, x, cls, "scorecam")
+            budget, source = int(split.activations(x).shape[1]), "pytorch-grad-cam"
+        else:
+            cam, _ = score_cam_numpy(split, x, cls, budget)
+            source = "numpy"
+        out["scorecam"].append({"max_channels": budget, "source": source, "map": save(f"scorecam.c{budget}", cam)})
+    for method in trust:
+        cam, _ = pytorch_grad_cam_map(split, x, cls, method)
+        out["trust"].append({"method": method, **trust_figures(split, x, cls, cam)})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ broken models
@@ -236,14 +268,20 @@ def generate(root: Path, log=print) -> None:
 
     log("reference maps")
     cases = []
+    # Smoothing on the first tiny case: eigen_smooth for every method it changes, aug_smooth alone and combined.
+    tiny_extras = {"smoothed": [(m, False, True) for m in METHODS if m not in ALWAYS_PROJECTED]
+                   + [("gradcam", True, False), ("eigencam", True, False), ("gradcam", True, True)],
+                   "score_cam": [None, TINY_SCORE_CAM_BUDGET], "trust": ["gradcam"]}
     for i, name in enumerate(("chelsea", "coffee", "astronaut")):  # the top class and one of rank 2, 3, 4
         cases += _cases(root, tiny, "tiny_cnn.onnx", Preprocess(), TINY_SIZE, images[f"{name}_{TINY_SIZE}"],
-                        lambda ranked: [ranked[0], ranked[2 + i]])
+                        lambda ranked: [ranked[0], ranked[2 + i]], tiny_extras if i == 0 else None)
     cases += _cases(root, red, "red_detector.onnx", RED_PREPROCESS, RED_SIZE, images[f"red_blue_{RED_SIZE}"],
                     lambda ranked: [0, 1])
     backbone, head, name = lite.split(lite.pretrained_lite0().eval())
     cases += _cases(root, ExplicitSplit(backbone, head, name), DEFAULT_MODEL, lite.PREPROCESS, lite.INPUT_SIZE,
-                    images[f"chelsea_{lite.INPUT_SIZE}"], lambda ranked: ranked[:1])
+                    images[f"chelsea_{lite.INPUT_SIZE}"], lambda ranked: ranked[:1],
+                    {"smoothed": [("gradcam", True, False), ("gradcam", False, True)],
+                     "score_cam": [DEFAULT_SCORE_CAM_BUDGET], "trust": ["gradcam"]})
     (root / "reference" / "cases.json").write_text(json.dumps(cases, indent=1) + "\n")
     log(f"{len(cases)} reference cases")
 

@@ -30,6 +30,7 @@ pub enum ErrorCode {
     ClassOutOfRange,
     TooManyClasses,
     SingleTargetRequired,
+    TooManyChannels,
     Overloaded,
     Timeout,
     Unauthorized,
@@ -44,7 +45,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for the test that keeps openapi.yaml's list equal to this one.
-    pub const ALL: [ErrorCode; 25] = [
+    pub const ALL: [ErrorCode; 26] = [
         Self::RouteNotFound,
         Self::MethodNotAllowed,
         Self::ModelNotFound,
@@ -60,6 +61,7 @@ impl ErrorCode {
         Self::ClassOutOfRange,
         Self::TooManyClasses,
         Self::SingleTargetRequired,
+        Self::TooManyChannels,
         Self::Overloaded,
         Self::Timeout,
         Self::Unauthorized,
@@ -84,9 +86,10 @@ impl ErrorCode {
             | Self::UnknownParameter => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge | Self::ImageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::ClassOutOfRange | Self::TooManyClasses | Self::SingleTargetRequired => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            Self::ClassOutOfRange
+            | Self::TooManyClasses
+            | Self::SingleTargetRequired
+            | Self::TooManyChannels => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Overloaded | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::AdminDisabled => StatusCode::FORBIDDEN,

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::boxes::Region;
 use crate::cam::{CamMethod, Map};
-use crate::explain::{self, Explanation, TargetMap, Timings};
+use crate::explain::{self, Explanation, TargetMap, Timings, Trust};
 use crate::http::SharedState;
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::image_body::ImageBody;
@@ -274,6 +274,31 @@ struct TargetBody<'a> {
     overlay_png: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     heatmap_png: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trust: Option<TrustBody>,
+}
+
+#[derive(Serialize)]
+struct TrustBody {
+    probability: f32,
+    kept_probability: f32,
+    removed_probability: f32,
+    drop_in_confidence: f32,
+    increase_in_confidence: bool,
+    removal_drop: f32,
+}
+
+impl From<&Trust> for TrustBody {
+    fn from(t: &Trust) -> Self {
+        Self {
+            probability: t.probability,
+            kept_probability: t.kept_probability,
+            removed_probability: t.removed_probability,
+            drop_in_confidence: t.drop_in_confidence(),
+            increase_in_confidence: t.increase_in_confidence(),
+            removal_drop: t.removal_drop(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -314,16 +339,21 @@ struct MapBody {
     data: Vec<f32>,
 }
 
-/// Grad-CAM's map: the method's raw map after ReLU, not normalized, on the grid `size` asks for.
+/// The method's map on the grid `size` asks for: after ReLU (Grad-CAM's map, not normalized), or with `relu`
+/// off the raw map with its sign. The range is the map's on the target layer's grid; upsampled values stay in it.
 fn cam_map(
     target: &TargetMap,
-    size: MapSize,
+    params: &ExplainParams,
     info: &ModelInfo,
     canvas: &Canvas,
 ) -> (Map, (f32, f32)) {
-    let map = target.raw.clone().relu();
-    let range = target.cam_range();
-    let map = match size {
+    let map = if params.relu {
+        target.raw.clone().relu()
+    } else {
+        target.raw.clone()
+    };
+    let range = map.min_max().unwrap_or((0.0, 0.0));
+    let map = match params.map_size {
         MapSize::Activation => map,
         MapSize::Input => map.resize_bilinear(info.preprocess.width, info.preprocess.height),
         MapSize::Image => map.resize_bilinear(canvas.width, canvas.height),
@@ -411,7 +441,7 @@ fn encode(info: &ModelInfo, explanation: &Explanation, params: &ExplainParams) -
             let maps: Vec<Map> = explanation
                 .targets
                 .iter()
-                .map(|t| cam_map(t, params.map_size, info, &canvas).0)
+                .map(|t| cam_map(t, params, info, &canvas).0)
                 .collect();
             let data: Vec<f32> = maps.iter().flat_map(|m| m.data.iter().copied()).collect();
             let shape = [maps.len(), maps[0].height, maps[0].width];
@@ -445,7 +475,7 @@ fn json_body<'a>(
             probability: explanation.probabilities[target.class],
             boxes: with_boxes.then(|| target.boxes.iter().map(BoxBody::from).collect()),
             map: with_map.then(|| {
-                let (map, (min, max)) = cam_map(target, params.map_size, info, canvas);
+                let (map, (min, max)) = cam_map(target, params, info, canvas);
                 MapBody {
                     shape: [map.height, map.width],
                     min,
@@ -456,6 +486,7 @@ fn json_body<'a>(
             overlay_png: with_images.then(|| base64_png(canvas.overlay(target, params.alpha))),
             heatmap_png: with_images
                 .then(|| base64_png(canvas.heatmap(target, HeatmapEncoding::Color))),
+            trust: target.trust.as_ref().map(TrustBody::from),
         })
         .collect();
     ExplainBody {

@@ -4,7 +4,7 @@
 use crate::boxes::Threshold;
 use crate::cam::CamMethod;
 use crate::config::Limits;
-use crate::explain::{ExplainOptions, Targets};
+use crate::explain::{DEFAULT_SCORE_CAM_CHANNELS, ExplainOptions, Targets};
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::formats::Format;
 use crate::model::ModelInfo;
@@ -45,6 +45,8 @@ pub struct ExplainParams {
     pub alpha: f32,
     pub heatmap: HeatmapEncoding,
     pub map_size: MapSize,
+    /// Maps (`raw`, `npy`, `json`) after ReLU (the default), or before it, with their sign.
+    pub relu: bool,
     /// Longest side of image outputs and of image-sized maps.
     pub max_side: usize,
     /// A labeling tool's format, in place of `output`.
@@ -63,6 +65,11 @@ const EXPLAIN_KEYS: &[&str] = &[
     "map_size",
     "max_side",
     "format",
+    "eigen_smooth",
+    "aug_smooth",
+    "max_channels",
+    "trust",
+    "relu",
 ];
 
 fn pairs(query: Option<&str>, allowed: &[&str]) -> Result<Vec<(String, String)>, ApiError> {
@@ -183,6 +190,29 @@ pub fn explain(
 
     let methods: Vec<(&str, CamMethod)> = CamMethod::ALL.iter().map(|m| (m.name(), *m)).collect();
     let method = choice(&pairs, "method", &methods, CamMethod::GradCam)?;
+    let flag = |key| single::<bool>(&pairs, key, "true or false").map(|v| v.unwrap_or(false));
+    let (eigen_smooth, aug_smooth, trust) =
+        (flag("eigen_smooth")?, flag("aug_smooth")?, flag("trust")?);
+    let relu = single::<bool>(&pairs, "relu", "true or false")?.unwrap_or(true);
+    let max_channels = single::<usize>(&pairs, "max_channels", "a positive integer")?;
+    if max_channels.is_some() && method != CamMethod::ScoreCam {
+        return Err(invalid(
+            "`max_channels` is Score-CAM's budget: it needs method=scorecam".into(),
+        ));
+    }
+    let max_channels = max_channels.unwrap_or(DEFAULT_SCORE_CAM_CHANNELS);
+    if max_channels == 0 {
+        return Err(invalid("`max_channels` must be at least 1".into()));
+    }
+    if max_channels > limits.max_score_cam_channels {
+        return Err(ApiError::new(
+            ErrorCode::TooManyChannels,
+            format!(
+                "`max_channels` {max_channels} is over this server's limit of {} Score-CAM channels",
+                limits.max_score_cam_channels
+            ),
+        ));
+    }
     let output = choice(
         &pairs,
         "output",
@@ -249,6 +279,12 @@ pub fn explain(
     if format.is_some() && pairs.iter().any(|(k, _)| k == "output") {
         return Err(invalid("give either `output` or `format`, not both".into()));
     }
+    if trust && (format.is_some() || !matches!(output, Output::Json | Output::Raw | Output::Boxes))
+    {
+        return Err(invalid(
+            "`trust` figures are part of JSON answers: use output=json, raw or boxes".into(),
+        ));
+    }
     if matches!(output, Output::Overlay | Output::Heatmap) && count != 1 {
         return Err(ApiError::new(
             ErrorCode::SingleTargetRequired,
@@ -262,6 +298,10 @@ pub fn explain(
         options: ExplainOptions {
             targets,
             method,
+            eigen_smooth,
+            aug_smooth,
+            max_channels,
+            trust,
             threshold,
             // Outputs without boxes don't pay for finding them.
             max_boxes: if format.is_some() || matches!(output, Output::Json | Output::Boxes) {
@@ -274,6 +314,7 @@ pub fn explain(
         alpha,
         heatmap,
         map_size,
+        relu,
         max_side,
         format,
     })

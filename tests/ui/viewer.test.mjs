@@ -105,7 +105,7 @@ try {
   // Probabilities, the trust-score placeholder and the downloads.
   const rows = await page.$$eval("#predictions tbody tr", (trs) => trs.map((tr) => tr.cells[1].textContent));
   assert.deepEqual(rows.sort(), ["blue", "red"]);
-  assert.match(await page.textContent("#trust-score"), /not compute a trust score yet/);
+  assert.match(await page.textContent("#trust-score"), /Not shown here yet/);
   const downloads = await page.$$eval("#target-0 .downloads a", (as) => as.map((a) => a.download));
   assert.deepEqual(downloads, ["red-0-red-overlay.png", "red-0-red-heatmap.png", "red-0-red-boxes.json", "red-0-red-map.json"]);
   const [download] = await Promise.all([page.waitForEvent("download"), page.click("button[data-format=coco]")]);
