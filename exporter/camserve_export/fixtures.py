@@ -2,8 +2,9 @@
 
     .venv/bin/python -m camserve_export.fixtures tests/fixtures
 
-Writes tiny_cnn.onnx, red_detector.onnx, broken_*.onnx, images/*.png and reference/ (Grad-CAM maps computed
-with PyTorch autograd and with pytorch-grad-cam, plus cases.json). tests/fixtures/README.md describes them."""
+Writes tiny_cnn.onnx, tiny_cnn_extras.onnx, red_detector.onnx, broken_*.onnx, images/*.png and reference/
+(Grad-CAM maps computed with PyTorch autograd and with pytorch-grad-cam, plus cases.json and extras.json).
+tests/fixtures/README.md describes them."""
 
 import json
 import sys
@@ -27,6 +28,7 @@ from .split import ExplicitSplit, hook_split
 SEED = 0
 TINY_SIZE = 64
 RED_SIZE = 128
+EXTRA_LAYER = "features.5"  # tiny_cnn_extras' second target: the third conv's ReLU, [32, H/4, W/4]
 DEFAULT_MODEL = "../../models/efficientnet_lite0.onnx"  # relative to the fixtures directory
 
 
@@ -142,6 +144,46 @@ def _cases(root: Path, split, model_file: str, preprocess: Preprocess, size: int
     return cases
 
 
+def _extras_cases(root: Path, image: Path) -> list[dict]:
+    """tiny_cnn_extras.onnx references from pytorch-grad-cam, for the image's best and third-best class: Guided
+    Grad-CAM (`cam_mask * gb` as its README combines them, and deprocess_image of that as a PNG) and maps over both
+    target layers (GradCAM, LayerCAM)."""
+    from pytorch_grad_cam import GradCAM, GuidedBackpropReLUModel, LayerCAM
+    from pytorch_grad_cam.utils.image import deprocess_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    x = Preprocess().tensor(Image.open(image), TINY_SIZE)
+    with torch.no_grad():
+        ranked = torch.argsort(tiny_cnn()(x)[0], descending=True).tolist()
+    cases = []
+    for cls in (ranked[0], ranked[2]):
+        target = [ClassifierOutputTarget(cls)]
+        # a fresh model per library call: GuidedBackpropReLUModel swaps the ReLU modules (a target layer here)
+        model = tiny_cnn().requires_grad_(True)
+        with GradCAM(model=model, target_layers=[model.features]) as cam:
+            cam_mask = cam(input_tensor=x, targets=target)[0]
+        model = tiny_cnn()
+        gb = GuidedBackpropReLUModel(model=model, device="cpu")(x.clone(), target_category=cls)
+        guided = (cam_mask[:, :, None] * gb).astype(np.float32)
+        layers = {}
+        for name, method in (("gradcam", GradCAM), ("layercam", LayerCAM)):
+            model = tiny_cnn().requires_grad_(True)
+            with method(model=model, target_layers=[model.features, model.get_submodule(EXTRA_LAYER)]) as cam:
+                layers[name] = cam(input_tensor=x, targets=target)[0].astype(np.float32)
+        if not (np.abs(guided).max() > 0 and all(m.max() > 0 for m in layers.values())):
+            raise RuntimeError(f"degenerate reference: an extras map of class {cls} on {image.name} is all zero")
+        stem = f"tiny_cnn_extras.{image.stem}.class{cls}"
+        np.save(root / "reference" / f"{stem}.guided.npy", guided)
+        Image.fromarray(deprocess_image(guided)).save(root / "reference" / f"{stem}.guided.png", optimize=False)
+        for name, cam_map in layers.items():
+            np.save(root / "reference" / f"{stem}.layers.{name}.npy", cam_map)
+        cases.append({"model": "tiny_cnn_extras.onnx", "image": f"images/{image.name}", "class": cls,
+                      "layers": ["features", EXTRA_LAYER], "guided": f"reference/{stem}.guided.npy",
+                      "guided_png": f"reference/{stem}.guided.png",
+                      "layers_maps": {name: f"reference/{stem}.layers.{name}.npy" for name in layers}})
+    return cases
+
+
 # ------------------------------------------------------------------------------------------------ broken models
 def _prune(graph: onnx.GraphProto) -> None:
     """Drop nodes no graph output depends on (the graphs have no subgraphs)."""
@@ -218,7 +260,7 @@ def broken_models(valid: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
 def generate(root: Path, log=print) -> None:
     root = Path(root)
     (root / "reference").mkdir(parents=True, exist_ok=True)
-    for stale in (root / "reference").glob("*.npy"):
+    for stale in [*(root / "reference").glob("*.npy"), *(root / "reference").glob("*.png")]:
         stale.unlink()
     images = _write_images(root)
 
@@ -226,6 +268,10 @@ def generate(root: Path, log=print) -> None:
     tiny = hook_split(tiny_cnn(), "features")
     export_contract(tiny, root / "tiny_cnn.onnx", input_size=TINY_SIZE, labels=numbered_labels(10),
                     preprocess=Preprocess(), source=f"camserve fixture TinyCNN, random weights (seed {SEED})")
+    log("tiny_cnn_extras.onnx")
+    export_contract(hook_split(tiny_cnn(), "features"), root / "tiny_cnn_extras.onnx", input_size=TINY_SIZE,
+                    labels=numbered_labels(10), preprocess=Preprocess(), extra_layers=[EXTRA_LAYER], guided=True,
+                    source=f"camserve fixture TinyCNN, random weights (seed {SEED}), guided, extra layer")
     log("red_detector.onnx")
     red = hook_split(RedDetector().eval(), "detector")
     export_contract(red, root / "red_detector.onnx", input_size=RED_SIZE, labels=["red", "blue"],
@@ -245,7 +291,9 @@ def generate(root: Path, log=print) -> None:
     cases += _cases(root, ExplicitSplit(backbone, head, name), DEFAULT_MODEL, lite.PREPROCESS, lite.INPUT_SIZE,
                     images[f"chelsea_{lite.INPUT_SIZE}"], lambda ranked: ranked[:1])
     (root / "reference" / "cases.json").write_text(json.dumps(cases, indent=1) + "\n")
-    log(f"{len(cases)} reference cases")
+    extras = _extras_cases(root, images[f"chelsea_{TINY_SIZE}"])
+    (root / "reference" / "extras.json").write_text(json.dumps(extras, indent=1) + "\n")
+    log(f"{len(cases)} reference cases, {len(extras)} for guided Grad-CAM and several layers")
 
 
 def main(argv=None) -> int:
