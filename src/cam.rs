@@ -256,6 +256,28 @@ pub fn display_map(raw: &Map, width: usize, height: usize) -> Map {
         .normalized()
 }
 
+/// Several target layers' raw maps combined as pytorch-grad-cam combines several `target_layers`: per layer ReLU,
+/// min-max and a bilinear resize to `width x height` (the model's input size); then max(0), the mean over the
+/// layers, and min-max again.
+///
+/// # Panics
+/// If `raws` is empty.
+pub fn combine_layers(raws: &[Map], width: usize, height: usize) -> Map {
+    assert!(!raws.is_empty(), "no layer to combine");
+    let mut sum = vec![0.0f32; width * height];
+    for raw in raws {
+        let up = raw
+            .clone()
+            .relu()
+            .normalized()
+            .resize_bilinear(width, height)
+            .relu();
+        sum.iter_mut().zip(&up.data).for_each(|(s, v)| *s += v);
+    }
+    let count = raws.len() as f32;
+    Map::new(width, height, sum.into_iter().map(|s| s / count).collect()).normalized()
+}
+
 /// `map += weights * activations`, pixel by pixel.
 fn add_weighted(map: &mut [f32], activations: &[f32], weights: impl Iterator<Item = f32>) {
     map.iter_mut()

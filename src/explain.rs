@@ -10,7 +10,8 @@ use crate::boxes::{self, Region};
 use crate::cam::{self, CamMethod, Map};
 use crate::config::Limits;
 use crate::engine::EngineError;
-use crate::preprocess::{self, DecodeError};
+use crate::model;
+use crate::preprocess::{self, ChannelOrder, DecodeError};
 use crate::registry::Model;
 
 /// Which classes to explain.
@@ -29,6 +30,10 @@ pub struct ExplainOptions {
     /// Fraction of the map's maximum at which it is binarized for boxes (the Grad-CAM paper uses 0.15).
     pub threshold: f32,
     pub max_boxes: usize,
+    /// The target layers whose maps are combined: 0 is the model's target layer, i its `extra_layers[i - 1]`.
+    pub layers: Vec<usize>,
+    /// Also compute Guided Grad-CAM (the model must have `input_gradients`).
+    pub guided: bool,
 }
 
 impl Default for ExplainOptions {
@@ -38,6 +43,8 @@ impl Default for ExplainOptions {
             method: CamMethod::GradCam,
             threshold: 0.15,
             max_boxes: 1,
+            layers: vec![0],
+            guided: false,
         }
     }
 }
@@ -77,12 +84,16 @@ pub struct Timings {
 
 pub struct TargetMap {
     pub class: usize,
-    /// The method's map on the target layer's grid, before ReLU and normalization.
+    /// The method's map on the target layer's grid, before ReLU and normalization. With several layers: their
+    /// combined map at the model's input size, pytorch-grad-cam's output (after ReLU, in [0, 1]).
     pub raw: Map,
     /// pytorch-grad-cam's display map (ReLU, min-max normalized, upsampled) at the analysis size.
     pub heat: Map,
     /// In original-image pixels.
     pub boxes: Vec<Region>,
+    /// Guided Grad-CAM when asked for: guided backpropagation times the Grad-CAM map, at the model's input size,
+    /// RGB pixels interleaved (HWC), as pytorch-grad-cam computes `cam_mask * gb`.
+    pub guided: Option<Vec<f32>>,
 }
 
 /// Boxes are found on the display map at most this many pixels on its longer side, then scaled to image pixels:
@@ -137,6 +148,21 @@ fn scale_region(region: Region, map_size: (usize, usize), image_size: (usize, us
     }
 }
 
+/// pytorch-grad-cam's Guided Grad-CAM before `deprocess_image`: the guided backpropagation `gradients` [3,H,W]
+/// times the Grad-CAM map at the input size, per pixel; interleaved RGB (HWC) whatever the model's channel order.
+fn guided_grad_cam(gradients: &[f32], mask: &Map, order: ChannelOrder) -> Vec<f32> {
+    let plane = mask.data.len();
+    let channels = match order {
+        ChannelOrder::Rgb => [0, 1, 2],
+        ChannelOrder::Bgr => [2, 1, 0],
+    };
+    mask.data
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| channels.map(|c| gradients[c * plane + i] * m))
+        .collect()
+}
+
 /// Class indices by descending score.
 pub fn ranked(scores: &[f32]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..scores.len()).collect();
@@ -179,7 +205,10 @@ pub async fn predict(
 ) -> Result<(Vec<f32>, Timings), ExplainError> {
     let (_, tensor, decode) = prepare(model, bytes, limits).await?;
     let seeds = vec![0.0; model.info.num_classes()];
-    let (output, run) = model.runner.run(tensor, seeds, 1).await?;
+    let (output, run) = model
+        .runner
+        .run(tensor, seeds, 1, model::Extras::default())
+        .await?;
     let timings = Timings {
         decode,
         queue: run.queue,
@@ -209,21 +238,59 @@ pub async fn explain(
             (seeds, list.len())
         }
     };
-    let (output, run) = model.runner.run(tensor, seeds, k).await?;
+    let extras = model::Extras {
+        input_gradients: options.guided,
+        layers: options.layers.iter().any(|&layer| layer > 0),
+    };
+    let (output, run) = model.runner.run(tensor, seeds, k, extras).await?;
     let options = options.clone();
+    let preprocess = model.info.preprocess.clone();
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        let [channels, height, width] = output.activation_shape;
+        let input_size = (preprocess.width, preprocess.height);
         let targets = (0..k)
             .map(|row| {
-                let raw = cam::compute(
-                    options.method,
-                    &output.activations,
-                    output.gradient(row),
-                    channels,
-                    height,
-                    width,
-                );
+                let mut maps: Vec<Map> = options
+                    .layers
+                    .iter()
+                    .map(|&layer| {
+                        let (activations, gradients, [channels, height, width]) = match layer {
+                            0 => (
+                                &output.activations,
+                                output.gradient(row),
+                                output.activation_shape,
+                            ),
+                            i => {
+                                let l = &output.extra_layers[i - 1];
+                                (&l.activations, l.gradient(row), l.activation_shape)
+                            }
+                        };
+                        cam::compute(
+                            options.method,
+                            activations,
+                            gradients,
+                            channels,
+                            height,
+                            width,
+                        )
+                    })
+                    .collect();
+                let raw = match maps.len() {
+                    1 => maps.remove(0),
+                    _ => cam::combine_layers(&maps, input_size.0, input_size.1),
+                };
+                let guided = output.input_gradients.as_ref().map(|gradients| {
+                    let block = 3 * input_size.0 * input_size.1;
+                    let mask = match options.layers.len() {
+                        1 => cam::display_map(&raw, input_size.0, input_size.1),
+                        _ => raw.clone(),
+                    };
+                    guided_grad_cam(
+                        &gradients[row * block..(row + 1) * block],
+                        &mask,
+                        preprocess.channel_order,
+                    )
+                });
                 let image_size = (image.width() as usize, image.height() as usize);
                 let analysis_size = fit(image_size.0, image_size.1, ANALYSIS_SIDE);
                 let heat = cam::display_map(&raw, analysis_size.0, analysis_size.1);
@@ -240,6 +307,7 @@ pub async fn explain(
                     raw,
                     heat,
                     boxes,
+                    guided,
                 }
             })
             .collect();

@@ -76,6 +76,29 @@ fn assert_same_size(image: &RgbImage, heat: &Map) {
     );
 }
 
+/// pytorch-grad-cam's `deprocess_image` (from keras-grad-cam), the picture of a guided backpropagation: centre the
+/// values on their mean, divide by (std + 1e-5), scale by 0.1, shift by 0.5, clip to [0, 1], times 255 truncated.
+/// `values` are `width x height` RGB pixels, interleaved (HWC).
+///
+/// # Panics
+/// If `values.len() != 3 * width * height`.
+pub fn deprocess(values: &[f32], width: usize, height: usize) -> RgbImage {
+    assert_eq!(values.len(), 3 * width * height, "values are not {height}x{width}x3");
+    let count = values.len().max(1) as f64;
+    let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / count;
+    let variance = values
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / count;
+    let scale = 0.1 / (variance.sqrt() + 1e-5);
+    let bytes = values
+        .iter()
+        .map(|&v| (((f64::from(v) - mean) * scale + 0.5).clamp(0.0, 1.0) * 255.0) as u8)
+        .collect();
+    RgbImage::from_raw(width as u32, height as u32, bytes).expect("the length was checked")
+}
+
 /// The normalized map in JET colours.
 pub fn colormap(heat: &Map) -> RgbImage {
     let pixels = heat

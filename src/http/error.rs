@@ -40,11 +40,13 @@ pub enum ErrorCode {
     Internal,
     ImageUrlNotAllowed,
     ImageFetchFailed,
+    MissingInputGradients,
+    MissingLayer,
 }
 
 impl ErrorCode {
     /// Every code, for the test that keeps openapi.yaml's list equal to this one.
-    pub const ALL: [ErrorCode; 25] = [
+    pub const ALL: [ErrorCode; 27] = [
         Self::RouteNotFound,
         Self::MethodNotAllowed,
         Self::ModelNotFound,
@@ -70,6 +72,8 @@ impl ErrorCode {
         Self::Internal,
         Self::ImageUrlNotAllowed,
         Self::ImageFetchFailed,
+        Self::MissingInputGradients,
+        Self::MissingLayer,
     ];
 
     pub fn status(self) -> StatusCode {
@@ -84,9 +88,11 @@ impl ErrorCode {
             | Self::UnknownParameter => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge | Self::ImageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::ClassOutOfRange | Self::TooManyClasses | Self::SingleTargetRequired => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            Self::ClassOutOfRange
+            | Self::TooManyClasses
+            | Self::SingleTargetRequired
+            | Self::MissingInputGradients
+            | Self::MissingLayer => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Overloaded | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::AdminDisabled => StatusCode::FORBIDDEN,

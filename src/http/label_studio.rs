@@ -89,6 +89,7 @@ async fn predict(State(state): State<SharedState>, body: Bytes) -> Result<Respon
         method: CamMethod::GradCam,
         threshold: config.threshold,
         max_boxes: config.max_boxes,
+        ..ExplainOptions::default()
     };
     let version = model_version(config);
     let mut results = Vec::with_capacity(tasks.len());
