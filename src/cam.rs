@@ -502,4 +502,23 @@ mod tests {
         ];
         assert_close(&display_map(&raw, 7, 5).data, &want, 1e-6);
     }
+
+    #[test]
+    fn layers_combine_as_by_hand() {
+        // A: relu -> [0, 1, 3], min-max -> [0, 1/3, 1]; B: min-max -> [1, 0, 1/2]. Mean [1/2, 1/6, 3/4];
+        // min-max over [1/6, 3/4] -> [4/7, 0, 1].
+        let a = Map::new(3, 1, vec![-1.0, 1.0, 3.0]);
+        let b = Map::new(3, 1, vec![2.0, 0.0, 1.0]);
+        assert_close(
+            &combine_layers(&[a, b], 3, 1).data,
+            &[4.0 / 7.0, 0.0, 1.0],
+            1e-6,
+        );
+        // One layer: what pytorch-grad-cam returns for one target layer.
+        let raw = Map::new(2, 2, vec![0.5, -1.0, 2.0, 1.0]);
+        assert_eq!(
+            combine_layers(std::slice::from_ref(&raw), 4, 3),
+            display_map(&raw, 4, 3)
+        );
+    }
 }

@@ -194,7 +194,9 @@ pub fn run(
             outputs[format!("activations_{i}").as_str()].try_extract_tensor::<f32>()?;
         let (_, gradients) =
             outputs[format!("gradients_{i}").as_str()].try_extract_tensor::<f32>()?;
-        if shape.len() != 4 || activations.len() % n != 0 || gradients.len() != k * activations.len()
+        if shape.len() != 4
+            || activations.len() % n != 0
+            || gradients.len() != k * activations.len()
         {
             return Err(shape_error(&format!("activations_{i} or gradients_{i}")));
         }
@@ -649,14 +651,24 @@ fn probe(session: &mut Session, meta: &Metadata) -> Result<[usize; 3], String> {
     for (row, class) in (0..k.min(2)).enumerate() {
         seeds[row * classes + class] = 1.0;
     }
-    let single = run(session, &input, [height, width], &seeds, k, Extras::default())
-        .map_err(|e| format!("the probe Run failed: {e}"))?
-        .remove(0);
+    let single = run(
+        session,
+        &input,
+        [height, width],
+        &seeds,
+        k,
+        Extras::default(),
+    )
+    .map_err(|e| format!("the probe Run failed: {e}"))?
+    .remove(0);
     // The same image twice in one Run: batching needs a dynamic batch dimension and must not mix images.
     // With every optional output the model has, so that their shapes are checked too.
     let twice = [input.as_slice(), &input].concat();
     let extras = Extras {
-        input_gradients: session.outputs().iter().any(|o| o.name() == INPUT_GRADIENTS),
+        input_gradients: session
+            .outputs()
+            .iter()
+            .any(|o| o.name() == INPUT_GRADIENTS),
         layers: true,
     };
     let out = run(

@@ -95,9 +95,16 @@ async fn guided_grad_cam_matches_pytorch_grad_cam() {
             .map(|(a, b)| a.abs_diff(*b))
             .max()
             .unwrap();
-        assert!(worst <= 1, "class {}: PNG off by {worst} levels", case.class);
+        assert!(
+            worst <= 1,
+            "class {}: PNG off by {worst} levels",
+            case.class
+        );
         let levels: std::collections::BTreeSet<u8> = reference.as_raw().iter().copied().collect();
-        assert!(levels.len() > 20, "a flat reference picture would prove little");
+        assert!(
+            levels.len() > 20,
+            "a flat reference picture would prove little"
+        );
     }
 }
 
@@ -120,10 +127,7 @@ async fn several_layers_match_pytorch_grad_cam() {
                 assert_eq!(map["shape"], serde_json::json!(shape), "{query}");
                 let data: Vec<f32> = serde_json::from_value(map["data"].clone()).unwrap();
                 let error = max_abs_difference(&data, &reference);
-                assert!(
-                    error <= 1e-4,
-                    "{query}: {error} off pytorch-grad-cam"
-                );
+                assert!(error <= 1e-4, "{query}: {error} off pytorch-grad-cam");
             }
         }
         // The combination is not the primary layer's map alone (else the test could not tell them apart).
@@ -148,13 +152,21 @@ async fn the_optional_outputs_change_nothing_else() {
     let query = "explain?top_k=2&output=raw";
     let (_, extras) = json(
         server
-            .post_image(&format!("/v1/models/extras/{query}"), "image/png", image.clone())
+            .post_image(
+                &format!("/v1/models/extras/{query}"),
+                "image/png",
+                image.clone(),
+            )
             .await,
     )
     .await;
     let (_, tiny) = json(
         server
-            .post_image(&format!("/v1/models/tiny/{query}"), "image/png", image.clone())
+            .post_image(
+                &format!("/v1/models/tiny/{query}"),
+                "image/png",
+                image.clone(),
+            )
             .await,
     )
     .await;
@@ -181,7 +193,10 @@ async fn the_optional_outputs_change_nothing_else() {
     )
     .await;
     assert_eq!(status, 200);
-    assert_eq!(body["explanations"][0]["map"]["shape"], serde_json::json!([16, 16]));
+    assert_eq!(
+        body["explanations"][0]["map"]["shape"],
+        serde_json::json!([16, 16])
+    );
 
     let (_, model) = json(
         server
@@ -192,7 +207,10 @@ async fn the_optional_outputs_change_nothing_else() {
             .unwrap(),
     )
     .await;
-    assert_eq!(model["layers"], serde_json::json!(["features", "features.5"]));
+    assert_eq!(
+        model["layers"],
+        serde_json::json!(["features", "features.5"])
+    );
     assert_eq!(model["guided"], true);
     let (_, model) = json(
         server
@@ -212,13 +230,43 @@ async fn what_a_model_lacks_is_a_422_naming_it() {
     let server = server().await;
     let image = std::fs::read(fixture("images/chelsea_64.png")).unwrap();
     for (query, status, code, names) in [
-        ("tiny/explain?output=guided", 422, "missing_input_gradients", "input_gradients"),
-        ("tiny/explain?output=guided_npy", 422, "missing_input_gradients", "input_gradients"),
-        ("tiny/explain?layers=features.5", 422, "missing_layer", "features.5"),
-        ("extras/explain?layers=all,nope", 422, "missing_layer", "no target layer `all`"),
+        (
+            "tiny/explain?output=guided",
+            422,
+            "missing_input_gradients",
+            "input_gradients",
+        ),
+        (
+            "tiny/explain?output=guided_npy",
+            422,
+            "missing_input_gradients",
+            "input_gradients",
+        ),
+        (
+            "tiny/explain?layers=features.5",
+            422,
+            "missing_layer",
+            "features.5",
+        ),
+        (
+            "extras/explain?layers=all,nope",
+            422,
+            "missing_layer",
+            "no target layer `all`",
+        ),
         ("extras/explain?layers=2", 422, "missing_layer", "`2`"),
-        ("extras/explain?layers=0,features", 400, "invalid_parameter", "twice"),
-        ("extras/explain?output=guided&top_k=2", 422, "single_target_required", "guided"),
+        (
+            "extras/explain?layers=0,features",
+            400,
+            "invalid_parameter",
+            "twice",
+        ),
+        (
+            "extras/explain?output=guided&top_k=2",
+            422,
+            "single_target_required",
+            "guided",
+        ),
     ] {
         let response = server
             .post_image(&format!("/v1/models/{query}"), "image/png", image.clone())
@@ -228,7 +276,11 @@ async fn what_a_model_lacks_is_a_422_naming_it() {
             .unwrap()
             .to_owned();
         let (got, body) = json(response).await;
-        assert_eq!((got, body["error"]["code"].as_str()), (status, Some(code)), "{query}: {body}");
+        assert_eq!(
+            (got, body["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{query}: {body}"
+        );
         assert_eq!(body["error"]["request_id"], request_id.as_str());
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains(names), "{query}: {message}");

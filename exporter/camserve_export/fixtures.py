@@ -256,6 +256,33 @@ def broken_models(valid: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
     return out
 
 
+def broken_extras(valid: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
+    """tiny_cnn_extras.onnx broken one way each in its optional outputs (input_gradients dropped, to keep them
+    small)."""
+    out = {}
+    m = onnx.ModelProto.FromString(valid.SerializeToString())
+    m.graph.output.remove(_output(m.graph, "input_gradients"))
+    _prune(m.graph)
+    lean = m.SerializeToString()
+
+    m = onnx.ModelProto.FromString(lean)
+    keep = [p for p in m.metadata_props if p.key != "camserve.target_layers"]
+    del m.metadata_props[:]
+    m.metadata_props.extend(keep)
+    out["broken_extras_unnamed"] = m
+
+    # gradients_1 renamed gradients_2: the extra layer's gradients are not where the contract says
+    m = onnx.ModelProto.FromString(lean)
+    for node in m.graph.node:
+        node.output[:] = ["gradients_2" if o == "gradients_1" else o for o in node.output]
+    _output(m.graph, "gradients_1").name = "gradients_2"
+    out["broken_extras_numbering"] = m
+
+    for model in out.values():
+        onnx.checker.check_model(model)
+    return out
+
+
 # -------------------------------------------------------------------------------------------------------- main
 def generate(root: Path, log=print) -> None:
     root = Path(root)
@@ -278,6 +305,8 @@ def generate(root: Path, log=print) -> None:
                     preprocess=RED_PREPROCESS, source="camserve fixture RedDetector, hand-set weights")
     log("broken_*.onnx")
     for name, model in broken_models(onnx.load(str(root / "tiny_cnn.onnx"))).items():
+        onnx.save(model, str(root / f"{name}.onnx"))
+    for name, model in broken_extras(onnx.load(str(root / "tiny_cnn_extras.onnx"))).items():
         onnx.save(model, str(root / f"{name}.onnx"))
 
     log("reference maps")

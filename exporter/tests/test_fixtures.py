@@ -138,6 +138,14 @@ def test_broken_models_are_broken_in_one_way_each():
     s = session(FIXTURES / "broken_contract_version.onnx")
     assert metadata(s)["camserve.contract_version"] == 2
 
+    extras = session(FIXTURES / "tiny_cnn_extras.onnx")
+    s = session(FIXTURES / "broken_extras_unnamed.onnx")
+    assert "camserve.target_layers" not in metadata(s) and "camserve.target_layers" in metadata(extras)
+    assert np.array_equal(run(s, x, w1)["gradients_1"], run(extras, x, w1)["gradients_1"])
+    s = session(FIXTURES / "broken_extras_numbering.onnx")
+    assert [o.name for o in s.get_outputs()][-2:] == ["activations_1", "gradients_2"]
+    assert np.array_equal(run(s, x, w1)["gradients_2"], run(extras, x, w1)["gradients_1"])
+
 
 def test_readme_lists_every_fixture():
     readme = (FIXTURES / "README.md").read_text()
