@@ -297,7 +297,6 @@ fn bare_run_median(
             [p.height, p.width],
             &seeds,
             TOP_K,
-            camserve::model::Extras::default(),
         )?);
         if i >= args.warmup {
             times.push(started.elapsed());

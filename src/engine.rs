@@ -2,8 +2,7 @@
 //! jobs from the model's bounded queue; a full queue is refused at once rather than left to grow.
 //!
 //! Batching: a session thread that takes a job also takes the jobs already waiting with the same number of
-//! targets and the same optional outputs (up to `max_batch`), optionally waiting `max_batch_wait` for more, and
-//! runs them in one Run.
+//! targets (up to `max_batch`), optionally waiting `max_batch_wait` for more, and runs them in one Run.
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +10,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use ort::session::Session;
 use tokio::sync::oneshot;
 
-use crate::model::{self, Extras, RunOutput};
+use crate::model::{self, RunOutput};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -36,7 +35,6 @@ struct Job {
     input: Vec<f32>,
     seeds: Vec<f32>,
     k: usize,
-    extras: Extras,
     enqueued: Instant,
     reply: Reply,
 }
@@ -71,20 +69,18 @@ impl Runner {
         Self { queue }
     }
 
-    /// Runs one preprocessed image [3,H,W] with K seed rows, computing the optional outputs `extras` names.
+    /// Runs one preprocessed image [3,H,W] with K seed rows.
     pub async fn run(
         &self,
         input: Vec<f32>,
         seeds: Vec<f32>,
         k: usize,
-        extras: Extras,
     ) -> Result<(RunOutput, RunTimes), EngineError> {
         let (reply, result) = oneshot::channel();
         let job = Job {
             input,
             seeds,
             k,
-            extras,
             enqueued: Instant::now(),
             reply,
         };
@@ -128,7 +124,7 @@ fn serve_session(
                 _ => jobs.try_recv().map_err(|_| RecvTimeoutError::Timeout),
             };
             match next {
-                Ok(job) if (job.k, job.extras) == (batch[0].k, batch[0].extras) => batch.push(job),
+                Ok(job) if job.k == batch[0].k => batch.push(job),
                 Ok(job) => {
                     held = Some(job);
                     break;
@@ -146,14 +142,14 @@ fn serve_session(
 
 fn run_batch(session: &mut Session, batch: Vec<Job>, input_size: [usize; 2]) {
     let started = Instant::now();
-    let (k, extras) = (batch[0].k, batch[0].extras);
+    let k = batch[0].k;
     // One image runs from its own buffer; a batch needs the images side by side.
     let result = if let [job] = &batch[..] {
-        model::run(session, &job.input, input_size, &job.seeds, k, extras)
+        model::run(session, &job.input, input_size, &job.seeds, k)
     } else {
         let inputs: Vec<f32> = batch.iter().flat_map(|j| j.input.iter().copied()).collect();
         let seeds: Vec<f32> = batch.iter().flat_map(|j| j.seeds.iter().copied()).collect();
-        model::run(session, &inputs, input_size, &seeds, k, extras)
+        model::run(session, &inputs, input_size, &seeds, k)
     };
     let inference = started.elapsed();
     let batch_size = batch.len();

@@ -10,7 +10,6 @@ use crate::boxes::{self, Region};
 use crate::cam::{self, CamMethod, Map};
 use crate::config::Limits;
 use crate::engine::EngineError;
-use crate::model;
 use crate::preprocess::{self, ChannelOrder, DecodeError};
 use crate::registry::Model;
 
@@ -205,10 +204,7 @@ pub async fn predict(
 ) -> Result<(Vec<f32>, Timings), ExplainError> {
     let (_, tensor, decode) = prepare(model, bytes, limits).await?;
     let seeds = vec![0.0; model.info.num_classes()];
-    let (output, run) = model
-        .runner
-        .run(tensor, seeds, 1, model::Extras::default())
-        .await?;
+    let (output, run) = model.runner.run(tensor, seeds, 1).await?;
     let timings = Timings {
         decode,
         queue: run.queue,
@@ -238,11 +234,7 @@ pub async fn explain(
             (seeds, list.len())
         }
     };
-    let extras = model::Extras {
-        input_gradients: options.guided,
-        layers: options.layers.iter().any(|&layer| layer > 0),
-    };
-    let (output, run) = model.runner.run(tensor, seeds, k, extras).await?;
+    let (output, run) = model.runner.run(tensor, seeds, k).await?;
     let options = options.clone();
     let preprocess = model.info.preprocess.clone();
     tokio::task::spawn_blocking(move || {
@@ -279,7 +271,11 @@ pub async fn explain(
                     1 => maps.remove(0),
                     _ => cam::combine_layers(&maps, input_size.0, input_size.1),
                 };
-                let guided = output.input_gradients.as_ref().map(|gradients| {
+                let guided = options.guided.then(|| {
+                    let gradients = output
+                        .input_gradients
+                        .as_deref()
+                        .expect("params::explain allows guided outputs only for guided models");
                     let block = 3 * input_size.0 * input_size.1;
                     let mask = match options.layers.len() {
                         1 => cam::display_map(&raw, input_size.0, input_size.1),

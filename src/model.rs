@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ort::session::{OutputSelector, RunOptions, Session};
+use ort::session::Session;
 use ort::value::{Outlet, TensorElementType, TensorRef, ValueType};
 use serde::Deserialize;
 
@@ -93,9 +93,9 @@ pub struct RunOutput {
     pub activation_shape: [usize; 3],
     pub gradients: Vec<f32>,
     pub target_class: Vec<usize>,
-    /// The extra target layers, when asked for (`Extras::layers`), in the model's order.
+    /// The extra target layers, when the model has them, in its order.
     pub extra_layers: Vec<Layer>,
-    /// `input_gradients` [K,3,H,W], when asked for (`Extras::input_gradients`).
+    /// `input_gradients` [K,3,H,W], when the model has them.
     pub input_gradients: Option<Vec<f32>>,
 }
 
@@ -123,51 +123,24 @@ impl Layer {
     }
 }
 
-/// Which optional outputs a Run computes: ONNX Runtime skips the nodes only they need, so a model exported with
-/// them costs nothing extra when they are not asked for.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Extras {
-    pub input_gradients: bool,
-    /// Every extra layer's activations and gradients.
-    pub layers: bool,
-}
-
 /// One Run over a batch: `inputs` holds N preprocessed images [N,3,H,W], `seeds` N x K rows of C class
-/// weights. Returns one output per image.
+/// weights. Returns one output per image, with the optional outputs the model has: ONNX Runtime runs the whole
+/// graph whatever outputs are fetched, so a model exported with them pays for them on every Run.
 pub fn run(
     session: &mut Session,
     inputs: &[f32],
     size: [usize; 2],
     seeds: &[f32],
     k: usize,
-    extras: Extras,
 ) -> ort::Result<Vec<RunOutput>> {
     let n = inputs.len() / (3 * size[0] * size[1]);
     let classes = seeds.len() / (n * k);
-    let extra_layers = if extras.layers {
-        extra_layer_count(session)
-    } else {
-        0
-    };
-    let mut selector = OUTPUTS
-        .iter()
-        .fold(OutputSelector::no_default(), |s, (name, ..)| s.with(*name));
-    if extras.input_gradients {
-        selector = selector.with(INPUT_GRADIENTS);
-    }
-    for i in 1..=extra_layers {
-        selector = selector
-            .with(format!("activations_{i}"))
-            .with(format!("gradients_{i}"));
-    }
-    let options = RunOptions::new()?.with_outputs(selector);
-    let outputs = session.run_with_options(
-        ort::inputs![
-            "input" => TensorRef::from_array_view(([n, 3, size[0], size[1]], inputs))?,
-            "class_weights" => TensorRef::from_array_view(([n, k, classes], seeds))?,
-        ],
-        &options,
-    )?;
+    let extra_layers = extra_layer_count(session);
+    let guided = has_output(session, INPUT_GRADIENTS);
+    let outputs = session.run(ort::inputs![
+        "input" => TensorRef::from_array_view(([n, 3, size[0], size[1]], inputs))?,
+        "class_weights" => TensorRef::from_array_view(([n, k, classes], seeds))?,
+    ])?;
     let (_, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
     let (act_shape, activations) = outputs["activations"].try_extract_tensor::<f32>()?;
     let (_, gradients) = outputs["gradients"].try_extract_tensor::<f32>()?;
@@ -203,7 +176,7 @@ pub fn run(
         let shape = [shape[1] as usize, shape[2] as usize, shape[3] as usize];
         layers.push((shape, activations, gradients));
     }
-    let input_gradients = if extras.input_gradients {
+    let input_gradients = if guided {
         let (_, values) = outputs[INPUT_GRADIENTS].try_extract_tensor::<f32>()?;
         if values.len() != k * inputs.len() {
             return Err(shape_error(INPUT_GRADIENTS));
@@ -244,13 +217,12 @@ pub fn run(
 /// How many `activations_i` outputs the model has (i = 1, 2, ... without gaps; the contract check ensures it).
 fn extra_layer_count(session: &Session) -> usize {
     (1..)
-        .take_while(|i| {
-            session
-                .outputs()
-                .iter()
-                .any(|o| o.name() == format!("activations_{i}"))
-        })
+        .take_while(|i| has_output(session, &format!("activations_{i}")))
         .count()
+}
+
+fn has_output(session: &Session, name: &str) -> bool {
+    session.outputs().iter().any(|o| o.name() == name)
 }
 
 /// Opens `config.sessions` sessions, checks the contract and the metadata, and probes the model once.
@@ -289,7 +261,7 @@ pub fn load(
         }
     }
     let extra_layers = extra_layer_names(&first, &meta).map_err(refuse)?;
-    let guided = first.outputs().iter().any(|o| o.name() == INPUT_GRADIENTS);
+    let guided = has_output(&first, INPUT_GRADIENTS);
     let activation_shape = probe(&mut first, &meta).map_err(refuse)?;
 
     let mut sessions = vec![first];
@@ -419,8 +391,7 @@ fn signature_problems(session: &Session) -> Vec<String> {
         check("output", session.outputs(), spec);
     }
     // The optional outputs, where present.
-    let has = |name: &str| session.outputs().iter().any(|o| o.name() == name);
-    if has(INPUT_GRADIENTS) {
+    if has_output(session, INPUT_GRADIENTS) {
         check(
             "output",
             session.outputs(),
@@ -651,33 +622,17 @@ fn probe(session: &mut Session, meta: &Metadata) -> Result<[usize; 3], String> {
     for (row, class) in (0..k.min(2)).enumerate() {
         seeds[row * classes + class] = 1.0;
     }
-    let single = run(
-        session,
-        &input,
-        [height, width],
-        &seeds,
-        k,
-        Extras::default(),
-    )
-    .map_err(|e| format!("the probe Run failed: {e}"))?
-    .remove(0);
+    let single = run(session, &input, [height, width], &seeds, k)
+        .map_err(|e| format!("the probe Run failed: {e}"))?
+        .remove(0);
     // The same image twice in one Run: batching needs a dynamic batch dimension and must not mix images.
-    // With every optional output the model has, so that their shapes are checked too.
     let twice = [input.as_slice(), &input].concat();
-    let extras = Extras {
-        input_gradients: session
-            .outputs()
-            .iter()
-            .any(|o| o.name() == INPUT_GRADIENTS),
-        layers: true,
-    };
     let out = run(
         session,
         &twice,
         [height, width],
         &[seeds.as_slice(), &seeds].concat(),
         k,
-        extras,
     )
     .map_err(|e| format!("a Run on a batch of 2 failed (is the batch dimension dynamic?): {e}"))?
     .remove(1);
