@@ -575,6 +575,28 @@ pub fn display_map(raw: &Map, width: usize, height: usize) -> Map {
         .normalized()
 }
 
+/// Several target layers' raw maps combined as pytorch-grad-cam combines several `target_layers`: per layer ReLU,
+/// min-max and a bilinear resize to `width x height` (the model's input size); then max(0), the mean over the
+/// layers, and min-max again.
+///
+/// # Panics
+/// If `raws` is empty.
+pub fn combine_layers(raws: &[Map], width: usize, height: usize) -> Map {
+    assert!(!raws.is_empty(), "no layer to combine");
+    let mut sum = vec![0.0f32; width * height];
+    for raw in raws {
+        let up = raw
+            .clone()
+            .relu()
+            .normalized()
+            .resize_bilinear(width, height)
+            .relu();
+        sum.iter_mut().zip(&up.data).for_each(|(s, v)| *s += v);
+    }
+    let count = raws.len() as f32;
+    Map::new(width, height, sum.into_iter().map(|s| s / count).collect()).normalized()
+}
+
 fn mean(values: &[f32]) -> f32 {
     sum(values.iter().copied()) / values.len() as f32
 }
@@ -912,5 +934,24 @@ mod tests {
             0.0624999925494194, 0.1741071343421936, 0.3526785373687744, 0.1874999850988388, 0.0357142835855484, 0.3214285373687744, 0.4999999403953552,
         ];
         assert_close(&display_map(&raw, 7, 5).data, &want, 1e-6);
+    }
+
+    #[test]
+    fn layers_combine_as_by_hand() {
+        // A: relu -> [0, 1, 3], min-max -> [0, 1/3, 1]; B: min-max -> [1, 0, 1/2]. Mean [1/2, 1/6, 3/4];
+        // min-max over [1/6, 3/4] -> [4/7, 0, 1].
+        let a = Map::new(3, 1, vec![-1.0, 1.0, 3.0]);
+        let b = Map::new(3, 1, vec![2.0, 0.0, 1.0]);
+        assert_close(
+            &combine_layers(&[a, b], 3, 1).data,
+            &[4.0 / 7.0, 0.0, 1.0],
+            1e-6,
+        );
+        // One layer: what pytorch-grad-cam returns for one target layer.
+        let raw = Map::new(2, 2, vec![0.5, -1.0, 2.0, 1.0]);
+        assert_eq!(
+            combine_layers(std::slice::from_ref(&raw), 4, 3),
+            display_map(&raw, 4, 3)
+        );
     }
 }

@@ -13,7 +13,7 @@ use crate::cam::{self, CamMethod, Map};
 use crate::config::Limits;
 use crate::engine::{EngineError, RunTimes};
 use crate::model::RunOutput;
-use crate::preprocess::{self, DecodeError};
+use crate::preprocess::{self, ChannelOrder, DecodeError};
 use crate::registry::Model;
 
 /// Which classes to explain.
@@ -40,6 +40,10 @@ pub struct ExplainOptions {
     /// Where the map is binarized for boxes and masks.
     pub threshold: Threshold,
     pub max_boxes: usize,
+    /// The target layers whose maps are combined: 0 is the model's target layer, i its `extra_layers[i - 1]`.
+    pub layers: Vec<usize>,
+    /// Also compute Guided Grad-CAM (the model must have `input_gradients`).
+    pub guided: bool,
 }
 
 /// Score-CAM's default channel budget: on the default model (1280 channels) the smallest tried whose picture is
@@ -60,6 +64,8 @@ impl Default for ExplainOptions {
             trust: false,
             threshold: Threshold::DEFAULT,
             max_boxes: 1,
+            layers: vec![0],
+            guided: false,
         }
     }
 }
@@ -138,7 +144,8 @@ pub struct Timings {
 pub struct TargetMap {
     pub class: usize,
     /// The method's map on the target layer's grid, before ReLU and normalization; with `aug_smooth`, the mean of
-    /// the augmented copies' maps (de-augmented).
+    /// the augmented copies' maps (de-augmented). With several layers: their combined map at the model's input
+    /// size, pytorch-grad-cam's output (after ReLU, in [0, 1]).
     pub raw: Map,
     /// With `aug_smooth`, each augmented copy's raw map, de-augmented (mirrored back); else empty.
     pub variants: Vec<Map>,
@@ -147,6 +154,9 @@ pub struct TargetMap {
     /// In original-image pixels.
     pub boxes: Vec<Region>,
     pub trust: Option<Trust>,
+    /// Guided Grad-CAM when asked for: guided backpropagation times the Grad-CAM map, at the model's input size,
+    /// RGB pixels interleaved (HWC), as pytorch-grad-cam computes `cam_mask * gb`.
+    pub guided: Option<Vec<f32>>,
 }
 
 /// Boxes are found on the display map at most this many pixels on its longer side, then scaled to image pixels:
@@ -212,6 +222,63 @@ fn scale_region(region: Region, map_size: (usize, usize), image_size: (usize, us
         y_max: ((region.y_max as f64 * sy).ceil() as usize).min(image_size.1),
         area: (region.area as f64 * sx * sy).round() as usize,
         ..region
+    }
+}
+
+/// pytorch-grad-cam's Guided Grad-CAM before `deprocess_image`: the guided backpropagation `gradients` [3,H,W]
+/// times the Grad-CAM map at the input size, per pixel; interleaved RGB (HWC) whatever the model's channel order.
+fn guided_grad_cam(gradients: &[f32], mask: &Map, order: ChannelOrder) -> Vec<f32> {
+    let plane = mask.data.len();
+    let channels = match order {
+        ChannelOrder::Rgb => [0, 1, 2],
+        ChannelOrder::Bgr => [2, 1, 0],
+    };
+    mask.data
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| channels.map(|c| gradients[c * plane + i] * m))
+        .collect()
+}
+
+/// The method's map for one seed row: of the model's target layer, or of the layers in `options.layers` combined
+/// as pytorch-grad-cam combines several target layers (at the model's input size).
+fn gradient_map(
+    options: &ExplainOptions,
+    output: &RunOutput,
+    row: usize,
+    input_size: (usize, usize),
+) -> Map {
+    let mut maps: Vec<Map> = options
+        .layers
+        .iter()
+        .map(|&layer| {
+            let (activations, gradients, shape) = match layer {
+                0 => (
+                    &output.activations,
+                    output.gradient(row),
+                    output.activation_shape,
+                ),
+                i => {
+                    let extra = &output.extra_layers[i - 1];
+                    (
+                        &extra.activations,
+                        extra.gradient(row),
+                        extra.activation_shape,
+                    )
+                }
+            };
+            cam::compute(
+                options.method,
+                activations,
+                gradients,
+                shape,
+                options.eigen_smooth,
+            )
+        })
+        .collect();
+    match maps.len() {
+        1 => maps.remove(0),
+        _ => cam::combine_layers(&maps, input_size.0, input_size.1),
     }
 }
 
@@ -448,6 +515,8 @@ pub async fn explain(
     let opts = options.clone();
     let maps_outputs = outputs.clone();
     let image_size = (image.width() as usize, image.height() as usize);
+    let input_size = (width, model.info.preprocess.height);
+    let channel_order = model.info.preprocess.channel_order;
     let (mut targets, cpu) = blocking("mapping", move || {
         let outputs = maps_outputs;
         let shape = outputs[0].activation_shape;
@@ -471,13 +540,7 @@ pub async fn explain(
                                     opts.eigen_smooth,
                                 )
                             }
-                            None => cam::compute(
-                                opts.method,
-                                &output.activations,
-                                output.gradient(row),
-                                shape,
-                                opts.eigen_smooth,
-                            ),
+                            None => gradient_map(&opts, output, row, input_size),
                         };
                         if mirrored {
                             raw.flipped_horizontally()
@@ -491,6 +554,22 @@ pub async fn explain(
                 } else {
                     (Map::mean(&variants), variants)
                 };
+                let guided = opts.guided.then(|| {
+                    let gradients = outputs[0]
+                        .input_gradients
+                        .as_deref()
+                        .expect("params::explain allows guided outputs only for guided models");
+                    let block = 3 * input_size.0 * input_size.1;
+                    let mask = match opts.layers.len() {
+                        1 => cam::display_map(&raw, input_size.0, input_size.1),
+                        _ => raw.clone(),
+                    };
+                    guided_grad_cam(
+                        &gradients[row * block..(row + 1) * block],
+                        &mask,
+                        channel_order,
+                    )
+                });
                 let heat = display(&raw, &variants, analysis_size.0, analysis_size.1);
                 let boxes = if opts.max_boxes == 0 {
                     Vec::new()
@@ -507,6 +586,7 @@ pub async fn explain(
                     heat,
                     boxes,
                     trust: None,
+                    guided,
                 }
             })
             .collect::<Vec<_>>()

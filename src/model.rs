@@ -3,6 +3,10 @@
 //! Contract v1: inputs `input` f32 [N,3,H,W] and `class_weights` f32 [N,K,C]; outputs `logits` f32 [N,C],
 //! `activations` f32 [N,Ch,h,w], `gradients` f32 [N,K,Ch,h,w] and `target_class` i64 [N,K]. An all-zero seed row
 //! k asks for the model's k-th best class.
+//!
+//! Optional outputs (the exporter's `--guided` and `--extra-layer`): `input_gradients` f32 [N,K,3,H,W], guided
+//! backpropagation to the input, for Guided Grad-CAM; `activations_i` f32 [N,Ch,h,w] and `gradients_i` f32
+//! [N,K,Ch,h,w] for extra target layers i = 1, 2, ..., named by the metadata `camserve.target_layers`.
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +31,7 @@ const OUTPUTS: [(&str, TensorElementType, usize); 4] = [
     ("gradients", TensorElementType::Float32, 5),
     ("target_class", TensorElementType::Int64, 2),
 ];
+const INPUT_GRADIENTS: &str = "input_gradients";
 
 /// What the service knows about a loaded model; immutable once loaded.
 #[derive(Debug, Clone)]
@@ -35,6 +40,10 @@ pub struct ModelInfo {
     pub file: PathBuf,
     pub labels: Vec<String>,
     pub target_layer: String,
+    /// Extra target layers: outputs `activations_i` / `gradients_i` for `extra_layers[i - 1]`.
+    pub extra_layers: Vec<String>,
+    /// Whether the model has `input_gradients` (guided backpropagation), which Guided Grad-CAM needs.
+    pub guided: bool,
     pub preprocess: Preprocess,
     /// [channels, height, width] of the target layer at the model's input size.
     pub activation_shape: [usize; 3],
@@ -84,6 +93,18 @@ pub struct RunOutput {
     pub activation_shape: [usize; 3],
     pub gradients: Vec<f32>,
     pub target_class: Vec<usize>,
+    /// The extra target layers, when the model has them, in its order.
+    pub extra_layers: Vec<Layer>,
+    /// `input_gradients` [K,3,H,W], when the model has them.
+    pub input_gradients: Option<Vec<f32>>,
+}
+
+/// One extra target layer's outputs for one image: activations [Ch,h,w], gradients [K,Ch,h,w].
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub activations: Vec<f32>,
+    pub activation_shape: [usize; 3],
+    pub gradients: Vec<f32>,
 }
 
 impl RunOutput {
@@ -94,8 +115,17 @@ impl RunOutput {
     }
 }
 
+impl Layer {
+    /// The gradient block of the k-th seed, [Ch,h,w].
+    pub fn gradient(&self, k: usize) -> &[f32] {
+        let len = self.activations.len();
+        &self.gradients[k * len..(k + 1) * len]
+    }
+}
+
 /// One Run over a batch: `inputs` holds N preprocessed images [N,3,H,W], `seeds` N x K rows of C class
-/// weights. Returns one output per image.
+/// weights. Returns one output per image, with the optional outputs the model has: ONNX Runtime runs the whole
+/// graph whatever outputs are fetched, so a model exported with them pays for them on every Run.
 pub fn run(
     session: &mut Session,
     inputs: &[f32],
@@ -105,6 +135,8 @@ pub fn run(
 ) -> ort::Result<Vec<RunOutput>> {
     let n = inputs.len() / (3 * size[0] * size[1]);
     let classes = seeds.len() / (n * k);
+    let extra_layers = extra_layer_count(session);
+    let guided = has_output(session, INPUT_GRADIENTS);
     let outputs = session.run(ort::inputs![
         "input" => TensorRef::from_array_view(([n, 3, size[0], size[1]], inputs))?,
         "class_weights" => TensorRef::from_array_view(([n, k, classes], seeds))?,
@@ -129,7 +161,36 @@ pub fn run(
     if target_class.len() != n * k || target_class.iter().any(|&c| c < 0 || c as usize >= classes) {
         return Err(shape_error("target_class"));
     }
+    let mut layers = Vec::with_capacity(extra_layers);
+    for i in 1..=extra_layers {
+        let (shape, activations) =
+            outputs[format!("activations_{i}").as_str()].try_extract_tensor::<f32>()?;
+        let (_, gradients) =
+            outputs[format!("gradients_{i}").as_str()].try_extract_tensor::<f32>()?;
+        if shape.len() != 4
+            || activations.len() % n != 0
+            || gradients.len() != k * activations.len()
+        {
+            return Err(shape_error(&format!("activations_{i} or gradients_{i}")));
+        }
+        let shape = [shape[1] as usize, shape[2] as usize, shape[3] as usize];
+        layers.push((shape, activations, gradients));
+    }
+    let input_gradients = if guided {
+        let (_, values) = outputs[INPUT_GRADIENTS].try_extract_tensor::<f32>()?;
+        if values.len() != k * inputs.len() {
+            return Err(shape_error(INPUT_GRADIENTS));
+        }
+        Some(values)
+    } else {
+        None
+    };
     let per_image = activations.len() / n;
+    // Image i's block of an output whose rows are images (`per_row` values each).
+    let block = |values: &[f32], i: usize| {
+        let per_row = values.len() / n;
+        values[i * per_row..(i + 1) * per_row].to_vec()
+    };
     Ok((0..n)
         .map(|i| RunOutput {
             logits: logits[i * classes..(i + 1) * classes].to_vec(),
@@ -140,8 +201,28 @@ pub fn run(
                 .iter()
                 .map(|&c| c as usize)
                 .collect(),
+            extra_layers: layers
+                .iter()
+                .map(|(shape, a, g)| Layer {
+                    activations: block(a, i),
+                    activation_shape: *shape,
+                    gradients: block(g, i),
+                })
+                .collect(),
+            input_gradients: input_gradients.map(|values| block(values, i)),
         })
         .collect())
+}
+
+/// How many `activations_i` outputs the model has (i = 1, 2, ... without gaps; the contract check ensures it).
+fn extra_layer_count(session: &Session) -> usize {
+    (1..)
+        .take_while(|i| has_output(session, &format!("activations_{i}")))
+        .count()
+}
+
+fn has_output(session: &Session, name: &str) -> bool {
+    session.outputs().iter().any(|o| o.name() == name)
 }
 
 /// Opens `config.sessions` sessions, checks the contract and the metadata, and probes the model once.
@@ -179,6 +260,8 @@ pub fn load(
             )));
         }
     }
+    let extra_layers = extra_layer_names(&first, &meta).map_err(refuse)?;
+    let guided = has_output(&first, INPUT_GRADIENTS);
     let activation_shape = probe(&mut first, &meta).map_err(refuse)?;
 
     let mut sessions = vec![first];
@@ -190,12 +273,34 @@ pub fn load(
         file: config.file.clone(),
         labels: meta.labels,
         target_layer: meta.target_layer,
+        extra_layers,
+        guided,
         preprocess: meta.preprocess,
         activation_shape,
         device,
         source: meta.source,
     };
     Ok((info, sessions))
+}
+
+/// The extra layers' names from `camserve.target_layers`, which must name the primary and every extra layer.
+fn extra_layer_names(session: &Session, meta: &Metadata) -> Result<Vec<String>, String> {
+    let count = extra_layer_count(session);
+    match &meta.target_layers {
+        None if count == 0 => Ok(Vec::new()),
+        Some(names)
+            if names.len() == count + 1
+                && names.iter().all(|n| !n.is_empty() && !n.contains(','))
+                && (1..names.len()).all(|i| !names[..i].contains(&names[i])) =>
+        {
+            Ok(names[1..].to_vec())
+        }
+        _ => Err(format!(
+            "metadata `camserve.target_layers` must be a JSON array of {} distinct layer names without commas, \
+             the primary target first, then one per activations_i output",
+            count + 1
+        )),
+    }
 }
 
 /// Builds a session on the first execution provider that registers; ONNX Runtime would otherwise fall back to CPU
@@ -285,6 +390,43 @@ fn signature_problems(session: &Session) -> Vec<String> {
     for spec in OUTPUTS {
         check("output", session.outputs(), spec);
     }
+    // The optional outputs, where present.
+    if has_output(session, INPUT_GRADIENTS) {
+        check(
+            "output",
+            session.outputs(),
+            (INPUT_GRADIENTS, TensorElementType::Float32, 5),
+        );
+    }
+    let extra = extra_layer_count(session);
+    for i in 1..=extra {
+        let activations = format!("activations_{i}");
+        let gradients = format!("gradients_{i}");
+        check(
+            "output",
+            session.outputs(),
+            (&activations, TensorElementType::Float32, 4),
+        );
+        check(
+            "output",
+            session.outputs(),
+            (&gradients, TensorElementType::Float32, 5),
+        );
+    }
+    let stray = session.outputs().iter().map(|o| o.name()).find(|name| {
+        let numbered = |prefix: &str| {
+            name.strip_prefix(prefix)
+                .and_then(|i| i.parse::<usize>().ok())
+                .is_some_and(|i| i > extra)
+        };
+        numbered("activations_") || numbered("gradients_")
+    });
+    if let Some(name) = stray {
+        problems.push(format!(
+            "output `{name}` does not follow activations_1..activations_{extra} (extra layers are numbered from 1, \
+             each with its gradients_i)"
+        ));
+    }
     problems
 }
 
@@ -311,6 +453,8 @@ fn static_dim(session: &Session, output: bool, name: &str, axis: usize) -> Optio
 struct Metadata {
     labels: Vec<String>,
     target_layer: String,
+    /// `camserve.target_layers`: every target layer, the primary first (only models with extra layers have it).
+    target_layers: Option<Vec<String>>,
     preprocess: Preprocess,
     source: Option<String>,
 }
@@ -417,6 +561,8 @@ fn read_metadata(session: &Session, overrides: &ModelOverrides) -> Result<Metada
             Ok(Metadata {
                 labels,
                 target_layer,
+                target_layers: get("target_layers")
+                    .and_then(|v| serde_json::from_str::<Vec<String>>(&v).ok()),
                 preprocess: Preprocess {
                     width,
                     height,
@@ -502,10 +648,16 @@ fn probe(session: &mut Session, meta: &Metadata) -> Result<[usize; 3], String> {
             out.logits.len()
         ));
     }
+    let extra_values = out
+        .extra_layers
+        .iter()
+        .flat_map(|l| l.activations.iter().chain(&l.gradients))
+        .chain(out.input_gradients.iter().flatten());
     if out
         .logits
         .iter()
         .chain(&out.gradients)
+        .chain(extra_values)
         .any(|v| !v.is_finite())
     {
         return Err("the probe Run returned NaN or infinite values".into());

@@ -76,6 +76,33 @@ fn assert_same_size(image: &RgbImage, heat: &Map) {
     );
 }
 
+/// pytorch-grad-cam's `deprocess_image` (from keras-grad-cam), the picture of a guided backpropagation: centre the
+/// values on their mean, divide by (std + 1e-5), scale by 0.1, shift by 0.5, clip to [0, 1], times 255 truncated.
+/// `values` are `width x height` RGB pixels, interleaved (HWC).
+///
+/// # Panics
+/// If `values.len() != 3 * width * height`.
+pub fn deprocess(values: &[f32], width: usize, height: usize) -> RgbImage {
+    assert_eq!(
+        values.len(),
+        3 * width * height,
+        "values are not {height}x{width}x3"
+    );
+    let count = values.len().max(1) as f64;
+    let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / count;
+    let variance = values
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / count;
+    let scale = 0.1 / (variance.sqrt() + 1e-5);
+    let bytes = values
+        .iter()
+        .map(|&v| (((f64::from(v) - mean) * scale + 0.5).clamp(0.0, 1.0) * 255.0) as u8)
+        .collect();
+    RgbImage::from_raw(width as u32, height as u32, bytes).expect("the length was checked")
+}
+
 /// The normalized map in JET colours.
 pub fn colormap(heat: &Map) -> RgbImage {
     let pixels = heat
@@ -169,6 +196,21 @@ pub fn encode_npy_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
 mod tests {
     use super::*;
     use image::Rgb;
+
+    #[test]
+    fn deprocess_as_by_hand() {
+        // [0, 1, 2]: mean 1, std sqrt(2/3); 0.5 -+ 0.1 / (0.816497 + 1e-5) -> 0.377526, 0.5, 0.622474 -> x 255,
+        // truncated: 96, 127, 158.
+        assert_eq!(deprocess(&[0.0, 1.0, 2.0], 1, 1).as_raw(), &[96, 127, 158]);
+        // 35 zeros and a one: mean 1/36, std sqrt(35)/36; zeros -> 0.483097 -> 123; the one -> 1.0916, clipped -> 255.
+        let mut values = vec![0.0; 36];
+        values[7] = 1.0;
+        let image = deprocess(&values, 4, 3);
+        assert_eq!(image.dimensions(), (4, 3));
+        let mut want = vec![123u8; 36];
+        want[7] = 255;
+        assert_eq!(image.as_raw(), &want);
+    }
 
     #[test]
     fn jet_matches_opencv() {

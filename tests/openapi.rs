@@ -120,7 +120,10 @@ async fn every_documented_response_is_what_the_server_sends() {
         max_body_bytes: 64 * 1024,
         ..Limits::default()
     };
-    let models = vec![model_config("tiny", &fixture("tiny_cnn.onnx"))];
+    let models = vec![
+        model_config("tiny", &fixture("tiny_cnn.onnx")),
+        model_config("extras", &fixture("tiny_cnn_extras.onnx")),
+    ];
     // A models folder of its own, so that a model's file can be spoiled under it for a failing reload.
     let models_dir = std::env::temp_dir().join(format!("camserve-openapi-{}", std::process::id()));
     std::fs::create_dir_all(&models_dir).unwrap();
@@ -387,6 +390,30 @@ async fn every_documented_response_is_what_the_server_sends() {
         post(
             explain,
             "/v1/models/tiny/explain?output=boxes",
+            "image/png",
+            &png,
+        ),
+        post(
+            explain,
+            "/v1/models/extras/explain?output=guided&layers=all",
+            "image/png",
+            &png,
+        ),
+        post(
+            explain,
+            "/v1/models/extras/explain?output=guided_npy&top_k=2",
+            "image/png",
+            &png,
+        ),
+        post(
+            explain,
+            "/v1/models/extras/explain?layers=all&top_k=2",
+            "image/png",
+            &png,
+        ),
+        post(
+            explain,
+            "/v1/models/tiny/explain?output=guided",
             "image/png",
             &png,
         ),

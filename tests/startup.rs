@@ -31,6 +31,14 @@ fn models_that_break_the_contract_are_refused_with_the_reason() {
             "broken_no_metadata.onnx",
             "metadata `camserve.labels` is missing",
         ),
+        (
+            "broken_extras_unnamed.onnx",
+            "metadata `camserve.target_layers` must be",
+        ),
+        (
+            "broken_extras_numbering.onnx",
+            "missing output `gradients_1`",
+        ),
         ("does_not_exist.onnx", "the file does not exist"),
     ];
     for (file, reason) in expectations {

@@ -18,5 +18,12 @@ def _minmax(cam: np.ndarray) -> np.ndarray:
 def like_pytorch_grad_cam(lowres: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """What pytorch-grad-cam 1.5.7's GradCAM returns for one target layer: min-max normalize, cv2.resize
     (bilinear) to the input size, then normalize again (its aggregate_multi_layers step)."""
-    up = cv2.resize(_minmax(lowres.astype(np.float32)).astype(np.float32), (size_hw[1], size_hw[0]))
-    return _minmax(np.maximum(up, 0)).astype(np.float32)
+    return like_pytorch_grad_cam_layers([lowres], size_hw)
+
+
+def like_pytorch_grad_cam_layers(lowres: list[np.ndarray], size_hw: tuple[int, int]) -> np.ndarray:
+    """pytorch-grad-cam's map for several target layers (compute_cam_per_layer, aggregate_multi_layers): per
+    layer relu, min-max, cv2.resize to the input size; then max(0), the mean over layers, min-max."""
+    up = [cv2.resize(_minmax(np.maximum(m, 0).astype(np.float32)).astype(np.float32), (size_hw[1], size_hw[0]))
+          for m in lowres]
+    return _minmax(np.maximum(np.stack(up), 0).mean(axis=0)).astype(np.float32)

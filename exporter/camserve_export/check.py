@@ -7,7 +7,9 @@ import onnxruntime as ort
 import torch
 
 from .errors import CheckFailed
-from .metadata import INPUT_NAMES, OUTPUT_NAMES
+from .guided import guided_relus
+from .metadata import GUIDED_OUTPUT, INPUT_NAMES, OUTPUT_NAMES, output_names
+from .trace import _out_of_place
 
 TOLERANCE = 1e-4  # max |onnx - torch| relative to max |torch|
 CHECK_N = 3  # differs from the traced N (2, or 4 for a 2-class model)
@@ -17,14 +19,20 @@ def _dims(value_info):
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
-def check_signature(model: onnx.ModelProto, num_classes: int, dynamic_hw: bool) -> None:
+def check_signature(model: onnx.ModelProto, num_classes: int, dynamic_hw: bool, extra_layers: int = 0,
+                    guided: bool = False) -> None:
     """torch.onnx silently specializes a dim when torch.export reports a constraint; the saved file is the
     only place to see it."""
     f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
     want_in = {"input": (f32, 4), "class_weights": (f32, 3)}
-    want_out = {"logits": (f32, 2), "activations": (f32, 4), "gradients": (f32, 5), "target_class": (i64, 2)}
+    want_out = {"logits": (f32, 2), "activations": (f32, 4), "gradients": (f32, 5), "target_class": (i64, 2),
+                GUIDED_OUTPUT: (f32, 5)}
+    for i in range(1, extra_layers + 1):
+        want_out.update({f"activations_{i}": (f32, 4), f"gradients_{i}": (f32, 5)})
+    outputs = output_names(extra_layers, guided)
+    want_out = {name: want_out[name] for name in outputs}
     for values, want, names in ((model.graph.input, want_in, INPUT_NAMES),
-                                (model.graph.output, want_out, OUTPUT_NAMES)):
+                                (model.graph.output, want_out, outputs)):
         got = {v.name: v for v in values}
         if sorted(got) != sorted(names):
             raise CheckFailed(f"signature: expected {list(names)}, the file has {list(got)}")
@@ -33,6 +41,10 @@ def check_signature(model: onnx.ModelProto, num_classes: int, dynamic_hw: bool) 
             if t.elem_type != dtype or len(t.shape.dim) != rank:
                 raise CheckFailed(f"signature: {name} is {onnx.TensorProto.DataType.Name(t.elem_type)} rank "
                                   f"{len(t.shape.dim)}, expected {onnx.TensorProto.DataType.Name(dtype)} rank {rank}")
+    per_seed = [o for o in model.graph.output if len(o.type.tensor_type.shape.dim) == 5]  # [N,K,...] outputs
+    fixed_nk = {o.name: _dims(o)[:2] for o in per_seed if not all(isinstance(d, str) for d in _dims(o)[:2])}
+    if fixed_nk:
+        raise CheckFailed(f"symbolic dims: N and K of {fixed_nk} were fixed during export")
     fixed = specialized_axes(model, dynamic_hw)
     if fixed:
         what = "; ".join(f"{name} axes {axes} were specialized during export" for name, axes in fixed.items())
@@ -71,6 +83,35 @@ def reference(split, x: torch.Tensor, seeds: torch.Tensor):
     return logits.numpy(), A.detach().numpy(), torch.stack(grads, 1).numpy()
 
 
+def reference_guided(split, x: torch.Tensor, seeds: torch.Tensor) -> np.ndarray:
+    """Guided backpropagation in eager PyTorch: d(sum(logits*seed_k))/d(input) with guided ReLUs, [N,K,3,H,W]."""
+    grads = []
+    with _out_of_place(split.root), guided_relus(split.root):
+        for k in range(seeds.shape[1]):
+            xr = x.clone().requires_grad_(True)
+            grads.append(torch.autograd.grad((split.logits(xr) * seeds[:, k]).sum(), xr)[0])
+    return torch.stack(grads, 1).numpy()
+
+
+def reference_layers(split, modules, x: torch.Tensor, seeds: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(A, d(sum(logits*seed_k))/dA [N,K,...]) per module, by eager autograd through the whole model."""
+    outputs = {}
+
+    def keep(i):  # the clone keeps later in-place ops off the captured output
+        return lambda mod, inp, out: (outputs.__setitem__(i, out), out.clone())[1]
+
+    handles = [m.register_forward_hook(keep(i)) for i, m in enumerate(modules)]
+    try:
+        logits = split.root(x.clone().requires_grad_(True))
+    finally:
+        for h in handles:
+            h.remove()
+    acts = [outputs[i] for i in range(len(modules))]
+    per_seed = [torch.autograd.grad((logits * seeds[:, k]).sum(), acts, retain_graph=True)
+                for k in range(seeds.shape[1])]
+    return [(a.detach().numpy(), torch.stack([g[i] for g in per_seed], 1).numpy()) for i, a in enumerate(acts)]
+
+
 def _explicit_seeds(n, k, c, gen):
     """Row 0, 1: one-hot; row 2: a weighted (contrastive) target; row 3: all zero = 4th best class."""
     seeds = torch.zeros(n, k, c)
@@ -85,10 +126,11 @@ def _explicit_seeds(n, k, c, gen):
     return seeds
 
 
-def check_parity(session: ort.InferenceSession, split, size: int, dynamic_hw: bool, tol: float = TOLERANCE):
+def check_parity(session: ort.InferenceSession, split, size: int, dynamic_hw: bool, tol: float = TOLERANCE,
+                 extra=None, guided: bool = False):
     """Runs the file at N=3 and K=min(4,C) (traced at N=2 or 4, K>=5), with explicit seeds and with all-zero seeds
     (the latter, for dynamic H/W, at another spatial size), and at N=K=1. Returns the worst relative error
-    per output."""
+    per output (the optional ones included: guided backpropagation and extra layers)."""
     c = session.get_inputs()[1].shape[2]
     k = min(4, c)
     gen = torch.Generator().manual_seed(0)
@@ -96,11 +138,13 @@ def check_parity(session: ort.InferenceSession, split, size: int, dynamic_hw: bo
              ("all-zero seeds (top-k)", (size + 32, size + 16) if dynamic_hw else (size, size),
               torch.zeros(CHECK_N, k, c)),
              ("top-1 of one image", (size, size), torch.zeros(1, 1, c))]  # the server's usual call
-    worst = {"logits": 0.0, "activations": 0.0, "gradients": 0.0}
+    names = output_names(len(extra.names) if extra else 0, guided)
+    worst = {name: 0.0 for name in names if name != "target_class"}
     for label, (h, w), seeds in cases:
         n, k = seeds.shape[:2]
         x = torch.randn(n, 3, h, w, generator=gen)
-        logits, A, G, target = session.run(list(OUTPUT_NAMES), {"input": x.numpy(), "class_weights": seeds.numpy()})
+        got = dict(zip(names, session.run(names, {"input": x.numpy(), "class_weights": seeds.numpy()})))
+        logits, A, G, target = (got[name] for name in OUTPUT_NAMES)
         where = f"{label}, N={n}, K={k}, {h}x{w}"
 
         # Expected classes: argmax of a non-zero row, else the k-th best by the file's own logits (so that a
@@ -114,12 +158,18 @@ def check_parity(session: ort.InferenceSession, split, size: int, dynamic_hw: bo
         resolved = torch.where(torch.from_numpy(zero)[..., None],
                                torch.nn.functional.one_hot(torch.from_numpy(expected), c).float(), seeds)
         ref = dict(zip(("logits", "activations", "gradients"), reference(split, x, resolved)))
-        for name, got in (("logits", logits), ("activations", A), ("gradients", G)):
-            if got.shape != ref[name].shape:
-                raise CheckFailed(f"{name} ({where}): shape {got.shape}, PyTorch gives {ref[name].shape}")
-            err = relative_error(got, ref[name])
+        if guided:
+            ref[GUIDED_OUTPUT] = reference_guided(split, x, resolved)
+        if extra:
+            for i, (a, g) in enumerate(reference_layers(split, extra.modules, x, resolved), start=1):
+                ref[f"activations_{i}"], ref[f"gradients_{i}"] = a, g
+        for name in worst:
+            if got[name].shape != ref[name].shape:
+                raise CheckFailed(f"{name} ({where}): shape {got[name].shape}, PyTorch gives {ref[name].shape}")
+            err = relative_error(got[name], ref[name])
             if not err <= tol:  # also catches NaN
-                raise CheckFailed(f"{name} ({where}): max |onnx - torch| = {np.abs(got - ref[name]).max():.3g}, "
-                                  f"max |torch| = {np.abs(ref[name]).max():.3g}, relative {err:.3g} > {tol:g}")
+                raise CheckFailed(f"{name} ({where}): max |onnx - torch| = "
+                                  f"{np.abs(got[name] - ref[name]).max():.3g}, max |torch| = "
+                                  f"{np.abs(ref[name]).max():.3g}, relative {err:.3g} > {tol:g}")
             worst[name] = max(worst[name], err)
     return worst

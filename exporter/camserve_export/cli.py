@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     tgt.add_argument("--layer", help="target module path, e.g. layer4 (default: the family's usual target)")
     tgt.add_argument("--split", metavar="MODULE:FUNCTION",
                      help="function(model) -> (backbone, head[, name]) for targets a hook can't name")
+    p.add_argument("--extra-layer", action="append", default=[], metavar="PATH",
+                   help="another target layer (repeatable): outputs activations_1/gradients_1, ... for "
+                        "multi-layer CAMs; with --split, a path in nn.Sequential(backbone, head), e.g. 0.blocks.14")
+    p.add_argument("--guided", action="store_true",
+                   help="add input_gradients: guided backpropagation to the input, for Guided Grad-CAM")
     p.add_argument("--labels", metavar="FILE", help="class names: one per line, or a JSON array")
     p.add_argument("--num-classes", type=int, help="classes of a torchvision arch (default: from --labels, or 1000)")
     p.add_argument("--input-size", type=int, default=224, help="square input size the server feeds (default 224)")
@@ -78,7 +83,7 @@ def _build(args, log):
     preprocess = Preprocess(mean=tuple(args.mean or preprocess.mean), std=tuple(args.std or preprocess.std))
     return export_contract(split, args.output, input_size=args.input_size, labels=labels or default_labels,
                            preprocess=preprocess, source=source, dynamic_hw=False if args.fixed_size else None,
-                           log=log)
+                           extra_layers=args.extra_layer, guided=args.guided, log=log)
 
 
 def main(argv=None) -> int:

@@ -16,8 +16,9 @@ import torch
 from . import __version__
 from .check import TOLERANCE, check_parity, check_signature, specialized_axes
 from .errors import UserError
-from .metadata import INPUT_NAMES, OUTPUT_NAMES, Preprocess, metadata_props, numbered_labels, set_metadata
-from .split import accepts_other_sizes, validate
+from .guided import relu_modules
+from .metadata import INPUT_NAMES, Preprocess, metadata_props, numbered_labels, output_names, set_metadata
+from .split import ExtraLayers, accepts_other_sizes, validate
 from .trace import trace
 
 EXAMPLE_N = 2  # for the eager probes; the traced shapes come from trace_shapes
@@ -91,7 +92,7 @@ def _quiet_fake_tensor():
         logger.setLevel(level)
 
 
-def _onnx_export(graph, x, w, dynamic_hw: bool, path: Path) -> None:
+def _onnx_export(graph, x, w, dynamic_hw: bool, path: Path, names: list[str]) -> None:
     n = torch.export.Dim("N", min=1, max=1024)
     k = torch.export.Dim("K", min=1, max=4096)
     input_dims = {0: n}
@@ -103,25 +104,27 @@ def _onnx_export(graph, x, w, dynamic_hw: bool, path: Path) -> None:
         # N names the batch axis of both inputs; torch.onnx warns that the second use of the name is redundant
         warnings.filterwarnings("ignore", message="# The axis name")
         program = torch.onnx.export(graph.eval(), (x, w), dynamo=True, dynamic_shapes=(input_dims, {0: n, 1: k}),
-                                    input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), verbose=False)
+                                    input_names=list(INPUT_NAMES), output_names=names, verbose=False)
     program.save(str(path), external_data=False)
 
 
-def _trace_and_export(split, input_size, num_classes, dynamic_hw, path, log) -> onnx.ModelProto:
+def _trace_and_export(split, input_size, num_classes, dynamic_hw, path, log, extra, guided) -> onnx.ModelProto:
     x_shape, w_shape = trace_shapes(input_size, num_classes, dynamic_hw)
     log(f"tracing (make_fx over torch.func.vjp), H/W {'dynamic' if dynamic_hw else 'fixed'}")
-    graph = trace(split, torch.randn(x_shape), torch.zeros(w_shape))
+    graph = trace(split, torch.randn(x_shape), torch.zeros(w_shape), extra, guided)
     log("exporting (torch.onnx, dynamo)")
-    _onnx_export(graph, torch.randn(x_shape), torch.zeros(w_shape), dynamic_hw, path)
+    names = output_names(len(extra.names) if extra else 0, guided)
+    _onnx_export(graph, torch.randn(x_shape), torch.zeros(w_shape), dynamic_hw, path, names)
     return onnx.load(str(path))
 
 
 def export_contract(split, out, *, input_size: int = 224, labels=None, preprocess: Preprocess = Preprocess(),
                     source: str = "", dynamic_hw: bool | None = None, tolerance: float = TOLERANCE,
-                    extra_check=None, log=lambda msg: None) -> ExportResult:
+                    extra_check=None, extra_layers=(), guided: bool = False, log=lambda msg: None) -> ExportResult:
     """Export `split` (HookSplit or ExplicitSplit) to `out` in contract v1. dynamic_hw=None decides by probing
-    the head at another size. extra_check(session) may raise CheckFailed too. Raises UserError or CheckFailed;
-    on any failure `out` is left untouched."""
+    the head at another size. extra_check(session) may raise CheckFailed too. Optional outputs: `extra_layers`
+    (module paths in split.root) adds activations_i / gradients_i, `guided` adds input_gradients (guided
+    backpropagation). Raises UserError or CheckFailed; on any failure `out` is left untouched."""
     started = time.monotonic()
     out = Path(out)
     tmp = _reserve_temp(out)
@@ -134,6 +137,10 @@ def export_contract(split, out, *, input_size: int = 224, labels=None, preproces
             if len(labels) != num_classes:
                 raise UserError(f"{len(labels)} labels for a model with {num_classes} classes")
             notes = []
+            extra = ExtraLayers(split, extra_layers, example) if extra_layers else None
+            if guided and not relu_modules(split.root):
+                notes.append("the model has no nn.ReLU module: input_gradients are its plain input gradients "
+                             "(as pytorch-grad-cam's GuidedBackpropReLUModel gives for it)")
             auto_hw = dynamic_hw is None
             if auto_hw:
                 dynamic_hw = accepts_other_sizes(split, input_size)
@@ -145,7 +152,7 @@ def export_contract(split, out, *, input_size: int = 224, labels=None, preproces
             if dynamic_hw:
                 try:
                     with _quiet_fake_tensor():
-                        model = _trace_and_export(split, input_size, num_classes, True, tmp, log)
+                        model = _trace_and_export(split, input_size, num_classes, True, tmp, log, extra, guided)
                     fixed = specialized_axes(model, dynamic_hw=True)
                     only_hw = fixed.keys() == {"input"} and 0 not in fixed["input"]
                     why = f"dims {fixed} were specialized" if only_hw else ""
@@ -160,16 +167,17 @@ def export_contract(split, out, *, input_size: int = 224, labels=None, preproces
                     log(notes[-1])
                     dynamic_hw, model = False, None
             if model is None:
-                model = _trace_and_export(split, input_size, num_classes, dynamic_hw, tmp, log)
-            check_signature(model, num_classes, dynamic_hw)
+                model = _trace_and_export(split, input_size, num_classes, dynamic_hw, tmp, log, extra, guided)
+            check_signature(model, num_classes, dynamic_hw, len(extra_layers), guided)
             source = source or f"target {split.name}"
             set_metadata(model, metadata_props(labels, split.name, (input_size, input_size), preprocess,
-                                               f"{source}; camserve-export {__version__} (torch {torch.__version__})"))
+                                               f"{source}; camserve-export {__version__} (torch {torch.__version__})",
+                                               extra_layers))
             onnx.save(model, str(tmp))
 
             log("checking against PyTorch autograd with ONNX Runtime")
             session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-            errors = check_parity(session, split, input_size, dynamic_hw, tolerance)
+            errors = check_parity(session, split, input_size, dynamic_hw, tolerance, extra, guided)
             if extra_check is not None:
                 extra_check(session)
         umask = os.umask(0)

@@ -2,8 +2,9 @@
 
     .venv/bin/python -m camserve_export.fixtures tests/fixtures
 
-Writes tiny_cnn.onnx, red_detector.onnx, broken_*.onnx, images/*.png and reference/ (Grad-CAM maps computed
-with PyTorch autograd and with pytorch-grad-cam, plus cases.json). tests/fixtures/README.md describes them."""
+Writes tiny_cnn.onnx, tiny_cnn_extras.onnx, red_detector.onnx, broken_*.onnx, images/*.png and reference/
+(Grad-CAM maps computed with PyTorch autograd and with pytorch-grad-cam, plus cases.json and extras.json).
+tests/fixtures/README.md describes them."""
 
 import json
 import sys
@@ -28,6 +29,7 @@ from .split import ExplicitSplit, hook_split
 SEED = 0
 TINY_SIZE = 64
 RED_SIZE = 128
+EXTRA_LAYER = "features.5"  # tiny_cnn_extras' second target: the third conv's ReLU, [32, H/4, W/4]
 DEFAULT_MODEL = "../../models/efficientnet_lite0.onnx"  # relative to the fixtures directory
 TINY_SCORE_CAM_BUDGET = 8  # of tiny_cnn's 32 channels
 DEFAULT_SCORE_CAM_BUDGET = 64  # the server's default max_channels
@@ -174,6 +176,46 @@ def _extras(split, x, cls, save, smoothed=(), score_cam=(), trust=()):
     return out
 
 
+def _extras_cases(root: Path, image: Path) -> list[dict]:
+    """tiny_cnn_extras.onnx references from pytorch-grad-cam, for the image's best and third-best class: Guided
+    Grad-CAM (`cam_mask * gb` as its README combines them, and deprocess_image of that as a PNG) and maps over both
+    target layers (GradCAM, LayerCAM)."""
+    from pytorch_grad_cam import GradCAM, GuidedBackpropReLUModel, LayerCAM
+    from pytorch_grad_cam.utils.image import deprocess_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    x = Preprocess().tensor(Image.open(image), TINY_SIZE)
+    with torch.no_grad():
+        ranked = torch.argsort(tiny_cnn()(x)[0], descending=True).tolist()
+    cases = []
+    for cls in (ranked[0], ranked[2]):
+        target = [ClassifierOutputTarget(cls)]
+        # a fresh model per library call: GuidedBackpropReLUModel swaps the ReLU modules (a target layer here)
+        model = tiny_cnn().requires_grad_(True)
+        with GradCAM(model=model, target_layers=[model.features]) as cam:
+            cam_mask = cam(input_tensor=x, targets=target)[0]
+        model = tiny_cnn()
+        gb = GuidedBackpropReLUModel(model=model, device="cpu")(x.clone(), target_category=cls)
+        guided = (cam_mask[:, :, None] * gb).astype(np.float32)
+        layers = {}
+        for name, method in (("gradcam", GradCAM), ("layercam", LayerCAM)):
+            model = tiny_cnn().requires_grad_(True)
+            with method(model=model, target_layers=[model.features, model.get_submodule(EXTRA_LAYER)]) as cam:
+                layers[name] = cam(input_tensor=x, targets=target)[0].astype(np.float32)
+        if not (np.abs(guided).max() > 0 and all(m.max() > 0 for m in layers.values())):
+            raise RuntimeError(f"degenerate reference: an extras map of class {cls} on {image.name} is all zero")
+        stem = f"tiny_cnn_extras.{image.stem}.class{cls}"
+        np.save(root / "reference" / f"{stem}.guided.npy", guided)
+        Image.fromarray(deprocess_image(guided)).save(root / "reference" / f"{stem}.guided.png", optimize=False)
+        for name, cam_map in layers.items():
+            np.save(root / "reference" / f"{stem}.layers.{name}.npy", cam_map)
+        cases.append({"model": "tiny_cnn_extras.onnx", "image": f"images/{image.name}", "class": cls,
+                      "layers": ["features", EXTRA_LAYER], "guided": f"reference/{stem}.guided.npy",
+                      "guided_png": f"reference/{stem}.guided.png",
+                      "layers_maps": {name: f"reference/{stem}.layers.{name}.npy" for name in layers}})
+    return cases
+
+
 # ------------------------------------------------------------------------------------------------ broken models
 def _prune(graph: onnx.GraphProto) -> None:
     """Drop nodes no graph output depends on (the graphs have no subgraphs)."""
@@ -246,11 +288,38 @@ def broken_models(valid: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
     return out
 
 
+def broken_extras(valid: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
+    """tiny_cnn_extras.onnx broken one way each in its optional outputs (input_gradients dropped, to keep them
+    small)."""
+    out = {}
+    m = onnx.ModelProto.FromString(valid.SerializeToString())
+    m.graph.output.remove(_output(m.graph, "input_gradients"))
+    _prune(m.graph)
+    lean = m.SerializeToString()
+
+    m = onnx.ModelProto.FromString(lean)
+    keep = [p for p in m.metadata_props if p.key != "camserve.target_layers"]
+    del m.metadata_props[:]
+    m.metadata_props.extend(keep)
+    out["broken_extras_unnamed"] = m
+
+    # gradients_1 renamed gradients_2: the extra layer's gradients are not where the contract says
+    m = onnx.ModelProto.FromString(lean)
+    for node in m.graph.node:
+        node.output[:] = ["gradients_2" if o == "gradients_1" else o for o in node.output]
+    _output(m.graph, "gradients_1").name = "gradients_2"
+    out["broken_extras_numbering"] = m
+
+    for model in out.values():
+        onnx.checker.check_model(model)
+    return out
+
+
 # -------------------------------------------------------------------------------------------------------- main
 def generate(root: Path, log=print) -> None:
     root = Path(root)
     (root / "reference").mkdir(parents=True, exist_ok=True)
-    for stale in (root / "reference").glob("*.npy"):
+    for stale in [*(root / "reference").glob("*.npy"), *(root / "reference").glob("*.png")]:
         stale.unlink()
     images = _write_images(root)
 
@@ -258,12 +327,18 @@ def generate(root: Path, log=print) -> None:
     tiny = hook_split(tiny_cnn(), "features")
     export_contract(tiny, root / "tiny_cnn.onnx", input_size=TINY_SIZE, labels=numbered_labels(10),
                     preprocess=Preprocess(), source=f"camserve fixture TinyCNN, random weights (seed {SEED})")
+    log("tiny_cnn_extras.onnx")
+    export_contract(hook_split(tiny_cnn(), "features"), root / "tiny_cnn_extras.onnx", input_size=TINY_SIZE,
+                    labels=numbered_labels(10), preprocess=Preprocess(), extra_layers=[EXTRA_LAYER], guided=True,
+                    source=f"camserve fixture TinyCNN, random weights (seed {SEED}), guided, extra layer")
     log("red_detector.onnx")
     red = hook_split(RedDetector().eval(), "detector")
     export_contract(red, root / "red_detector.onnx", input_size=RED_SIZE, labels=["red", "blue"],
                     preprocess=RED_PREPROCESS, source="camserve fixture RedDetector, hand-set weights")
     log("broken_*.onnx")
     for name, model in broken_models(onnx.load(str(root / "tiny_cnn.onnx"))).items():
+        onnx.save(model, str(root / f"{name}.onnx"))
+    for name, model in broken_extras(onnx.load(str(root / "tiny_cnn_extras.onnx"))).items():
         onnx.save(model, str(root / f"{name}.onnx"))
 
     log("reference maps")
@@ -283,7 +358,9 @@ def generate(root: Path, log=print) -> None:
                     {"smoothed": [("gradcam", True, False), ("gradcam", False, True)],
                      "score_cam": [DEFAULT_SCORE_CAM_BUDGET], "trust": ["gradcam"]})
     (root / "reference" / "cases.json").write_text(json.dumps(cases, indent=1) + "\n")
-    log(f"{len(cases)} reference cases")
+    extras = _extras_cases(root, images[f"chelsea_{TINY_SIZE}"])
+    (root / "reference" / "extras.json").write_text(json.dumps(extras, indent=1) + "\n")
+    log(f"{len(cases)} reference cases, {len(extras)} for guided Grad-CAM and several layers")
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,16 @@ from PIL import Image
 CONTRACT_VERSION = "1"
 INPUT_NAMES = ("input", "class_weights")
 OUTPUT_NAMES = ("logits", "activations", "gradients", "target_class")
+GUIDED_OUTPUT = "input_gradients"  # optional: guided backpropagation to the input, [N,K,3,H,W]
+
+
+def output_names(extra_layers: int = 0, guided: bool = False) -> list[str]:
+    """The contract's outputs, then the optional ones: input_gradients, and activations_i / gradients_i for the
+    extra target layers i = 1, 2, ..."""
+    names = list(OUTPUT_NAMES) + ([GUIDED_OUTPUT] if guided else [])
+    for i in range(1, extra_layers + 1):
+        names += [f"activations_{i}", f"gradients_{i}"]
+    return names
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,8 +53,8 @@ class Preprocess:
                            "channel_order": self.channel_order, "value_range": list(self.value_range)})
 
 
-def metadata_props(labels, target_layer, input_size, preprocess, source) -> dict[str, str]:
-    return {
+def metadata_props(labels, target_layer, input_size, preprocess, source, extra_layers=()) -> dict[str, str]:
+    props = {
         "camserve.contract_version": CONTRACT_VERSION,
         "camserve.labels": json.dumps(list(labels)),
         "camserve.target_layer": target_layer,
@@ -52,6 +62,9 @@ def metadata_props(labels, target_layer, input_size, preprocess, source) -> dict
         "camserve.preprocess": preprocess.to_json(),
         "camserve.source": source,
     }
+    if extra_layers:  # every target: index 0 is `activations`, index i is `activations_i`
+        props["camserve.target_layers"] = json.dumps([target_layer, *extra_layers])
+    return props
 
 
 def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:

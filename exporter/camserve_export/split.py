@@ -65,15 +65,74 @@ def _raise_output(mod, inp, out):
     raise _Stop(out)
 
 
-def hook_split(model: nn.Module, path: str) -> HookSplit:
-    """Resolve a module path like 'layer4' or 'features.norm5'; unknown paths list the closest names."""
+def resolve(model: nn.Module, path: str) -> nn.Module:
+    """The module at a path like 'layer4' or 'features.norm5'; unknown paths list the closest names."""
     names = [n for n, _ in model.named_modules() if n]
     if path not in names:
         close = difflib.get_close_matches(path, names, n=5, cutoff=0.4)
         top = [n for n in names if "." not in n]
         hint = f"; close names: {', '.join(close)}" if close else f"; top-level modules: {', '.join(top)}"
         raise UserError(f"no layer {path!r} in the model{hint}")
-    return HookSplit(model, model.get_submodule(path), path)
+    return model.get_submodule(path)
+
+
+def hook_split(model: nn.Module, path: str) -> HookSplit:
+    return HookSplit(model, resolve(model, path), path)
+
+
+class ExtraLayers:
+    """Target layers besides the split's own, by module path in split.root (for an ExplicitSplit that is
+    nn.Sequential(backbone, head): '0.<path in the backbone>'). `order` lists all targets, the split's own first
+    (index 0), in the order the forward reaches them."""
+
+    def __init__(self, split, paths, example: torch.Tensor):
+        self.names = list(paths)
+        if len(set(self.names)) != len(self.names) or split.name in self.names:
+            raise UserError(f"extra layers {self.names} repeat a layer (the target is {split.name!r})")
+        self.modules = [resolve(split.root, path) for path in self.names]
+        targets = [split.target_module] + self.modules
+        if len({id(m) for m in targets}) != len(targets):
+            raise UserError(f"extra layers {self.names} name the same module twice, or the target itself")
+        outputs = {}
+        handles = [m.register_forward_hook(lambda mod, inp, out, i=i: outputs.setdefault(i, []).append(out))
+                   for i, m in enumerate(targets)]
+        try:
+            with torch.no_grad():
+                split.root(example)
+        finally:
+            for h in handles:
+                h.remove()
+        for i, name in enumerate(self.names, start=1):
+            calls = outputs.get(i, [])
+            if len(calls) != 1:
+                why = "is never called in the model's forward" if not calls else f"is called {len(calls)} times"
+                raise UserError(f"extra layer {name!r} {why}; a hook needs exactly one call per forward")
+            if not isinstance(calls[0], torch.Tensor) or calls[0].dim() != 4:
+                raise UserError(f"extra layer {name!r} does not give a 4-D [N,Ch,h,w] feature map")
+        self.order = list(outputs)  # dicts keep insertion order: the order of the first calls
+        self.targets = targets
+
+
+def capture(root: nn.Module, modules, x) -> list[torch.Tensor]:
+    """The outputs of `modules` (each called once) in one forward that stops after the last of them."""
+    outputs = {}
+
+    def record(i):
+        def hook(mod, inp, out):
+            outputs[i] = out
+            if len(outputs) == len(modules):
+                raise _Stop(None)
+        return hook
+
+    handles = [m.register_forward_hook(record(i)) for i, m in enumerate(modules)]
+    try:
+        root(x)
+    except _Stop:
+        return [outputs[i] for i in range(len(modules))]
+    finally:
+        for h in handles:
+            h.remove()
+    raise RuntimeError("a target layer was not reached")  # ExtraLayers rules this out
 
 
 def validate(split, example: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,27 +10,30 @@ import torch.nn as nn
 from torch._decomp import decomposition_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .guided import guided_relus
+from .split import capture
+
 aten = torch.ops.aten
 
 
 class ContractGraph(nn.Module):
     """(input [N,3,H,W], class_weights [N,K,C]) -> logits [N,C], activations [N,Ch,h,w],
-    gradients [N,K,Ch,h,w], target_class [N,K] int64."""
+    gradients [N,K,Ch,h,w], target_class [N,K] int64; then, when asked for, input_gradients [N,K,3,H,W] (guided
+    backpropagation) and per extra layer i activations_i, gradients_i."""
 
-    def __init__(self, split):
+    def __init__(self, split, extra=None, guided: bool = False):
         super().__init__()
-        self.split = split
+        self.split, self.extra, self.guided = split, extra, guided
 
     def forward(self, x, class_weights):
         n, k, c = class_weights.shape
-        A = self.split.activations(x)
 
         # The K seeds are folded into the batch: vjp_fn is linear but has to be called once per seed, and K is
         # symbolic. The head runs on N*K rows; logits come from its first copy.
         def rep(t):
             return t.unsqueeze(1).expand(n, k, *t.shape[1:]).reshape(n * k, *t.shape[1:])
 
-        logits_rep, vjp_fn = torch.func.vjp(lambda a: self.split.head(rep(x), a), rep(A))
+        acts, logits_rep, vjp_fn = self._head_vjp(x, rep)
         logits = logits_rep.reshape(n, k, -1)[:, 0]
 
         # All-zero row k means "k-th best class". A full sort keeps TopK's k static (= C), so K may exceed C
@@ -39,9 +42,46 @@ class ContractGraph(nn.Module):
         kth = ranked.index_select(1, torch.arange(k).clamp(max=logits.shape[1] - 1))
         onehot = (kth.unsqueeze(-1) == torch.arange(c)).to(class_weights.dtype)
         seeds = torch.where(class_weights.abs().sum(-1, keepdim=True) == 0, onehot, class_weights)
+        flat_seeds = seeds.reshape(n * k, c)
 
-        gradients = vjp_fn(seeds.reshape(n * k, c))[0].reshape(n, k, *A.shape[1:])
-        return logits, A, gradients, seeds.argmax(-1)
+        grads = [g.reshape(n, k, *a.shape[1:]) for g, a in zip(vjp_fn(flat_seeds), acts)]
+        outputs = [logits, acts[0], grads[0], seeds.argmax(-1)]
+        if self.guided:
+            # the whole model again, with guided ReLUs: its own backward from the logits to the input
+            with guided_relus(self.split.root):
+                _, guided_vjp = torch.func.vjp(self.split.logits, rep(x))
+            outputs.append(guided_vjp(flat_seeds)[0].reshape(n, k, *x.shape[1:]))
+        for a, g in zip(acts[1:], grads[1:]):
+            outputs += [a, g]
+        return tuple(outputs)
+
+    def _head_vjp(self, x, rep):
+        """Activations of every target (the split's first), the head's logits on N*K rows and a function from
+        seeds to the gradients of every target."""
+        if self.extra is None:
+            A = self.split.activations(x)
+            logits_rep, vjp_fn = torch.func.vjp(lambda a: self.split.head(rep(x), a), rep(A))
+            return [A], logits_rep, vjp_fn
+        # Several targets: the head starts at the first one the forward reaches (its output replaced, as in
+        # HookSplit.head); each later one adds a zero primal to its output, so the gradient with respect to that
+        # primal is the gradient with respect to the layer's output, through everything that follows it.
+        targets, order = self.extra.targets, self.extra.order
+        acts = capture(self.split.root, targets, x)
+        primals = [rep(acts[order[0]])] + [torch.zeros_like(rep(acts[i])) for i in order[1:]]
+
+        def head(first, *zeros):
+            replace = {order[0]: lambda out: first.clone()}
+            replace.update({i: (lambda out, z=z: out + z) for i, z in zip(order[1:], zeros)})
+            handles = [targets[i].register_forward_hook(lambda mod, inp, out, f=f: f(out)) for i, f in replace.items()]
+            try:
+                return self.split.root(rep(x))
+            finally:
+                for h in handles:
+                    h.remove()
+
+        logits_rep, vjp_fn = torch.func.vjp(head, *primals)
+        position = {target: p for p, target in enumerate(order)}
+        return acts, logits_rep, lambda seeds: [vjp_fn(seeds)[position[i]] for i in range(len(targets))]
 
 
 def _pool_matrix(n_in, n_out, dtype):
@@ -115,13 +155,20 @@ def _out_of_place(root: nn.Module):
             m.inplace = True
 
 
-def trace(split, x: torch.Tensor, class_weights: torch.Tensor) -> torch.fx.GraphModule:
+def trace(split, x: torch.Tensor, class_weights: torch.Tensor, extra=None, guided: bool = False
+          ) -> torch.fx.GraphModule:
     """Symbolic trace: every input dim becomes a symbol, so the example sizes must not coincide where the
     dims are unrelated (duck sizing would give them one symbol); see export.trace_shapes."""
-    # functionalize removes the in-place ops modules can't switch off (x += y in ResNet, F.relu(inplace=True)
-    # in DenseNet) at trace time, where it is cheap.
+    graph = ContractGraph(split, extra, guided)
     with _out_of_place(split.root):
-        graph = make_fx(torch.func.functionalize(ContractGraph(split), remove="mutations"),
+        if guided:
+            # functionalize has no rule for an autograd.Function (the guided ReLU): trace first, then
+            # functionalize the traced graph, which holds aten ops only.
+            graph = make_fx(graph, decomposition_table=DECOMPOSITIONS, tracing_mode="symbolic",
+                            _allow_non_fake_inputs=True)(x, class_weights)
+        # functionalize removes the in-place ops modules can't switch off (x += y in ResNet, F.relu(inplace=True)
+        # in DenseNet) at trace time, where it is cheap.
+        graph = make_fx(torch.func.functionalize(graph, remove="mutations"),
                         decomposition_table=DECOMPOSITIONS, tracing_mode="symbolic",
                         _allow_non_fake_inputs=True)(x, class_weights)
     graph.graph.eliminate_dead_code()  # the prefix HookSplit.head recomputes

@@ -136,3 +136,20 @@ def test_weights_file(capsys, tmp_path):
                  "-q", "-o", str(tmp_path / "m.onnx")]) == 0
     source = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}["camserve.source"]
     assert "weights good.pt" in source
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("layer9", "no layer 'layer9'"),
+    ("layer4", "repeat a layer"),
+    ("fc", "extra layer 'fc' does not give a 4-D"),
+])
+def test_bad_extra_layer(capsys, tmp_path, extra, message):
+    err = _fails(capsys, ["--arch", "resnet18", "--layer", "layer4", "--extra-layer", extra, "--input-size", "64",
+                          "-o", str(tmp_path / "m.onnx")])
+    assert message in err and list(tmp_path.iterdir()) == []
+
+
+def test_extra_layer_never_reached(capsys, tmp_path):
+    err = _fails(capsys, ["--model", "toy_models:unused_branch", "--layer", "features", "--extra-layer", "unused",
+                          "-o", str(tmp_path / "m.onnx")])
+    assert "extra layer 'unused' is never called in the model's forward" in err

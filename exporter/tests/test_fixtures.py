@@ -9,7 +9,7 @@ import pytest
 from conftest import FIXTURES, metadata, run, session
 from PIL import Image
 
-from camserve_export.cam import gradcam_lowres, like_pytorch_grad_cam
+from camserve_export.cam import gradcam_lowres, like_pytorch_grad_cam, like_pytorch_grad_cam_layers
 from camserve_export.fixtures import generate
 from camserve_export.metadata import Preprocess
 
@@ -47,6 +47,34 @@ def test_onnx_runtime_reproduces_reference_maps(case):
         assert lowres.shape == lowres_ref.shape
         assert np.abs(lowres - lowres_ref).max() <= TOLERANCE * lowres_ref.max()
         assert np.abs(like_pytorch_grad_cam(lowres, gradcam_ref.shape) - gradcam_ref).max() <= TOLERANCE
+
+
+EXTRAS = json.loads((FIXTURES / "reference" / "extras.json").read_text())
+
+
+@pytest.mark.parametrize("case", EXTRAS, ids=lambda c: f"{c['image']}:{c['class']}")
+def test_extras_references(case):
+    """tiny_cnn_extras.onnx's optional outputs reproduce pytorch-grad-cam's Guided Grad-CAM and multi-layer maps;
+    its primary outputs equal tiny_cnn.onnx's (same weights)."""
+    sess = session(FIXTURES / case["model"])
+    assert metadata(sess)["camserve.target_layers"] == case["layers"]
+    x = _input(sess, FIXTURES / case["image"])
+    seeds = np.zeros((1, 1, 10), np.float32)
+    seeds[0, 0, case["class"]] = 1.0
+    out = run(sess, x, seeds)
+    plain = run(session(FIXTURES / "tiny_cnn.onnx"), x, seeds)
+    assert np.abs(out["gradients"] - plain["gradients"]).max() <= TOLERANCE * np.abs(plain["gradients"]).max()
+
+    lowres = [gradcam_lowres(out["activations"][0], out["gradients"][0, 0]),
+              gradcam_lowres(out["activations_1"][0], out["gradients_1"][0, 0])]
+    size = tuple(metadata(sess)["camserve.input_size"])
+    mask = like_pytorch_grad_cam(lowres[0], size)
+    guided = mask[:, :, None] * out["input_gradients"][0, 0].transpose(1, 2, 0)
+    reference = np.load(FIXTURES / case["guided"])
+    assert np.abs(reference).max() > 0
+    assert np.abs(guided - reference).max() <= TOLERANCE * np.abs(reference).max()
+    layers = np.load(FIXTURES / case["layers_maps"]["gradcam"])
+    assert np.abs(like_pytorch_grad_cam_layers(lowres, size) - layers).max() <= TOLERANCE
 
 
 def test_red_detector_highlights_exactly_the_red_square():
@@ -109,6 +137,14 @@ def test_broken_models_are_broken_in_one_way_each():
 
     s = session(FIXTURES / "broken_contract_version.onnx")
     assert metadata(s)["camserve.contract_version"] == 2
+
+    extras = session(FIXTURES / "tiny_cnn_extras.onnx")
+    s = session(FIXTURES / "broken_extras_unnamed.onnx")
+    assert "camserve.target_layers" not in metadata(s) and "camserve.target_layers" in metadata(extras)
+    assert np.array_equal(run(s, x, w1)["gradients_1"], run(extras, x, w1)["gradients_1"])
+    s = session(FIXTURES / "broken_extras_numbering.onnx")
+    assert [o.name for o in s.get_outputs()][-2:] == ["activations_1", "gradients_2"]
+    assert np.array_equal(run(s, x, w1)["gradients_2"], run(extras, x, w1)["gradients_1"])
 
 
 def test_readme_lists_every_fixture():

@@ -21,6 +21,8 @@ fn model() -> &'static ModelInfo {
         file: PathBuf::from("fuzz.onnx"),
         labels: vec!["red".into(), "Red".into(), "tiger cat".into(), "7".into()],
         target_layer: "features".into(),
+        extra_layers: vec!["features.5".into()],
+        guided: true,
         preprocess: Preprocess {
             width: 8,
             height: 8,

@@ -41,11 +41,13 @@ pub enum ErrorCode {
     Internal,
     ImageUrlNotAllowed,
     ImageFetchFailed,
+    MissingInputGradients,
+    MissingLayer,
 }
 
 impl ErrorCode {
     /// Every code, for the test that keeps openapi.yaml's list equal to this one.
-    pub const ALL: [ErrorCode; 26] = [
+    pub const ALL: [ErrorCode; 28] = [
         Self::RouteNotFound,
         Self::MethodNotAllowed,
         Self::ModelNotFound,
@@ -72,6 +74,8 @@ impl ErrorCode {
         Self::Internal,
         Self::ImageUrlNotAllowed,
         Self::ImageFetchFailed,
+        Self::MissingInputGradients,
+        Self::MissingLayer,
     ];
 
     pub fn status(self) -> StatusCode {
@@ -89,7 +93,9 @@ impl ErrorCode {
             Self::ClassOutOfRange
             | Self::TooManyClasses
             | Self::SingleTargetRequired
-            | Self::TooManyChannels => StatusCode::UNPROCESSABLE_ENTITY,
+            | Self::TooManyChannels
+            | Self::MissingInputGradients
+            | Self::MissingLayer => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Overloaded | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::AdminDisabled => StatusCode::FORBIDDEN,

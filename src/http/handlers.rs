@@ -57,6 +57,10 @@ pub struct ModelView<'a> {
     num_classes: usize,
     labels: &'a [String],
     target_layer: &'a str,
+    /// Every target layer `layers=` can combine: the target layer first, then the extra ones.
+    layers: Vec<&'a str>,
+    /// Whether the model has guided backpropagation (`output=guided`).
+    guided: bool,
     activation: ActivationShape,
     methods: Vec<&'static str>,
     device: crate::config::ExecutionProvider,
@@ -99,6 +103,10 @@ impl<'a> From<&'a ModelInfo> for ModelView<'a> {
             num_classes: info.num_classes(),
             labels: &info.labels,
             target_layer: &info.target_layer,
+            layers: std::iter::once(info.target_layer.as_str())
+                .chain(info.extra_layers.iter().map(String::as_str))
+                .collect(),
+            guided: info.guided,
             activation: ActivationShape {
                 channels,
                 height,
@@ -451,6 +459,27 @@ fn encode(info: &ModelInfo, explanation: &Explanation, params: &ExplainParams) -
             )
                 .into_response()
         }
+        Output::Guided => {
+            let p = &info.preprocess;
+            let values = guided_values(first);
+            with_map_headers(
+                png(encode_png(&render::deprocess(values, p.width, p.height))),
+                first,
+            )
+        }
+        Output::GuidedNpy => {
+            let p = &info.preprocess;
+            let data: Vec<f32> = explanation
+                .targets
+                .iter()
+                .flat_map(|t| guided_values(t).iter().copied())
+                .collect();
+            (
+                [(header::CONTENT_TYPE, "application/x-npy")],
+                render::encode_npy_f32(&[explanation.targets.len(), p.height, p.width, 3], &data),
+            )
+                .into_response()
+        }
         Output::Json | Output::Raw | Output::Boxes => {
             Json(json_body(info, explanation, params, &canvas)).into_response()
         }
@@ -506,6 +535,14 @@ where
     [P::Subpixel]: image::EncodableLayout,
 {
     render::encode_png(image).expect("encoding a PNG into memory")
+}
+
+/// Guided Grad-CAM's values; params::explain asks the pipeline for them whenever the output shows them.
+fn guided_values(target: &TargetMap) -> &[f32] {
+    target
+        .guided
+        .as_deref()
+        .expect("guided outputs are computed when asked for")
 }
 
 fn base64_png(bytes: Vec<u8>) -> String {

@@ -18,6 +18,10 @@ pub enum Output {
     Raw,
     Npy,
     Boxes,
+    /// Guided Grad-CAM as a PNG, drawn as pytorch-grad-cam's `deprocess_image` draws it.
+    Guided,
+    /// Guided Grad-CAM's float values [K,H,W,3] before that drawing.
+    GuidedNpy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +74,7 @@ const EXPLAIN_KEYS: &[&str] = &[
     "max_channels",
     "trust",
     "relu",
+    "layers",
 ];
 
 fn pairs(query: Option<&str>, allowed: &[&str]) -> Result<Vec<(String, String)>, ApiError> {
@@ -223,9 +228,29 @@ pub fn explain(
             ("raw", Output::Raw),
             ("npy", Output::Npy),
             ("boxes", Output::Boxes),
+            ("guided", Output::Guided),
+            ("guided_npy", Output::GuidedNpy),
         ],
         Output::Json,
     )?;
+    let guided = matches!(output, Output::Guided | Output::GuidedNpy);
+    if guided && !model.guided {
+        return Err(ApiError::new(
+            ErrorCode::MissingInputGradients,
+            format!(
+                "output={} needs guided backpropagation, and model `{}` has no `input_gradients` output \
+                 (export it with camserve-export --guided)",
+                output_name(output),
+                model.name
+            ),
+        ));
+    }
+    let layers = layers(single::<String>(&pairs, "layers", "")?.as_deref(), model)?;
+    if method == CamMethod::ScoreCam && layers != [0] {
+        return Err(invalid(
+            "`layers` combines the gradient methods' maps; method=scorecam uses the target layer only".into(),
+        ));
+    }
     let heatmap = choice(
         &pairs,
         "heatmap",
@@ -285,7 +310,7 @@ pub fn explain(
             "`trust` figures are part of JSON answers: use output=json, raw or boxes".into(),
         ));
     }
-    if matches!(output, Output::Overlay | Output::Heatmap) && count != 1 {
+    if matches!(output, Output::Overlay | Output::Heatmap | Output::Guided) && count != 1 {
         return Err(ApiError::new(
             ErrorCode::SingleTargetRequired,
             format!(
@@ -309,6 +334,8 @@ pub fn explain(
             } else {
                 0
             },
+            layers,
+            guided,
         },
         output,
         alpha,
@@ -328,7 +355,51 @@ fn output_name(output: Output) -> &'static str {
         Output::Raw => "raw",
         Output::Npy => "npy",
         Output::Boxes => "boxes",
+        Output::Guided => "guided",
+        Output::GuidedNpy => "guided_npy",
     }
+}
+
+/// `layers`: `all`, or a comma-separated list of layer names or indices (0 is the model's target layer, i its
+/// i-th extra layer); absent: the target layer alone.
+fn layers(value: Option<&str>, model: &ModelInfo) -> Result<Vec<usize>, ApiError> {
+    let names: Vec<&str> = std::iter::once(model.target_layer.as_str())
+        .chain(model.extra_layers.iter().map(String::as_str))
+        .collect();
+    let list = match value {
+        None => return Ok(vec![0]),
+        Some("all") => return Ok((0..names.len()).collect()),
+        Some(list) => list,
+    };
+    let mut chosen = Vec::new();
+    for item in list.split(',') {
+        let index = names
+            .iter()
+            .position(|n| *n == item)
+            .or_else(|| item.parse::<usize>().ok().filter(|&i| i < names.len()));
+        let Some(index) = index else {
+            return Err(ApiError::new(
+                ErrorCode::MissingLayer,
+                format!(
+                    "model `{}` has no target layer `{item}`; it has {} (by name or index), or `all`",
+                    model.name,
+                    names
+                        .iter()
+                        .map(|n| format!("`{n}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        };
+        if chosen.contains(&index) {
+            return Err(invalid(format!(
+                "`layers` names layer `{}` twice",
+                names[index]
+            )));
+        }
+        chosen.push(index);
+    }
+    Ok(chosen)
 }
 
 fn resolve_class(class: &str, model: &ModelInfo) -> Result<usize, ApiError> {
