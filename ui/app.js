@@ -85,7 +85,10 @@ async function explain(event) {
   $("explain").disabled = true;
   setStatus("Explaining…");
   try {
-    const body = await post(query);
+    // The trust score costs one more Run and belongs beside the pictures; the exports leave it out.
+    const shown = new URLSearchParams(query);
+    shown.set("trust", "true");
+    const body = await post(shown);
     state.lastQuery = query;
     render(body);
     setStatus(`Explained ${body.explanations.length} class(es) of a ${body.image.width}×${body.image.height} image.`);
@@ -152,6 +155,11 @@ function render(body) {
     el("tr", {}, [el("td", { textContent: p.class }), el("td", { textContent: p.label }),
       el("td", { textContent: `${(100 * p.probability).toFixed(2)} %` })]));
   $("predictions").tBodies[0].replaceChildren(...rows);
+  const percent = (p) => `${(100 * p).toFixed(2)} %`;
+  $("trust-score").replaceChildren(...body.explanations.filter((t) => t.trust).map((t) => el("li", {
+    textContent: `${t.label}: ${percent(t.trust.probability)} on the image, ${percent(t.trust.kept_probability)} kept, `
+      + `${percent(t.trust.removed_probability)} removed`,
+  })));
 
   const cards = body.explanations.map((t, i) => {
     const name = `${body.model}-${t.class}-${t.label}`.replace(/[^\w.-]+/g, "_");

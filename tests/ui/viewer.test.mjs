@@ -60,7 +60,8 @@ try {
   await page.waitForSelector("#model option[value=red]", { state: "attached" });
   await page.selectOption("#model", "red");
   assert.deepEqual(await page.$$eval("#method option", (os) => os.map((o) => o.value)),
-    ["gradcam", "gradcampp", "xgradcam", "hirescam", "layercam"]);
+    ["gradcam", "gradcampp", "xgradcam", "hirescam", "gradcam_elementwise", "layercam", "eigencam", "eigengradcam",
+      "scorecam"]);
   const unlabelled = await page.$$eval("input, select", (controls) =>
     controls.filter((c) => c.type !== "hidden" && c.labels.length === 0).map((c) => c.id));
   assert.deepEqual(unlabelled, [], "controls without a label");
@@ -102,10 +103,18 @@ try {
   assert.ok(centre[0] > centre[2], `centre ${centre} is not hot`);
   assert.ok(corner[2] > corner[0], `corner ${corner} is not cold`);
 
-  // Probabilities, the trust-score placeholder and the downloads.
+  // Probabilities, the trust score (the API's own figures for the same request) and the downloads.
   const rows = await page.$$eval("#predictions tbody tr", (trs) => trs.map((tr) => tr.cells[1].textContent));
   assert.deepEqual(rows.sort(), ["blue", "red"]);
-  assert.match(await page.textContent("#trust-score"), /Not shown here yet/);
+  const api = await (await fetch(`${base}/v1/models/red/explain?class=red&trust=true&output=boxes`, {
+    method: "POST", headers: { "content-type": "image/png" }, body: readFileSync(path.join(fixtures, "images/red_blue_128.png")),
+  })).json();
+  const trust = api.explanations[0].trust;
+  const percent = (p) => `${(100 * p).toFixed(2)} %`;
+  assert.deepEqual(await page.$$eval("#trust-score li", (lis) => lis.map((li) => li.textContent)),
+    [`red: ${percent(trust.probability)} on the image, ${percent(trust.kept_probability)} kept, `
+      + `${percent(trust.removed_probability)} removed`]);
+  assert.ok(trust.kept_probability > trust.removed_probability, `the red map is not trustworthy: ${JSON.stringify(trust)}`);
   const downloads = await page.$$eval("#target-0 .downloads a", (as) => as.map((a) => a.download));
   assert.deepEqual(downloads, ["red-0-red-overlay.png", "red-0-red-heatmap.png", "red-0-red-boxes.json", "red-0-red-map.json"]);
   const [download] = await Promise.all([page.waitForEvent("download"), page.click("button[data-format=coco]")]);
