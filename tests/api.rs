@@ -5,6 +5,7 @@ mod common;
 use camserve::config::Limits;
 use common::{
     TestServer, fixture, max_relative_error, model_config, png_bytes, read_npy, read_npy_file,
+    status_and_json,
 };
 use image::{Rgb, RgbImage};
 use serde_json::Value;
@@ -41,45 +42,16 @@ fn served_name(case: &Case) -> String {
         .to_owned()
 }
 
-async fn json(response: reqwest::Response) -> (u16, Value) {
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn health_readiness_and_model_listing() {
     let server = TestServer::start().await;
-    let (status, body) = json(
-        server
-            .client
-            .get(server.url("/healthz"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = server.get_json("/healthz").await;
     assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
-    let (status, body) = json(
-        server
-            .client
-            .get(server.url("/readyz"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = server.get_json("/readyz").await;
     assert_eq!((status, body["status"].as_str()), (200, Some("ready")));
     assert_eq!(body["models"], serde_json::json!(["red", "tiny"]));
 
-    let (status, body) = json(
-        server
-            .client
-            .get(server.url("/v1/models"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = server.get_json("/v1/models").await;
     assert_eq!(status, 200);
     let names: Vec<&str> = body["models"]
         .as_array()
@@ -89,15 +61,7 @@ async fn health_readiness_and_model_listing() {
         .collect();
     assert_eq!(names, ["red", "tiny"]);
 
-    let (status, tiny) = json(
-        server
-            .client
-            .get(server.url("/v1/models/tiny"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, tiny) = server.get_json("/v1/models/tiny").await;
     assert_eq!(status, 200);
     assert_eq!(tiny["num_classes"], 10);
     assert_eq!(tiny["labels"].as_array().unwrap().len(), 10);
@@ -146,7 +110,7 @@ async fn gradcam_matches_pytorch_grad_cam() {
             case.class
         );
         let (status, body) =
-            json(server.post_image(&query, "image/png", image.clone()).await).await;
+            status_and_json(server.post_image(&query, "image/png", image.clone()).await).await;
         assert_eq!(status, 200, "{body}");
         let map = &body["explanations"][0]["map"];
         let data: Vec<f32> = serde_json::from_value(map["data"].clone()).unwrap();
@@ -159,7 +123,7 @@ async fn gradcam_matches_pytorch_grad_cam() {
             case.image
         );
 
-        let (status, body) = json(
+        let (status, body) = status_and_json(
             server
                 .post_image(&format!("{query}&map_size=input"), "image/png", image)
                 .await,
@@ -201,7 +165,7 @@ async fn predict_matches_pytorch_logits() {
     let server = TestServer::start().await;
     for case in cases() {
         let image = std::fs::read(fixture(&case.image)).unwrap();
-        let (status, body) = json(
+        let (status, body) = status_and_json(
             server
                 .post_image("/v1/models/tiny/predict?top_k=10", "image/png", image)
                 .await,
@@ -239,7 +203,7 @@ async fn several_classes_in_one_request() {
     let raw_map = |body: &Value, i: usize| -> Vec<f32> {
         serde_json::from_value(body["explanations"][i]["map"]["data"].clone()).unwrap()
     };
-    let (_, both) = json(
+    let (_, both) = status_and_json(
         server
             .post_image(
                 "/v1/models/tiny/explain?class=2&class=7&output=raw",
@@ -251,12 +215,13 @@ async fn several_classes_in_one_request() {
     .await;
     for (i, class) in [2, 7].into_iter().enumerate() {
         let query = format!("/v1/models/tiny/explain?class={class}&output=raw");
-        let (_, single) = json(server.post_image(&query, "image/png", image.clone()).await).await;
+        let (_, single) =
+            status_and_json(server.post_image(&query, "image/png", image.clone()).await).await;
         assert_eq!(both["explanations"][i]["class"], class);
         assert!(max_relative_error(&raw_map(&both, i), &raw_map(&single, 0)) < 1e-5);
     }
 
-    let (status, top) = json(
+    let (status, top) = status_and_json(
         server
             .post_image("/v1/models/tiny/explain?top_k=3", "image/png", image)
             .await,
@@ -322,7 +287,7 @@ async fn boxes_find_objects_at_known_positions() {
     // The Grad-CAM paper's protocol (threshold=0.15). One square: the box of the largest segment surrounds it, in
     // original-image pixels.
     let image = red_squares(400, 300, &[(220, 60, 110)]);
-    let (status, body) = json(
+    let (status, body) = status_and_json(
         server
             .post_image(
                 "/v1/models/red/explain?class=red&output=boxes&threshold=0.15",
@@ -344,7 +309,7 @@ async fn boxes_find_objects_at_known_positions() {
 
     // Two squares, max_boxes=3: the two segments, larger first; nothing else crosses the threshold.
     let image = red_squares(400, 300, &[(30, 40, 120), (280, 200, 60)]);
-    let (_, body) = json(
+    let (_, body) = status_and_json(
         server
             .post_image(
                 "/v1/models/red/explain?class=0&output=boxes&max_boxes=3&threshold=0.15",
@@ -370,7 +335,8 @@ async fn boxes_find_objects_at_known_positions() {
         let image = image.clone();
         async move {
             let url = format!("/v1/models/red/explain?class=red&output=boxes{query}");
-            let (status, body) = json(server.post_image(url, "image/png", image).await).await;
+            let (status, body) =
+                status_and_json(server.post_image(url, "image/png", image).await).await;
             assert_eq!(status, 200, "{body}");
             box_of(&body["explanations"][0]["boxes"][0])
         }
@@ -451,7 +417,7 @@ async fn image_outputs_are_pixel_exact() {
     let npy = explain("output=npy").await;
     assert_eq!(npy.headers()["content-type"], "application/x-npy");
     let (shape, data) = read_npy(&npy.bytes().await.unwrap());
-    let (_, raw) = json(explain("output=raw").await).await;
+    let (_, raw) = status_and_json(explain("output=raw").await).await;
     let map = &raw["explanations"][0]["map"];
     assert_eq!(serde_json::json!([shape[1], shape[2]]), map["shape"]);
     assert_eq!(shape[0], 1);
@@ -460,7 +426,7 @@ async fn image_outputs_are_pixel_exact() {
     assert_eq!(map["max"].as_f64().unwrap() as f32, range[1]);
 
     // The default JSON carries predictions, boxes and both images in one round trip.
-    let (status, body) = json(explain("").await).await;
+    let (status, body) = status_and_json(explain("").await).await;
     assert_eq!(status, 200);
     let target = &body["explanations"][0];
     assert_eq!(target["label"], "red");
@@ -496,9 +462,9 @@ async fn multipart_upload_equals_raw_body() {
         .send()
         .await
         .unwrap();
-    let (status, multipart) = json(response).await;
+    let (status, multipart) = status_and_json(response).await;
     assert_eq!(status, 200, "{multipart}");
-    let (_, raw) = json(
+    let (_, raw) = status_and_json(
         server
             .post_image("/v1/models/red/explain?output=raw", "image/png", bytes)
             .await,
@@ -549,8 +515,8 @@ async fn batched_requests_equal_single_ones() {
                 .parse()
                 .unwrap(),
         );
-        let (_, batched) = json(response).await;
-        let (_, single) = json(
+        let (_, batched) = status_and_json(response).await;
+        let (_, single) = status_and_json(
             reference
                 .post_image(query, "image/png", image.clone())
                 .await,
@@ -612,7 +578,7 @@ async fn large_photos_keep_pixel_coordinates_and_max_side_shrinks_outputs() {
         2000.0 / info.activation_shape[1] as f64,
     );
     let image = png_bytes(&red_squares(3000, 2000, &[(1700, 300, 800)]));
-    let (status, body) = json(
+    let (status, body) = status_and_json(
         server
             .post_image(
                 "/v1/models/red/explain?output=boxes",

@@ -14,7 +14,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::get;
 use camserve::config::{CorsConfig, LabelStudioConfig, Limits};
-use common::{TestServer, fixture, label_studio_config, model_config};
+use common::{TestServer, fixture, label_studio_config, model_config, status_and_json};
 use serde_json::{Value, json};
 
 const SQUARE: [u64; 4] = [16, 32, 48, 64]; // x_min, y_min, x_max, y_max (exclusive)
@@ -34,13 +34,8 @@ async fn red_server(cors: CorsConfig, label_studio: Option<LabelStudioConfig>) -
     .await
 }
 
-async fn json_of(response: reqwest::Response) -> (u16, Value) {
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
-}
-
 async fn explain(server: &TestServer, query: &str) -> (u16, Value) {
-    json_of(
+    status_and_json(
         server
             .post_image(
                 format!("/v1/models/red/explain?{query}"),
@@ -238,7 +233,7 @@ async fn image_host() -> (String, tokio::task::JoinHandle<()>) {
 }
 
 async fn ls_predict(server: &TestServer, body: Value) -> (u16, Value) {
-    json_of(
+    status_and_json(
         server
             .client
             .post(server.url("/label-studio/predict"))
@@ -264,17 +259,9 @@ async fn label_studio_backend_fetches_only_from_allowed_hosts() {
     config.fetch_timeout_secs = 1;
     let server = red_server(CorsConfig::default(), Some(config)).await;
 
-    let (status, health) = json_of(
-        server
-            .client
-            .get(server.url("/label-studio/health"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, health) = server.get_json("/label-studio/health").await;
     assert_eq!((status, &health["status"]), (200, &json!("UP")));
-    let (status, setup) = json_of(
+    let (status, setup) = status_and_json(
         server
             .client
             .post(server.url("/label-studio/setup"))

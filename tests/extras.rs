@@ -7,8 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use camserve::config::Limits;
-use common::{TestServer, fixture, model_config, read_npy, read_npy_file};
-use serde_json::Value;
+use common::{TestServer, fixture, model_config, read_npy, read_npy_file, status_and_json};
 
 #[derive(serde::Deserialize)]
 struct Case {
@@ -43,11 +42,6 @@ async fn server() -> TestServer {
 fn max_abs_difference(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
-}
-
-async fn json(response: reqwest::Response) -> (u16, Value) {
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -121,7 +115,8 @@ async fn several_layers_match_pytorch_grad_cam() {
                     case.class
                 );
                 let (status, body) =
-                    json(server.post_image(&query, "image/png", image.clone()).await).await;
+                    status_and_json(server.post_image(&query, "image/png", image.clone()).await)
+                        .await;
                 assert_eq!(status, 200, "{body}");
                 let map = &body["explanations"][0]["map"];
                 assert_eq!(map["shape"], serde_json::json!(shape), "{query}");
@@ -135,7 +130,7 @@ async fn several_layers_match_pytorch_grad_cam() {
             "/v1/models/extras/explain?class={}&output=raw&map_size=input",
             case.class
         );
-        let (_, body) = json(server.post_image(&query, "image/png", image).await).await;
+        let (_, body) = status_and_json(server.post_image(&query, "image/png", image).await).await;
         let single: Vec<f32> =
             serde_json::from_value(body["explanations"][0]["map"]["data"].clone()).unwrap();
         let (_, combined) = read_npy_file(&fixture(&case.layers_maps["gradcam"]));
@@ -150,7 +145,7 @@ async fn the_optional_outputs_change_nothing_else() {
     let server = server().await;
     let image = std::fs::read(fixture("images/chelsea_64.png")).unwrap();
     let query = "explain?top_k=2&output=raw";
-    let (_, extras) = json(
+    let (_, extras) = status_and_json(
         server
             .post_image(
                 &format!("/v1/models/extras/{query}"),
@@ -160,7 +155,7 @@ async fn the_optional_outputs_change_nothing_else() {
             .await,
     )
     .await;
-    let (_, tiny) = json(
+    let (_, tiny) = status_and_json(
         server
             .post_image(
                 &format!("/v1/models/tiny/{query}"),
@@ -182,7 +177,7 @@ async fn the_optional_outputs_change_nothing_else() {
         assert!(common::max_relative_error(&a, &b) < 1e-5);
     }
     // One extra layer alone: a map on its own 16x16 grid.
-    let (status, body) = json(
+    let (status, body) = status_and_json(
         server
             .post_image(
                 "/v1/models/extras/explain?layers=features.5&output=raw",
@@ -198,29 +193,13 @@ async fn the_optional_outputs_change_nothing_else() {
         serde_json::json!([16, 16])
     );
 
-    let (_, model) = json(
-        server
-            .client
-            .get(server.url("/v1/models/extras"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, model) = server.get_json("/v1/models/extras").await;
     assert_eq!(
         model["layers"],
         serde_json::json!(["features", "features.5"])
     );
     assert_eq!(model["guided"], true);
-    let (_, model) = json(
-        server
-            .client
-            .get(server.url("/v1/models/tiny"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, model) = server.get_json("/v1/models/tiny").await;
     assert_eq!(model["layers"], serde_json::json!(["features"]));
     assert_eq!(model["guided"], false);
 }
@@ -281,7 +260,7 @@ async fn what_a_model_lacks_is_a_422_naming_it() {
             .to_str()
             .unwrap()
             .to_owned();
-        let (got, body) = json(response).await;
+        let (got, body) = status_and_json(response).await;
         assert_eq!(
             (got, body["error"]["code"].as_str()),
             (status, Some(code)),

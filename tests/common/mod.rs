@@ -178,6 +178,17 @@ impl TestServer {
             .await
             .unwrap()
     }
+
+    /// GETs `path`: the status and the JSON body.
+    pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        status_and_json(self.client.get(self.url(path)).send().await.unwrap()).await
+    }
+}
+
+/// A response's status and JSON body.
+pub async fn status_and_json(response: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
 }
 
 /// Reads a little-endian float32 .npy file (as NumPy writes them): (shape, data).
