@@ -5,7 +5,7 @@ mod common;
 use camserve::config::Limits;
 use common::{
     TestServer, fixture, max_relative_error, model_config, png_bytes, read_npy, read_npy_file,
-    status_and_json,
+    served_name, status_and_json,
 };
 use image::{Rgb, RgbImage};
 use serde_json::Value;
@@ -30,16 +30,6 @@ fn cases() -> Vec<Case> {
         .into_iter()
         .filter(|c| c.model == "tiny_cnn.onnx")
         .collect()
-}
-
-/// The name a case's model is served under: its file stem.
-fn served_name(case: &Case) -> String {
-    std::path::Path::new(&case.model)
-        .file_stem()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -93,7 +83,7 @@ async fn gradcam_matches_pytorch_grad_cam() {
     let cases = all_cases();
     let mut models: Vec<_> = cases
         .iter()
-        .map(|c| model_config(&served_name(c), &fixture(&c.model)))
+        .map(|c| model_config(&served_name(&c.model), &fixture(&c.model)))
         .collect();
     models.sort_by(|a, b| a.name.cmp(&b.name));
     models.dedup_by(|a, b| a.name == b.name);
@@ -106,7 +96,7 @@ async fn gradcam_matches_pytorch_grad_cam() {
         let image = std::fs::read(fixture(&case.image)).unwrap();
         let query = format!(
             "/v1/models/{}/explain?class={}&output=raw",
-            served_name(&case),
+            served_name(&case.model),
             case.class
         );
         let (status, body) =

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use camserve::config::Limits;
 use camserve::explain::DEFAULT_SCORE_CAM_CHANNELS;
-use common::{TestServer, fixture, model_config};
+use common::{TestServer, fixture, model_config, served_name};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -72,19 +72,11 @@ fn cases() -> Vec<Case> {
         .unwrap()
 }
 
-fn served_name(case: &Case) -> String {
-    std::path::Path::new(&case.model)
-        .file_stem()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// A server with every model the cases use, each under its file's stem.
 async fn server(cases: &[Case]) -> TestServer {
     let mut models: Vec<_> = cases
         .iter()
-        .map(|c| model_config(&served_name(c), &fixture(&c.model)))
+        .map(|c| model_config(&served_name(&c.model), &fixture(&c.model)))
         .collect();
     models.sort_by(|a, b| a.name.cmp(&b.name));
     models.dedup_by(|a, b| a.name == b.name);
@@ -95,7 +87,7 @@ async fn explain(server: &TestServer, case: &Case, options: &str) -> reqwest::Re
     let image = std::fs::read(fixture(&case.image)).unwrap();
     let query = format!(
         "/v1/models/{}/explain?class={}&{options}",
-        served_name(case),
+        served_name(&case.model),
         case.class
     );
     server.post_image(&query, "image/png", image).await

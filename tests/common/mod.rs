@@ -185,6 +185,16 @@ impl TestServer {
     }
 }
 
+/// The name a fixture model is served under in the tests: its file stem.
+pub fn served_name(model_file: &str) -> String {
+    Path::new(model_file)
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
 /// A response's status and JSON body.
 pub async fn status_and_json(response: reqwest::Response) -> (u16, serde_json::Value) {
     let status = response.status().as_u16();
