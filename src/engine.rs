@@ -7,6 +7,7 @@
 //! stays within `max_batch` images, optionally waiting `max_batch_wait` for more, and runs them in one Run. A job
 //! larger than `max_batch` runs alone, in one Run.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
@@ -47,7 +48,8 @@ impl RunTimes {
 type Reply = oneshot::Sender<Result<(Vec<RunOutput>, RunTimes), EngineError>>;
 
 struct Job {
-    input: Vec<f32>,
+    /// Shared with the caller, which may reuse the images (Score-CAM's masks, a second Run) without a copy.
+    input: Arc<[f32]>,
     seeds: Vec<f32>,
     images: usize,
     k: usize,
@@ -88,7 +90,7 @@ impl Runner {
     /// Runs `images` preprocessed images [images,3,H,W], each with K seed rows, in one Run; one output per image.
     pub async fn run(
         &self,
-        input: Vec<f32>,
+        input: Arc<[f32]>,
         images: usize,
         seeds: Vec<f32>,
         k: usize,

@@ -304,16 +304,16 @@ async fn prepare(
 ) -> Result<(RgbImage, Vec<f32>, Duration), ExplainError> {
     let model = model.clone();
     let limits = limits.clone();
-    tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
+    let (prepared, decode) = blocking("preprocessing", move || {
         let image = preprocess::decode(&bytes, &limits.decode_limits())?;
         let p = &model.info.preprocess;
         let mut tensor = vec![0.0f32; 3 * p.height * p.width];
         p.write_tensor(&image, &mut tensor);
-        Ok((image, tensor, started.elapsed()))
+        Ok::<_, DecodeError>((image, tensor))
     })
-    .await
-    .map_err(|_| ExplainError::Panicked("preprocessing"))?
+    .await?;
+    let (image, tensor) = prepared?;
+    Ok((image, tensor, decode))
 }
 
 /// What a request spent after decoding: its Runs (waits and inference, added up) and the CPU work around them.
@@ -346,7 +346,7 @@ async fn blocking<T: Send + 'static>(
 /// One Run of `images` images [images,3,H,W], each with the same K seed rows.
 async fn run(
     model: &Model,
-    inputs: Vec<f32>,
+    inputs: Arc<[f32]>,
     images: usize,
     seeds: &[f32],
     k: usize,
@@ -371,7 +371,7 @@ pub async fn predict(
 ) -> Result<(Vec<f32>, Timings), ExplainError> {
     let (_, tensor, decode) = prepare(model, bytes, limits).await?;
     let seeds = vec![0.0; model.info.num_classes()];
-    let (mut outputs, run) = run(model, tensor, 1, &seeds, 1).await?;
+    let (mut outputs, run) = run(model, tensor.into(), 1, &seeds, 1).await?;
     let timings = Timings {
         decode,
         queue: run.queue,
@@ -396,10 +396,10 @@ fn seed_rows(targets: &Targets, classes: usize) -> (Vec<f32>, usize) {
     }
 }
 
-/// The augmented copies of a preprocessed tensor, side by side.
-fn augmented(tensor: &[f32], augmentations: &[(bool, f32)], width: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(tensor.len() * augmentations.len());
-    for &(mirrored, factor) in augmentations {
+/// The [`AUGMENTATIONS`] of a preprocessed tensor, side by side.
+fn augmented(tensor: &[f32], width: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(tensor.len() * AUGMENTATIONS.len());
+    for (mirrored, factor) in AUGMENTATIONS {
         for row in tensor.chunks_exact(width) {
             if mirrored {
                 out.extend(row.iter().rev().map(|v| v * factor));
@@ -452,7 +452,7 @@ async fn score_cam_logits(
         })
         .await?;
         let images = inputs.len() / (3 * width * height);
-        let (outputs, run_times) = run(model, inputs, images, &seeds, 1).await?;
+        let (outputs, run_times) = run(model, inputs.into(), images, &seeds, 1).await?;
         spent.add(run_times, cpu);
         logits.extend(outputs.into_iter().map(|o| o.logits));
     }
@@ -466,17 +466,16 @@ pub async fn explain(
     options: &ExplainOptions,
 ) -> Result<Explanation, ExplainError> {
     let (image, tensor, decode) = prepare(model, bytes, limits).await?;
+    let tensor: Arc<[f32]> = tensor.into();
     let classes = model.info.num_classes();
     let width = model.info.preprocess.width;
     // All targets ride in one Run: one seed row each; an all-zero row k means "the k-th best class".
     let (seeds, k) = seed_rows(&options.targets, classes);
-    let augmentations = &AUGMENTATIONS[..if options.aug_smooth {
-        AUGMENTATIONS.len()
+    let (inputs, n): (Arc<[f32]>, usize) = if options.aug_smooth {
+        (augmented(&tensor, width).into(), AUGMENTATIONS.len())
     } else {
-        1
-    }];
-    let inputs = augmented(&tensor, augmentations, width);
-    let n = augmentations.len();
+        (tensor.clone(), 1)
+    };
     let (mut outputs, mut run_times) = run(model, inputs.clone(), n, &seeds, k).await?;
     // Every copy must explain the classes the image itself resolved to; rarely, a copy ranks them otherwise and
     // the copies run again with those classes named.
@@ -596,7 +595,7 @@ pub async fn explain(
 
     let probabilities = softmax(&outputs[0].logits);
     if options.trust {
-        trust(model, &tensor, &probabilities, &mut targets, &mut spent).await?;
+        trust(model, tensor, &probabilities, &mut targets, &mut spent).await?;
     }
     Ok(Explanation {
         image,
@@ -616,7 +615,7 @@ pub async fn explain(
 /// The trust figures of every target, from one Run of the perturbed inputs (two per target).
 async fn trust(
     model: &Model,
-    tensor: &[f32],
+    tensor: Arc<[f32]>,
     probabilities: &[f32],
     targets: &mut [TargetMap],
     spent: &mut Spent,
@@ -626,7 +625,6 @@ async fn trust(
         .iter()
         .map(|t| display(&t.raw, &t.variants, width, height))
         .collect();
-    let tensor = tensor.to_vec();
     let (inputs, cpu) = blocking("trust inputs", move || {
         let perturbations = maps.into_iter().flat_map(|kept| {
             let removed = Map::new(width, height, kept.data.iter().map(|m| 1.0 - m).collect());
@@ -636,7 +634,7 @@ async fn trust(
     })
     .await?;
     let seeds = vec![0.0; model.info.num_classes()];
-    let (outputs, run_times) = run(model, inputs, 2 * targets.len(), &seeds, 1).await?;
+    let (outputs, run_times) = run(model, inputs.into(), 2 * targets.len(), &seeds, 1).await?;
     spent.add(run_times, cpu);
     for (target, pair) in targets.iter_mut().zip(outputs.chunks_exact(2)) {
         target.trust = Some(Trust {
