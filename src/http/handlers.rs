@@ -453,11 +453,7 @@ fn encode(info: &ModelInfo, explanation: &Explanation, params: &ExplainParams) -
                 .collect();
             let data: Vec<f32> = maps.iter().flat_map(|m| m.data.iter().copied()).collect();
             let shape = [maps.len(), maps[0].height, maps[0].width];
-            (
-                [(header::CONTENT_TYPE, "application/x-npy")],
-                render::encode_npy_f32(&shape, &data),
-            )
-                .into_response()
+            npy(&shape, &data)
         }
         Output::Guided => {
             let p = &info.preprocess;
@@ -474,11 +470,7 @@ fn encode(info: &ModelInfo, explanation: &Explanation, params: &ExplainParams) -
                 .iter()
                 .flat_map(|t| guided_values(t).iter().copied())
                 .collect();
-            (
-                [(header::CONTENT_TYPE, "application/x-npy")],
-                render::encode_npy_f32(&[explanation.targets.len(), p.height, p.width, 3], &data),
-            )
-                .into_response()
+            npy(&[explanation.targets.len(), p.height, p.width, 3], &data)
         }
         Output::Json | Output::Raw | Output::Boxes => {
             Json(json_body(info, explanation, params, &canvas)).into_response()
@@ -543,6 +535,15 @@ fn guided_values(target: &TargetMap) -> &[f32] {
         .guided
         .as_deref()
         .expect("guided outputs are computed when asked for")
+}
+
+/// A float32 `.npy` answer.
+fn npy(shape: &[usize], data: &[f32]) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/x-npy")],
+        render::encode_npy_f32(shape, data),
+    )
+        .into_response()
 }
 
 fn base64_png(bytes: Vec<u8>) -> String {
