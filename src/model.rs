@@ -57,6 +57,13 @@ impl ModelInfo {
         self.labels.len()
     }
 
+    /// Every target layer `layers=` can combine, by index: the target layer first, then the extra ones.
+    pub fn layer_names(&self) -> Vec<&str> {
+        std::iter::once(self.target_layer.as_str())
+            .chain(self.extra_layers.iter().map(String::as_str))
+            .collect()
+    }
+
     /// A class given as an index or as a label (exact, else case-insensitive when that is unambiguous).
     pub fn class_index(&self, class: &str) -> Option<usize> {
         if let Ok(index) = class.parse::<usize>() {

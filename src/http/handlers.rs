@@ -103,9 +103,7 @@ impl<'a> From<&'a ModelInfo> for ModelView<'a> {
             num_classes: info.num_classes(),
             labels: &info.labels,
             target_layer: &info.target_layer,
-            layers: std::iter::once(info.target_layer.as_str())
-                .chain(info.extra_layers.iter().map(String::as_str))
-                .collect(),
+            layers: info.layer_names(),
             guided: info.guided,
             activation: ActivationShape {
                 channels,

@@ -363,9 +363,7 @@ fn output_name(output: Output) -> &'static str {
 /// `layers`: `all`, or a comma-separated list of layer names or indices (0 is the model's target layer, i its
 /// i-th extra layer); absent: the target layer alone.
 fn layers(value: Option<&str>, model: &ModelInfo) -> Result<Vec<usize>, ApiError> {
-    let names: Vec<&str> = std::iter::once(model.target_layer.as_str())
-        .chain(model.extra_layers.iter().map(String::as_str))
-        .collect();
+    let names = model.layer_names();
     let list = match value {
         None => return Ok(vec![0]),
         Some("all") => return Ok((0..names.len()).collect()),
