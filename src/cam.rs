@@ -583,18 +583,17 @@ pub fn display_map(raw: &Map, width: usize, height: usize) -> Map {
 /// If `raws` is empty.
 pub fn combine_layers(raws: &[Map], width: usize, height: usize) -> Map {
     assert!(!raws.is_empty(), "no layer to combine");
-    let mut sum = vec![0.0f32; width * height];
-    for raw in raws {
-        let up = raw
-            .clone()
-            .relu()
-            .normalized()
-            .resize_bilinear(width, height)
-            .relu();
-        sum.iter_mut().zip(&up.data).for_each(|(s, v)| *s += v);
-    }
-    let count = raws.len() as f32;
-    Map::new(width, height, sum.into_iter().map(|s| s / count).collect()).normalized()
+    let upsampled: Vec<Map> = raws
+        .iter()
+        .map(|raw| {
+            raw.clone()
+                .relu()
+                .normalized()
+                .resize_bilinear(width, height)
+                .relu()
+        })
+        .collect();
+    Map::mean(&upsampled).normalized()
 }
 
 fn mean(values: &[f32]) -> f32 {
