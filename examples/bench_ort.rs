@@ -3,6 +3,9 @@
 //!
 //! bench_ort run ORT_LIBRARY MODEL THREADS ITERATIONS
 //!     prints one JSON object per line: {"batch", "k", "median_ms", "p99_ms", "images_per_s"}
+//! bench_ort plain ORT_LIBRARY PLAIN_MODEL TARGET THREADS ITERATIONS
+//!     a plain classifier (`camserve::plain`): how long augmenting takes, and its Run against the augmented
+//!     model's (batch 1, top-1), alternated: one JSON object
 //! bench_ort inputs PHOTO.png DIR
 //!     writes the benchmark's request bodies: photo_224.jpg and photo_4000x3000.jpg
 
@@ -10,6 +13,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use camserve::config::Config;
+use ort::session::Session;
 use ort::value::TensorRef;
 
 fn main() -> anyhow::Result<()> {
@@ -18,9 +22,13 @@ fn main() -> anyhow::Result<()> {
         ["run", library, model, threads, iterations] => {
             bare_runs(library, model, threads.parse()?, iterations.parse()?)
         }
+        ["plain", library, model, target, threads, iterations] => {
+            plain_runs(library, model, target, threads.parse()?, iterations.parse()?)
+        }
         ["inputs", photo, dir] => write_inputs(Path::new(photo), Path::new(dir)),
         _ => anyhow::bail!(
-            "usage: bench_ort run ORT_LIBRARY MODEL THREADS ITERATIONS | inputs PHOTO.png DIR"
+            "usage: bench_ort run ORT_LIBRARY MODEL THREADS ITERATIONS | \
+             plain ORT_LIBRARY PLAIN_MODEL TARGET THREADS ITERATIONS | inputs PHOTO.png DIR"
         ),
     }
 }
@@ -83,5 +91,73 @@ fn bare_runs(library: &str, model: &str, threads: usize, iterations: usize) -> a
             })
         );
     }
+    Ok(())
+}
+
+fn plain_runs(
+    library: &str,
+    model: &str,
+    target: &str,
+    threads: usize,
+    iterations: usize,
+) -> anyhow::Result<()> {
+    let runtime = camserve::runtime::init(Path::new(library))?;
+    let spec = camserve::plain::PlainModel {
+        target: target.to_owned(),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let augmented =
+        camserve::plain::augment(&runtime, Path::new(model), &spec, None).map_err(anyhow::Error::msg)?;
+    let augment_ms = started.elapsed().as_secs_f64() * 1e3;
+    let session = |from: &[u8]| -> ort::Result<Session> {
+        Session::builder(&runtime.environment)
+            .and_then(|b| Ok(b.with_intra_threads(threads)?.with_inter_threads(1)?))?
+            .commit_from_memory(from)
+    };
+    let mut plain = Session::builder(&runtime.environment)
+        .and_then(|b| Ok(b.with_intra_threads(threads)?.with_inter_threads(1)?))?
+        .commit_from_file(model)?;
+    let mut contract = session(&augmented.model)?;
+    let input_name = plain.inputs()[0].name().to_owned();
+    let probe = |s: &Session, name: &str| match s.inputs().iter().find(|i| i.name() == name).map(|i| i.dtype()) {
+        Some(ort::value::ValueType::Tensor { shape, .. }) => shape.to_vec(),
+        _ => Vec::new(),
+    };
+    let dims = probe(&contract, "input");
+    let classes = probe(&contract, "class_weights")[2] as usize;
+    let (height, width) = (dims[2] as usize, dims[3] as usize);
+    let input: Vec<f32> = (0..3 * height * width).map(|i| ((i % 97) as f32 / 48.0) - 1.0).collect();
+    let seeds = vec![0.0f32; classes];
+    let (mut plain_times, mut contract_times) = (Vec::new(), Vec::new());
+    for i in 0..iterations + 5 {
+        let started = Instant::now();
+        drop(plain.run(ort::inputs![
+            input_name.as_str() => TensorRef::from_array_view(([1, 3, height, width], input.as_slice()))?,
+        ])?);
+        let middle = Instant::now();
+        drop(contract.run(ort::inputs![
+            "input" => TensorRef::from_array_view(([1, 3, height, width], input.as_slice()))?,
+            "class_weights" => TensorRef::from_array_view(([1, 1, classes], seeds.as_slice()))?,
+        ])?);
+        if i >= 5 {
+            plain_times.push((middle - started).as_secs_f64() * 1e3);
+            contract_times.push(middle.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let median = |times: &mut Vec<f64>| {
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    };
+    let (plain_ms, augmented_ms) = (median(&mut plain_times), median(&mut contract_times));
+    println!(
+        "{}",
+        serde_json::json!({
+            "model": model, "head": augmented.head_ops, "augment_ms": augment_ms,
+            "probe_ms": augmented.probe_time.as_secs_f64() * 1e3,
+            "edit_ms": augmented.edit_time.as_secs_f64() * 1e3,
+            "plain_ms": plain_ms, "augmented_ms": augmented_ms, "ratio": augmented_ms / plain_ms,
+        })
+    );
     Ok(())
 }

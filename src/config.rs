@@ -239,6 +239,9 @@ pub struct ModelConfig {
     /// Overrides of what the model's own metadata says.
     #[serde(default)]
     pub overrides: ModelOverrides,
+    /// A plain ONNX classifier (no gradients in the graph): camserve differentiates its head at load.
+    #[serde(default)]
+    pub plain: Option<crate::plain::PlainModel>,
 }
 
 /// Anything here replaces the value from the ONNX file's `camserve.*` metadata.

@@ -11,6 +11,7 @@ pub mod explain;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod plain;
 pub mod preprocess;
 pub mod registry;
 pub mod render;

@@ -46,6 +46,27 @@ struct Setup {
     ort_library: Option<PathBuf>,
 }
 
+#[derive(clap::Args)]
+struct PlainArgs {
+    /// The class scores, when they are not the graph's first output.
+    #[arg(long)]
+    output: Option<String>,
+    /// Differentiate a final Softmax instead of stripping it.
+    #[arg(long)]
+    keep_softmax: bool,
+    /// HEIGHT,WIDTH of the input, when the file leaves them open.
+    #[arg(long, value_parser = parse_size)]
+    input_size: Option<[usize; 2]>,
+}
+
+fn parse_size(text: &str) -> Result<[usize; 2], String> {
+    let parts: Vec<usize> = text.split(',').map(|p| p.trim().parse()).collect::<Result<_, _>>().map_err(|e| format!("{e}"))?;
+    match parts.as_slice() {
+        &[height, width] => Ok([height, width]),
+        _ => Err("expected HEIGHT,WIDTH".into()),
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve the configured models over HTTP.
@@ -73,6 +94,31 @@ enum Command {
         class: Vec<String>,
         #[arg(long, default_value_t = 0.5)]
         alpha: f32,
+    },
+    /// Lists the tensors of a plain ONNX classifier that can be its target: 4-D, larger than 1x1, on the path to
+    /// the scores, each with its shape and the ops of its head (the layer Grad-CAM usually wants is the last one).
+    Targets {
+        #[command(flatten)]
+        setup: Setup,
+        /// A plain ONNX classifier: image in, class scores out.
+        model: PathBuf,
+        #[command(flatten)]
+        plain: PlainArgs,
+    },
+    /// Writes a plain ONNX classifier in contract form: the head's gradients appended as ONNX nodes, the same
+    /// augmentation a `[models.plain]` entry gets at load. The original file is not modified.
+    Augment {
+        #[command(flatten)]
+        setup: Setup,
+        model: PathBuf,
+        /// The target tensor (see `camserve targets`).
+        #[arg(long)]
+        target: String,
+        /// Where to write the augmented model.
+        #[arg(short = 'o', long = "out")]
+        out: PathBuf,
+        #[command(flatten)]
+        plain: PlainArgs,
     },
     /// Exits 0 if the server answers 200 on its readiness URL: the container's HEALTHCHECK, which has no curl.
     Healthcheck {
@@ -103,6 +149,8 @@ fn main() -> ExitCode {
             class,
             alpha,
         } => explain_file(setup, &model, &image, &output, &class, alpha),
+        Command::Targets { setup, model, plain } => list_targets(&setup, &model, &plain),
+        Command::Augment { setup, model, target, out, plain } => augment_file(&setup, &model, target, &out, plain),
         Command::Healthcheck { url } => healthcheck(&url),
     };
     match result {
@@ -132,14 +180,20 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Reads the config and loads ONNX Runtime and the models (only `only` when given).
-fn load(setup: &Setup, only: Option<&str>) -> anyhow::Result<(Config, Runtime, Registry)> {
+/// Reads the config and loads ONNX Runtime.
+fn load_runtime(setup: &Setup) -> anyhow::Result<(Config, Runtime)> {
     let mut config = Config::from_file(&setup.config)?;
     if let Some(library) = &setup.ort_library {
         config.runtime.library = library.clone();
     }
     let runtime = runtime::init(&config.runtime.library)?;
     tracing::info!(version = %runtime.version, library = %config.runtime.library.display(), "ONNX Runtime loaded");
+    Ok((config, runtime))
+}
+
+/// Reads the config and loads ONNX Runtime and the models (only `only` when given).
+fn load(setup: &Setup, only: Option<&str>) -> anyhow::Result<(Config, Runtime, Registry)> {
+    let (config, runtime) = load_runtime(setup)?;
     let models: Vec<_> = config
         .models
         .iter()
@@ -272,6 +326,50 @@ fn explain_file(
         serde_json::to_string_pretty(
             &serde_json::json!({ "model": model_name, "explanations": summary })
         )?
+    );
+    Ok(())
+}
+
+fn list_targets(setup: &Setup, model: &Path, plain: &PlainArgs) -> anyhow::Result<()> {
+    let (_, runtime) = load_runtime(setup)?;
+    let candidates = camserve::plain::candidates(
+        &runtime,
+        model,
+        plain.input_size,
+        plain.output.as_deref(),
+        plain.keep_softmax,
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", model.display()))?;
+    if candidates.is_empty() {
+        bail!("{}: no 4-D tensor larger than 1x1 leads to the scores", model.display());
+    }
+    for c in candidates {
+        let shape: Vec<String> = c.shape.iter().map(|d| if *d < 0 { "N".into() } else { d.to_string() }).collect();
+        let refused = if c.unsupported.is_empty() {
+            String::new()
+        } else {
+            format!("  (refused: {})", c.unsupported.join(", "))
+        };
+        println!("{}  [{}]  head: {}{refused}", c.name, shape.join(","), c.head_ops.join(" "));
+    }
+    Ok(())
+}
+
+fn augment_file(setup: &Setup, model: &Path, target: String, out: &Path, plain: PlainArgs) -> anyhow::Result<()> {
+    let (_, runtime) = load_runtime(setup)?;
+    let spec = camserve::plain::PlainModel { target, output: plain.output, keep_softmax: plain.keep_softmax };
+    let augmented = camserve::plain::augment(&runtime, model, &spec, plain.input_size)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", model.display()))?;
+    std::fs::write(out, &augmented.model).with_context(|| format!("cannot write {}", out.display()))?;
+    for note in &augmented.notes {
+        eprintln!("note: {note}");
+    }
+    eprintln!(
+        "head: {}; {} backward nodes; shapes probed in {:.1} ms, graph written in {:.1} ms",
+        augmented.head_ops.join(" "),
+        augmented.backward_nodes,
+        augmented.probe_time.as_secs_f64() * 1e3,
+        augmented.edit_time.as_secs_f64() * 1e3
     );
     Ok(())
 }

@@ -15,6 +15,7 @@ use ort::value::{Outlet, TensorElementType, TensorRef, ValueType};
 use serde::Deserialize;
 
 use crate::config::{ExecutionProvider, ModelConfig, ModelOverrides};
+use crate::plain::PlainModel;
 use crate::preprocess::{ChannelOrder, Preprocess};
 use crate::runtime::Runtime;
 
@@ -245,7 +246,12 @@ pub fn load(
     if !config.file.is_file() {
         return Err(refuse("the file does not exist".into()));
     }
-    let (mut first, device) = open_session(runtime, config).map_err(refuse)?;
+    let augmented = match &config.plain {
+        Some(plain) => Some(augment(runtime, config, plain).map_err(refuse)?),
+        None => None,
+    };
+    let augmented = augmented.as_deref();
+    let (mut first, device) = open_session(runtime, config, augmented).map_err(refuse)?;
 
     let problems = signature_problems(&first);
     if !problems.is_empty() {
@@ -273,7 +279,7 @@ pub fn load(
 
     let mut sessions = vec![first];
     for _ in 1..config.sessions {
-        sessions.push(open_session(runtime, config).map_err(refuse)?.0);
+        sessions.push(open_session(runtime, config, augmented).map_err(refuse)?.0);
     }
     let info = ModelInfo {
         name: config.name.clone(),
@@ -310,11 +316,29 @@ fn extra_layer_names(session: &Session, meta: &Metadata) -> Result<Vec<String>, 
     }
 }
 
-/// Builds a session on the first execution provider that registers; ONNX Runtime would otherwise fall back to CPU
+/// A plain classifier in contract form (`crate::plain`), in memory.
+fn augment(runtime: &Runtime, config: &ModelConfig, plain: &PlainModel) -> Result<Vec<u8>, String> {
+    let augmented = crate::plain::augment(runtime, &config.file, plain, config.overrides.input_size)
+        .map_err(|e| format!("as a plain classifier with target `{}`: {e}", plain.target))?;
+    tracing::info!(
+        model = %config.name,
+        target = %plain.target,
+        head = %augmented.head_ops.join(" "),
+        backward_nodes = augmented.backward_nodes,
+        probe_ms = augmented.probe_time.as_secs_f64() * 1e3,
+        edit_ms = augmented.edit_time.as_secs_f64() * 1e3,
+        notes = ?augmented.notes,
+        "plain classifier augmented"
+    );
+    Ok(augmented.model)
+}
+
+/// Builds a session (from `augmented` when given, else the file) on the first execution provider that registers; ONNX Runtime would otherwise fall back to CPU
 /// without a word, so each failure is logged and the device that was really obtained is returned.
 fn open_session(
     runtime: &Runtime,
     config: &ModelConfig,
+    augmented: Option<&[u8]>,
 ) -> Result<(Session, ExecutionProvider), String> {
     let ort_error = |e: ort::Error| format!("ONNX Runtime cannot open it: {e}");
     let mut builder = Session::builder(&runtime.environment)
@@ -354,7 +378,11 @@ fn open_session(
             config.execution_providers
         ));
     }
-    let session = builder.commit_from_file(&config.file).map_err(ort_error)?;
+    let session = match augmented {
+        Some(bytes) => builder.commit_from_memory(bytes),
+        None => builder.commit_from_file(&config.file),
+    }
+    .map_err(ort_error)?;
     Ok((session, device))
 }
 

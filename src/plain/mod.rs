@@ -1,0 +1,672 @@
+//! Plain ONNX classifiers (image in, class scores out, from any exporter) made to meet camserve's contract:
+//! camserve finds the head (the nodes from a target tensor to the scores), appends its reverse-mode derivative
+//! as ONNX nodes, adds the `class_weights` input and the contract's outputs, and hands the result to ONNX Runtime
+//! from memory. The forward graph stays as it is; the backward for one seed runs inside a Loop over the seeds,
+//! so no batch-dependent shape logic of the original graph runs twice.
+
+pub mod proto;
+
+mod emit;
+mod rules;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ort::session::Session;
+use ort::value::{TensorElementType, TensorRef, ValueType};
+use serde::Deserialize;
+
+use crate::runtime::Runtime;
+use emit::{Emitter, Writer};
+use proto::{Attr, Dim, GraphProto, ModelProto, NodeProto, StringStringEntryProto, ValueInfoProto, data_type};
+pub use rules::{SUPPORTED, TensorInfo};
+
+/// A model entry's `plain` table: which tensor to explain, and which scores to differentiate.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlainModel {
+    /// The tensor whose activations and gradients the maps are made of: 4-D [N,C,h,w].
+    pub target: String,
+    /// The class scores; default the graph's first output.
+    #[serde(default)]
+    pub output: Option<String>,
+    /// Differentiate a final Softmax/LogSoftmax instead of the scores before it (Grad-CAM wants the scores).
+    #[serde(default)]
+    pub keep_softmax: bool,
+}
+
+/// The augmented model, and what was done to make it.
+pub struct Augmented {
+    pub model: Vec<u8>,
+    /// The op types of the head, in graph order.
+    pub head_ops: Vec<String>,
+    pub backward_nodes: usize,
+    pub notes: Vec<String>,
+    /// The probe Runs that measured the head's shapes, and the graph editing.
+    pub probe_time: Duration,
+    pub edit_time: Duration,
+}
+
+/// A tensor `camserve targets` proposes.
+pub struct Candidate {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub head_ops: Vec<String>,
+    /// Ops of its head without a backward rule: choosing it would be refused.
+    pub unsupported: Vec<String>,
+}
+
+const CONTRACT_NAMES: [&str; 6] = ["input", "class_weights", "logits", "activations", "gradients", "target_class"];
+const IMAGENET_PREPROCESS: &str = r#"{"resize": "stretch", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "channel_order": "RGB", "value_range": [0.0, 1.0]}"#;
+
+/// The file read and checked: the parts every step needs.
+struct Plain {
+    model: ModelProto,
+    opset: i64,
+    input: String,
+    output: String,
+    input_size: [usize; 2],
+    notes: Vec<String>,
+}
+
+fn graph(model: &ModelProto) -> &GraphProto {
+    model.graph.as_ref().expect("checked in read")
+}
+
+fn graph_mut(model: &mut ModelProto) -> &mut GraphProto {
+    model.graph.as_mut().expect("checked in read")
+}
+
+/// Reads the file (weights in external files included) and finds its image input, its scores, and the input
+/// size.
+fn read(file: &Path, output: Option<&str>, keep_softmax: bool, input_size: Option<[usize; 2]>) -> Result<Plain, String> {
+    let bytes = std::fs::read(file).map_err(|e| format!("cannot read it: {e}"))?;
+    let mut model = ModelProto::decode_bytes(&bytes)?;
+    let graph = model.graph.as_mut().ok_or("the file has no graph")?;
+    inline_external_data(graph, file.parent().unwrap_or(Path::new(".")))?;
+    let opset = model
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map(|o| o.version)
+        .ok_or("the file imports no standard ONNX opset")?;
+    if opset < 11 {
+        return Err(format!("opset {opset} is older than 11: convert it with onnx.version_converter first"));
+    }
+    let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let inputs: Vec<&ValueInfoProto> = graph.input.iter().filter(|i| !initializers.contains(i.name.as_str())).collect();
+    let [image] = inputs.as_slice() else {
+        let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
+        return Err(format!("a plain classifier has one image input; this one has {names:?}"));
+    };
+    let declared = image.tensor_type();
+    if declared.is_some_and(|t| t.elem_type != data_type::FLOAT) {
+        return Err(format!("the image input `{}` is not float32", image.name));
+    }
+    let declared_dims: Vec<Option<i64>> = declared
+        .and_then(|t| t.shape.as_ref())
+        .map(|s| {
+            s.dim
+                .iter()
+                .map(|d| match d.value {
+                    Some(proto::DimensionValue::DimValue(v)) if v > 0 => Some(v),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if !declared_dims.is_empty() && declared_dims.len() != 4 {
+        return Err(format!("the image input `{}` has rank {}, expected 4 [N,3,H,W]", image.name, declared_dims.len()));
+    }
+    let input_size = match (input_size, declared_dims.get(2..4)) {
+        (Some(size), _) => size,
+        (None, Some(&[Some(h), Some(w)])) => [h as usize, w as usize],
+        _ => {
+            return Err(format!(
+                "the image input `{}` has no fixed height and width: set the input size (overrides.input_size)",
+                image.name
+            ));
+        }
+    };
+    let input = image.name.clone();
+    let mut notes = Vec::new();
+    let mut output = match output {
+        Some(o) => o.to_owned(),
+        None => graph.output.first().ok_or("the graph has no output")?.name.clone(),
+    };
+    let producer = |name: &str| graph.node.iter().find(|n| n.output.iter().any(|o| o == name));
+    if producer(&output).is_none() {
+        return Err(format!("no node computes the output `{output}`"));
+    }
+    if !keep_softmax
+        && let Some(softmax) = producer(&output).filter(|n| matches!(n.op_type.as_str(), "Softmax" | "LogSoftmax"))
+    {
+        notes.push(format!("differentiating the scores before the final {}", softmax.op_type));
+        output = softmax.input[0].clone();
+    }
+    Ok(Plain { model, opset, input, output, input_size, notes })
+}
+
+/// Reads weights stored beside the model (ONNX external data, as the dynamo exporter writes them) into the
+/// graph: the augmented model is handed to ONNX Runtime from memory, where relative locations mean nothing.
+/// Locations must name files in the model's own folder.
+fn inline_external_data(graph: &mut GraphProto, dir: &Path) -> Result<(), String> {
+    let mut files: HashMap<String, Vec<u8>> = HashMap::new();
+    for tensor in graph.initializer.iter_mut().filter(|t| t.data_location == 1) {
+        let entry = |key: &str| tensor.external_data.iter().find(|e| e.key == key).map(|e| e.value.clone());
+        let location = entry("location").ok_or_else(|| format!("weight `{}` has no external location", tensor.name))?;
+        let number = |key: &str| entry(key).map(|v| v.parse::<usize>().map_err(|_| format!("weight `{}`: bad {key}", tensor.name)));
+        let offset = number("offset").transpose()?.unwrap_or(0);
+        let length = number("length").transpose()?;
+        let relative = Path::new(&location);
+        if !relative.components().all(|c| matches!(c, std::path::Component::Normal(_))) {
+            return Err(format!("weight `{}` is stored at `{location}`, outside the model's folder", tensor.name));
+        }
+        if !files.contains_key(&location) {
+            let data = std::fs::read(dir.join(relative)).map_err(|e| format!("cannot read its weights file `{location}`: {e}"))?;
+            files.insert(location.clone(), data);
+        }
+        let data = &files[&location];
+        let end = length.map_or(data.len(), |l| offset + l);
+        let bytes = data.get(offset..end).ok_or_else(|| format!("weight `{}` lies past the end of `{location}`", tensor.name))?;
+        tensor.raw_data = bytes.to_vec();
+        tensor.external_data.clear();
+        tensor.data_location = 0;
+    }
+    Ok(())
+}
+
+/// Renames a tensor everywhere it appears, subgraphs included.
+fn rename(graph: &mut GraphProto, old: &str, new: &str) {
+    let swap = |s: &mut String| {
+        if s == old {
+            *s = new.to_owned();
+        }
+    };
+    for node in &mut graph.node {
+        node.input.iter_mut().chain(node.output.iter_mut()).for_each(swap);
+        for attribute in &mut node.attribute {
+            attribute.g.iter_mut().chain(attribute.graphs.iter_mut()).for_each(|g| rename(g, old, new));
+        }
+    }
+    for info in graph.input.iter_mut().chain(&mut graph.output).chain(&mut graph.value_info) {
+        swap(&mut info.name);
+    }
+    for tensor in &mut graph.initializer {
+        swap(&mut tensor.name);
+    }
+}
+
+fn all_names(graph: &GraphProto) -> HashSet<String> {
+    graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().chain(&n.output))
+        .chain(graph.input.iter().map(|i| &i.name))
+        .chain(graph.initializer.iter().map(|t| &t.name))
+        .filter(|n| !n.is_empty())
+        .cloned()
+        .collect()
+}
+
+/// The head: nodes on a path from `target` to `output`, in graph order, and the tensors of it that need a gradient.
+fn head(graph: &GraphProto, target: &str, output: &str) -> (Vec<usize>, HashSet<String>) {
+    let mut depends: HashSet<&str> = HashSet::from([target]);
+    let mut forward = Vec::new();
+    for (i, node) in graph.node.iter().enumerate() {
+        if node.input.iter().any(|x| depends.contains(x.as_str())) {
+            forward.push(i);
+            depends.extend(node.output.iter().map(String::as_str));
+        }
+    }
+    let mut need: HashSet<String> = HashSet::from([output.to_owned()]);
+    let mut head = Vec::new();
+    for &i in forward.iter().rev() {
+        let node = &graph.node[i];
+        if node.output.iter().any(|o| need.contains(o)) {
+            head.push(i);
+            need.extend(node.input.iter().filter(|x| depends.contains(x.as_str())).cloned());
+        }
+    }
+    head.reverse();
+    (head, need)
+}
+
+/// The head's nodes that compute float tensors: the ones that carry gradients (the rest is shape arithmetic).
+fn differentiable<'a>(graph: &'a GraphProto, head: &[usize], shapes: &HashMap<String, TensorInfo>) -> Vec<&'a NodeProto> {
+    head.iter()
+        .map(|&i| &graph.node[i])
+        .filter(|n| shapes.get(&n.output[0]).is_none_or(TensorInfo::is_float))
+        .collect()
+}
+
+fn op_list(nodes: &[&NodeProto]) -> Vec<String> {
+    let mut ops: Vec<String> = Vec::new();
+    for node in nodes {
+        if !ops.contains(&node.op_type) {
+            ops.push(node.op_type.clone());
+        }
+    }
+    ops
+}
+
+fn unsupported(nodes: &[&NodeProto]) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|n| !(n.domain.is_empty() || n.domain == "ai.onnx") || !SUPPORTED.contains(&n.op_type.as_str()))
+        .map(|n| format!("{} (node `{}`)", n.op_type, n.label()))
+        .collect()
+}
+
+/// Shapes and element types of `names`, from Runs at batch sizes 1 and 2 with those tensors exposed as outputs.
+/// A dimension that differs between the two follows the batch size (None).
+fn probe(runtime: &Runtime, plain: &Plain, names: &[String]) -> Result<HashMap<String, TensorInfo>, String> {
+    let mut model = plain.model.clone();
+    let graph = graph_mut(&mut model);
+    free_batch(graph, &plain.input);
+    graph.output = names.iter().map(|n| ValueInfoProto { name: n.clone(), ..Default::default() }).collect();
+    let error = |e: ort::Error| format!("ONNX Runtime cannot run it: {e}");
+    let mut session = Session::builder(&runtime.environment)
+        .and_then(|b| Ok(b.with_intra_threads(1)?))
+        .and_then(|mut b| b.commit_from_memory(&model.encode_bytes()))
+        .map_err(error)?;
+    let [height, width] = plain.input_size;
+    let mut runs: Vec<HashMap<String, (Vec<i64>, i32)>> = Vec::new();
+    for batch in [1, 2] {
+        let image = vec![0.5f32; batch * 3 * height * width];
+        let outputs = session
+            .run(ort::inputs![plain.input.as_str() => TensorRef::from_array_view(([batch, 3, height, width], &image[..])).map_err(error)?])
+            .map_err(|e| format!("a Run at batch size {batch} failed (is the batch dimension dynamic?): {e}"))?;
+        runs.push(
+            outputs
+                .iter()
+                .filter_map(|(name, value)| match value.dtype() {
+                    ValueType::Tensor { ty, shape, .. } => {
+                        Some((name.to_owned(), (shape.to_vec(), onnx_type(ty))))
+                    }
+                    _ => None,
+                })
+                .collect(),
+        );
+    }
+    Ok(runs[0]
+        .iter()
+        .map(|(name, (one, elem_type))| {
+            let two = runs[1].get(name).map(|t| t.0.as_slice()).unwrap_or_default();
+            let dims = one
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| (two.get(i) == Some(&d)).then_some(d))
+                .collect();
+            (name.clone(), TensorInfo { dims, elem_type: *elem_type })
+        })
+        .collect())
+}
+
+fn onnx_type(ty: &TensorElementType) -> i32 {
+    match ty {
+        TensorElementType::Float32 => data_type::FLOAT,
+        TensorElementType::Float64 => data_type::DOUBLE,
+        TensorElementType::Float16 => data_type::FLOAT16,
+        TensorElementType::Bfloat16 => data_type::BFLOAT16,
+        TensorElementType::Int64 => data_type::INT64,
+        TensorElementType::Int32 => data_type::INT32,
+        TensorElementType::Bool => data_type::BOOL,
+        _ => 0,
+    }
+}
+
+/// Makes the image input's batch dimension dynamic: camserve batches requests, and many exporters fix it at 1.
+fn free_batch(graph: &mut GraphProto, input: &str) {
+    if let Some(proto::TypeValue::TensorType(t)) = graph
+        .input
+        .iter_mut()
+        .find(|i| i.name == input)
+        .and_then(|i| i.r#type.as_mut())
+        .and_then(|t| t.value.as_mut())
+        && let Some(first) = t.shape.as_mut().and_then(|s| s.dim.first_mut())
+    {
+        first.value = Some(proto::DimensionValue::DimParam("N".into()));
+    }
+    // Declared intermediate shapes would contradict the new batch size.
+    graph.value_info.clear();
+}
+
+/// Values of small initializers and Constant nodes: the axes some ops take as inputs (weights are not read).
+fn constants(graph: &GraphProto) -> HashMap<String, Vec<f64>> {
+    let mut values: HashMap<String, Vec<f64>> = graph
+        .initializer
+        .iter()
+        .filter(|t| t.dims.iter().product::<i64>() <= 16)
+        .filter_map(|t| Some((t.name.clone(), t.values()?)))
+        .collect();
+    for node in graph.node.iter().filter(|n| n.op_type == "Constant") {
+        let value = node.attribute.first().and_then(|a| match a.name.as_str() {
+            "value" => a.t.as_ref()?.values(),
+            "value_ints" => Some(a.ints.iter().map(|&v| v as f64).collect()),
+            "value_int" => Some(vec![a.i? as f64]),
+            "value_floats" => Some(a.floats.iter().map(|&v| v as f64).collect()),
+            "value_float" => Some(vec![a.f? as f64]),
+            _ => None,
+        });
+        if let Some(value) = value {
+            values.insert(node.output[0].clone(), value);
+        }
+    }
+    values
+}
+
+/// Lists the tensors that could be the target: 4-D float tensors larger than 1x1 on the path to the scores.
+pub fn candidates(
+    runtime: &Runtime,
+    file: &Path,
+    input_size: Option<[usize; 2]>,
+    output: Option<&str>,
+    keep_softmax: bool,
+) -> Result<Vec<Candidate>, String> {
+    let plain = read(file, output, keep_softmax, input_size)?;
+    let graph = graph(&plain.model);
+    // Tensors the scores depend on.
+    let mut ancestors: HashSet<&str> = HashSet::from([plain.output.as_str()]);
+    for node in graph.node.iter().rev() {
+        if node.output.iter().any(|o| ancestors.contains(o.as_str())) {
+            ancestors.extend(node.input.iter().map(String::as_str));
+        }
+    }
+    let names: Vec<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| &n.output)
+        .filter(|o| ancestors.contains(o.as_str()) && o.as_str() != plain.output)
+        .cloned()
+        .collect();
+    let shapes = probe(runtime, &plain, &names)?;
+    Ok(names
+        .iter()
+        .filter_map(|name| {
+            let info = shapes.get(name)?;
+            let spatial: Option<i64> = info.dims.get(2..)?.iter().copied().product();
+            (info.is_float() && info.dims.len() == 4 && spatial? > 1).then_some(())?;
+            let (head, _) = head(graph, name, &plain.output);
+            let nodes = differentiable(graph, &head, &shapes);
+            Some(Candidate {
+                name: name.clone(),
+                shape: info.dims.iter().map(|d| d.unwrap_or(-1)).collect(),
+                head_ops: op_list(&nodes),
+                unsupported: unsupported(&nodes),
+            })
+        })
+        .collect())
+}
+
+/// Augments a plain classifier file so it meets the contract (the file is not modified); `input_size` is needed when the file leaves it open.
+pub fn augment(
+    runtime: &Runtime,
+    file: &Path,
+    spec: &PlainModel,
+    input_size: Option<[usize; 2]>,
+) -> Result<Augmented, String> {
+    let mut plain = read(file, spec.output.as_deref(), spec.keep_softmax, input_size)?;
+    let mut target = spec.target.clone();
+    {
+        let graph = graph(&plain.model);
+        if target == plain.input {
+            return Err("the target is the image input; choose a layer (`camserve targets` lists them)".into());
+        }
+        if !graph.node.iter().any(|n| n.output.contains(&target)) {
+            return Err(format!("no tensor is named `{target}` (`camserve targets` lists the candidates)"));
+        }
+    }
+    // Free the contract's names, then call the image input `input`.
+    let taken = all_names(graph(&plain.model));
+    let graph = graph_mut(&mut plain.model);
+    for name in CONTRACT_NAMES {
+        if taken.contains(name) && !(name == "input" && plain.input == "input") {
+            let new = (0..).map(|i| format!("{name}_original{i}")).find(|n| !taken.contains(n)).unwrap();
+            rename(graph, name, &new);
+            for s in [&mut target, &mut plain.output, &mut plain.input] {
+                if s == name {
+                    *s = new.clone();
+                }
+            }
+        }
+    }
+    rename(graph, &plain.input, "input");
+    plain.input = "input".into();
+
+    let (head_nodes, need) = head(graph, &target, &plain.output);
+    if head_nodes.is_empty() {
+        return Err(format!("the scores `{}` do not depend on the target `{target}`", plain.output));
+    }
+    let started = Instant::now();
+    let mut probed: Vec<String> = head_nodes
+        .iter()
+        .flat_map(|&i| graph.node[i].input.iter().chain(&graph.node[i].output))
+        .filter(|n| !n.is_empty())
+        .cloned()
+        .collect();
+    let initializer_dims: HashMap<String, TensorInfo> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.clone(), TensorInfo { dims: t.dims.iter().map(|&d| Some(d)).collect(), elem_type: t.data_type }))
+        .collect();
+    probed.retain(|n| !initializer_dims.contains_key(n));
+    probed.sort();
+    probed.dedup();
+    let mut shapes = probe(runtime, &plain, &probed)?;
+    shapes.extend(initializer_dims);
+    let probe_time = started.elapsed();
+    let started = Instant::now();
+
+    let graph = graph_mut(&mut plain.model);
+    let target_info = shapes[&target].clone();
+    if target_info.dims.len() != 4 || !target_info.is_float() {
+        return Err(format!(
+            "the target `{target}` must be a 4-D float tensor [N,C,h,w]; it has shape {:?}",
+            target_info.dims
+        ));
+    }
+    let nodes = differentiable(graph, &head_nodes, &shapes);
+    let refused = unsupported(&nodes);
+    if !refused.is_empty() {
+        return Err(format!(
+            "its head has ops camserve cannot differentiate: {} (supported: {})",
+            refused.join(", "),
+            SUPPORTED.join(", ")
+        ));
+    }
+    let head_ops = op_list(&nodes);
+    let mut taken = all_names(graph);
+
+    // Switch on the forward outputs the backward reads.
+    let mut forward = Emitter::new(plain.opset, "fwd");
+    let mut maxpool_indices = HashMap::new();
+    let mut layer_norm_stats = HashMap::new();
+    for &i in &head_nodes {
+        let node = &mut graph.node[i];
+        let wanted = match node.op_type.as_str() {
+            "MaxPool" => 2,
+            "LayerNormalization" => 3,
+            _ => continue,
+        };
+        node.output.resize(wanted, String::new());
+        for slot in 1..wanted {
+            if node.output[slot].is_empty() {
+                node.output[slot] = forward.fresh(&mut taken, "stat");
+            }
+        }
+        if wanted == 2 {
+            maxpool_indices.insert(node.output[0].clone(), node.output[1].clone());
+        } else {
+            layer_norm_stats.insert(node.output[0].clone(), (node.output[1].clone(), node.output[2].clone()));
+        }
+    }
+    let values = constants(graph);
+    let context = rules::Context { shapes: &shapes, constants: &values, maxpool_indices, layer_norm_stats };
+
+    // The backward for one seed, as a Loop body.
+    let mut body = Emitter::new(plain.opset, "bwd");
+    let mut w = Writer { e: &mut body, taken: &mut taken };
+    let (iteration, condition, seeds) = (w.fresh("iteration"), w.fresh("condition"), w.fresh("seeds"));
+    let seed = w.op("Gather", &[&seeds, &iteration], vec![("axis", Attr::Int(1))]);
+    let mut grads: HashMap<String, String> = HashMap::from([(plain.output.clone(), seed)]);
+    for &i in head_nodes.iter().rev() {
+        let node = &graph.node[i];
+        let Some(g) = grads.get(&node.output[0]).cloned() else { continue };
+        if !shapes.get(&node.output[0]).is_none_or(TensorInfo::is_float) {
+            continue;
+        }
+        let inputs = rules::backward(&context, &mut w, node, &g, &need)
+            .map_err(|e| format!("node `{}` ({}): {e}", node.label(), node.op_type))?;
+        for (input, grad) in inputs {
+            let total = match grads.remove(&input) {
+                Some(earlier) => w.op("Add", &[&earlier, &grad], vec![]),
+                None => grad,
+            };
+            grads.insert(input, total);
+        }
+    }
+    let target_grad = grads.get(&target).ok_or("no gradient reached the target")?.clone();
+    let condition_out = w.op("Identity", &[&condition], vec![]);
+    let grad_out = w.op("Identity", &[&target_grad], vec![]);
+    let backward_nodes = w.e.nodes.len();
+    let body_graph = GraphProto {
+        name: "camserve_backward".into(),
+        node: std::mem::take(&mut w.e.nodes),
+        input: vec![
+            ValueInfoProto::tensor(&iteration, data_type::INT64, Some(&[])),
+            ValueInfoProto::tensor(&condition, data_type::BOOL, Some(&[])),
+        ],
+        output: vec![
+            ValueInfoProto::tensor(&condition_out, data_type::BOOL, Some(&[])),
+            ValueInfoProto::tensor(&grad_out, data_type::FLOAT, None),
+        ],
+        ..Default::default()
+    };
+
+    // The outer graph: seeds from class_weights (an all-zero row is the k-th best class), the Loop, the outputs.
+    let mut outer = Emitter::new(plain.opset, "out");
+    let mut o = Writer { e: &mut outer, taken: &mut taken };
+    let scores = plain.output.as_str();
+    let weights_shape = o.shape("class_weights");
+    let (one, two) = (o.ints(&[1]), o.ints(&[2]));
+    let k = o.op("Slice", &[&weights_shape, &one, &two], vec![]);
+    let top = o.op_n("TopK", &[scores, &k], 2, vec![("axis", Attr::Int(-1)), ("largest", Attr::Int(1)), ("sorted", Attr::Int(1))]);
+    let magnitude = o.op("Abs", &["class_weights"], vec![]);
+    let row_sums = o.reduce("ReduceSum", &magnitude, &[2], false);
+    let zero = o.float(0.0);
+    let empty = o.op("Equal", &[&row_sums, &zero], vec![]);
+    let classes = o.shape_from(scores, -1);
+    let one_hot_values = o.floats(&[2], &[0.0, 1.0]);
+    let one_hot = o.op("OneHot", &[&top[1], &classes, &one_hot_values], vec![("axis", Attr::Int(-1))]);
+    let empty_rows = o.unsqueeze(&empty, &[2]);
+    o.node("Where", &[&empty_rows, &one_hot, "class_weights"], &[seeds], vec![]);
+    let weighted = o.op("ArgMax", &["class_weights"], vec![("axis", Attr::Int(2)), ("keepdims", Attr::Int(0))]);
+    o.node("Where", &[&empty, &top[1], &weighted], &["target_class".into()], vec![]);
+    let trips = o.op("Squeeze", &[&k], vec![]);
+    let stacked = o.fresh("stacked");
+    o.node("Loop", &[&trips, ""], std::slice::from_ref(&stacked), vec![("body", Attr::Graph(body_graph))]);
+    o.node("Transpose", &[&stacked], &["gradients".into()], vec![("perm", Attr::Ints(vec![1, 0, 2, 3, 4]))]);
+    o.node("Identity", &[scores], &["logits".into()], vec![]);
+    o.node("Identity", &[&target], &["activations".into()], vec![]);
+
+    let class_count = shapes.get(scores).and_then(|i| *i.dims.last()?).ok_or("the scores' class count is unknown")?;
+    let batch = Dim::Named("N".into());
+    let k_dim = Dim::Named("K".into());
+    let target_dims: Vec<Dim> = target_info.dims[1..].iter().map(|d| Dim::Fixed(d.unwrap_or(-1))).collect();
+    let activation_dims: Vec<Dim> = [batch.clone()].into_iter().chain(target_dims.clone()).collect();
+    let gradient_dims: Vec<Dim> = [batch.clone(), k_dim.clone()].into_iter().chain(target_dims).collect();
+    graph.node.extend(outer.nodes);
+    graph.initializer.extend(forward.constants.into_iter().chain(body.constants).chain(outer.constants));
+    graph.input.push(ValueInfoProto::tensor(
+        "class_weights",
+        data_type::FLOAT,
+        Some(&[batch.clone(), k_dim.clone(), Dim::Fixed(class_count)]),
+    ));
+    graph.output = vec![
+        ValueInfoProto::tensor("logits", data_type::FLOAT, Some(&[batch.clone(), Dim::Fixed(class_count)])),
+        ValueInfoProto::tensor("activations", data_type::FLOAT, Some(&activation_dims)),
+        ValueInfoProto::tensor("gradients", data_type::FLOAT, Some(&gradient_dims)),
+        ValueInfoProto::tensor("target_class", data_type::INT64, Some(&[batch, k_dim])),
+    ];
+    free_batch(graph, "input");
+
+    let [height, width] = plain.input_size;
+    let labels: Vec<String> = (0..class_count).map(|c| c.to_string()).collect();
+    let metadata = [
+        ("contract_version", crate::model::CONTRACT_VERSION.to_owned()),
+        ("labels", serde_json::to_string(&labels).expect("strings serialize")),
+        ("input_size", format!("[{height}, {width}]")),
+        ("preprocess", IMAGENET_PREPROCESS.to_owned()),
+        ("target_layer", spec.target.clone()),
+        ("source", format!("plain ONNX classifier; head {} differentiated by camserve", head_ops.join(" "))),
+    ];
+    for (key, value) in metadata {
+        let key = format!("camserve.{key}");
+        if !plain.model.metadata_props.iter().any(|p| p.key == key) {
+            plain.model.metadata_props.push(StringStringEntryProto { key, value });
+        }
+    }
+    let model = plain.model.encode_bytes();
+    Ok(Augmented {
+        model,
+        head_ops,
+        backward_nodes,
+        notes: plain.notes,
+        probe_time,
+        edit_time: started.elapsed(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+        NodeProto {
+            op_type: op.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The head holds exactly the nodes between the target and the scores; a branch that does not reach the
+    /// scores and the nodes before the target are not part of it.
+    #[test]
+    fn head_is_the_path_from_target_to_scores() {
+        let graph = GraphProto {
+            node: vec![
+                node("Conv", &["x", "w"], &["a"]),
+                node("Relu", &["a"], &["t"]),
+                node("Shape", &["t"], &["s"]),
+                node("GlobalAveragePool", &["t"], &["p"]),
+                node("Reshape", &["p", "s2"], &["f"]),
+                node("Sigmoid", &["t"], &["unused"]),
+                node("Gemm", &["f", "fc_w", "fc_b"], &["y"]),
+            ],
+            ..Default::default()
+        };
+        let (head, need) = head(&graph, "t", "y");
+        assert_eq!(head, vec![3, 4, 6]);
+        let mut need: Vec<_> = need.into_iter().collect();
+        need.sort();
+        assert_eq!(need, ["f", "p", "t", "y"]);
+    }
+
+    #[test]
+    fn rename_reaches_subgraphs() {
+        let mut inner = GraphProto { node: vec![node("Relu", &["x"], &["z"])], ..Default::default() };
+        let mut outer = GraphProto {
+            node: vec![node("Identity", &["x"], &["y"])],
+            input: vec![ValueInfoProto::tensor("x", data_type::FLOAT, None)],
+            ..Default::default()
+        };
+        outer.node[0].attribute.push(Attr::Graph(std::mem::take(&mut inner)).into_proto("body"));
+        rename(&mut outer, "x", "input");
+        assert_eq!(outer.node[0].input, ["input"]);
+        assert_eq!(outer.input[0].name, "input");
+        assert_eq!(outer.node[0].attribute[0].g.as_ref().unwrap().node[0].input, ["input"]);
+    }
+}
