@@ -141,12 +141,14 @@ class Family:
 FAMILIES = [
     Family("resnet", lambda: SmallResNet(resnet.BasicBlock, [1, 1, 1, 1], (8, 16, 24, 32)), "layer3",
            (("legacy", 11), ("dynamo", 18)),
-           "BasicBlock stage with a strided conv and a strided 1x1 downsample, residual Add, BN (folded into the "
-           "convs by the legacy exporter), then global average pool and Gemm/MatMul"),
-    Family("resnext_dilated", lambda: SmallResNet(resnet.Bottleneck, [1, 1, 1, 1], (8, 16, 16, 16), groups=4,
+           "BasicBlock stage with a strided 3x3 conv and a strided 1x1 downsample, residual Add (BN folded into the "
+           "convs by both exporters), global average pool (GlobalAveragePool, or ReduceMean from dynamo), Gemm"),
+    # layer4 has two blocks: replace_stride_with_dilation dilates every block of a stage but its first
+    Family("resnext_dilated", lambda: SmallResNet(resnet.Bottleneck, [1, 1, 1, 2], (8, 16, 16, 16), groups=4,
                                                    width_per_group=16, dilate=(False, False, True)),
            "layer3", (("legacy", 16), ("dynamo", 18)),
-           "Bottleneck stage with a grouped 3x3 conv of dilation 2 (replace_stride_with_dilation), 1x1 downsample"),
+           "Bottleneck stage (ResNeXt: groups=4) whose second block has a grouped 3x3 conv of dilation 2 "
+           "(replace_stride_with_dilation), residual Adds"),
     Family("densenet", lambda: densenet.DenseNet(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16,
                                                  bn_size=2, num_classes=NUM_CLASSES),
            "features.transition2", (("legacy", 12), ("dynamo", 18)),
@@ -157,8 +159,8 @@ FAMILIES = [
            "depthwise conv, Linear on NHWC (MatMul), GELU (Erf written out, or the Gelu op at opset 20), layer "
            "scale Mul, residual Add, LayerNorm on the pooled [N,C] vector"),
     Family("mobilenet_v3", _mobilenet_v3, "features.8", (("legacy", 13), ("dynamo", 18)),
-           "strided 5x5 depthwise conv, squeeze-excitation (GAP, 1x1 convs, HardSigmoid, broadcast Mul), HardSwish, "
-           "BN, Linear + HardSwish + Linear classifier"),
+           "strided 5x5 depthwise conv, squeeze-excitation (GAP, 1x1 convs, ReLU, HardSigmoid, broadcast Mul), "
+           "HardSwish (HardSigmoid * Mul below opset 14), Linear + HardSwish + Linear classifier"),
     Family("efficientnet", _efficientnet, "features.3", (("legacy", 14), ("dynamo", 18)),
            "MBConv: SiLU (Sigmoid * Mul), strided depthwise conv, squeeze-excitation with SiLU and Sigmoid, "
            "residual Add (stochastic depth is the identity in eval)"),
@@ -167,8 +169,9 @@ FAMILIES = [
            "expand, Concat), conv classifier with ReLU and global average pool"),
     Family("shufflenet_v2", lambda: shufflenetv2.ShuffleNetV2([1, 1, 2], [8, 16, 32, 64, 128], NUM_CLASSES),
            "stage3", (("legacy", 12), ("dynamo", 18)),
-           "channel split (Split/Slice), channel shuffle (Reshape, Transpose, Reshape), strided depthwise conv, "
-           "Concat, mean over H,W (ReduceMean)"),
+           "channel split (Split; Slice with bounds computed at run time from the legacy exporter), channel "
+           "shuffle (Reshape, Transpose, Reshape; its shape computed with Shape/Gather/Div/Cast by the legacy "
+           "exporter), strided depthwise conv, Concat, mean over H,W (ReduceMean)"),
 ]
 
 
@@ -587,7 +590,7 @@ def references(root: Path, stem: str, model: nn.Module, module: nn.Module, onnx_
     for key, array in files.items():
         np.save(root / f"{stem}.{key}.npy", np.asarray(array, np.float32))
         entry[key] = f"{stem}.{key}.npy"
-    entry.update({"logits": [round(float(v), 6) for v in logits], "class": cls, "logits_error": err})
+    entry.update({"logits": [float(v) for v in logits], "class": cls, "logits_error": float(f"{err:.2e}")})
     return entry
 
 
