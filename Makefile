@@ -24,7 +24,7 @@ IMAGE_ROOT := target/image-root/opt/camserve
 
 .PHONY: run build ort venv test test-rust test-python test-gateway test-schemathesis test-deploy test-image \
 	image-root test-consumers test-ui fuzz lint bench bench-quick soak localization localization-fixtures \
-	default-model fixtures clean
+	default-model fixtures plain-fixtures clean
 
 ## Build, install ONNX Runtime, serve the default model on 127.0.0.1:8080.
 run: ort build
@@ -174,6 +174,11 @@ default-model: $(VENV_STAMP)
 ## Rebuild the server's test fixtures (models, images, pytorch-grad-cam reference maps).
 fixtures: $(VENV_STAMP)
 	$(VENV)/bin/python -m camserve_export.fixtures tests/fixtures
+
+## Rebuild the plain-classifier zoo (ONNX files without the contract, autograd and pytorch-grad-cam references) for
+## load-time head differentiation; tests/fixtures/plain/README.md lists it. Reads images/chelsea_64.png of `fixtures`.
+plain-fixtures: $(VENV_STAMP)
+	$(VENV)/bin/python -m camserve_export.plain_zoo tests/fixtures/plain
 
 clean:
 	cargo clean
