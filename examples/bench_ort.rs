@@ -22,9 +22,13 @@ fn main() -> anyhow::Result<()> {
         ["run", library, model, threads, iterations] => {
             bare_runs(library, model, threads.parse()?, iterations.parse()?)
         }
-        ["plain", library, model, target, threads, iterations] => {
-            plain_runs(library, model, target, threads.parse()?, iterations.parse()?)
-        }
+        ["plain", library, model, target, threads, iterations] => plain_runs(
+            library,
+            model,
+            target,
+            threads.parse()?,
+            iterations.parse()?,
+        ),
         ["inputs", photo, dir] => write_inputs(Path::new(photo), Path::new(dir)),
         _ => anyhow::bail!(
             "usage: bench_ort run ORT_LIBRARY MODEL THREADS ITERATIONS | \
@@ -107,8 +111,8 @@ fn plain_runs(
         ..Default::default()
     };
     let started = Instant::now();
-    let augmented =
-        camserve::plain::augment(&runtime, Path::new(model), &spec, None).map_err(anyhow::Error::msg)?;
+    let augmented = camserve::plain::augment(&runtime, Path::new(model), &spec, None)
+        .map_err(anyhow::Error::msg)?;
     let augment_ms = started.elapsed().as_secs_f64() * 1e3;
     let session = |from: &[u8]| -> ort::Result<Session> {
         Session::builder(&runtime.environment)
@@ -120,14 +124,21 @@ fn plain_runs(
         .commit_from_file(model)?;
     let mut contract = session(&augmented.model)?;
     let input_name = plain.inputs()[0].name().to_owned();
-    let probe = |s: &Session, name: &str| match s.inputs().iter().find(|i| i.name() == name).map(|i| i.dtype()) {
+    let probe = |s: &Session, name: &str| match s
+        .inputs()
+        .iter()
+        .find(|i| i.name() == name)
+        .map(|i| i.dtype())
+    {
         Some(ort::value::ValueType::Tensor { shape, .. }) => shape.to_vec(),
         _ => Vec::new(),
     };
     let dims = probe(&contract, "input");
     let classes = probe(&contract, "class_weights")[2] as usize;
     let (height, width) = (dims[2] as usize, dims[3] as usize);
-    let input: Vec<f32> = (0..3 * height * width).map(|i| ((i % 97) as f32 / 48.0) - 1.0).collect();
+    let input: Vec<f32> = (0..3 * height * width)
+        .map(|i| ((i % 97) as f32 / 48.0) - 1.0)
+        .collect();
     let seeds = vec![0.0f32; classes];
     let (mut plain_times, mut contract_times) = (Vec::new(), Vec::new());
     for i in 0..iterations + 5 {

@@ -60,7 +60,11 @@ struct PlainArgs {
 }
 
 fn parse_size(text: &str) -> Result<[usize; 2], String> {
-    let parts: Vec<usize> = text.split(',').map(|p| p.trim().parse()).collect::<Result<_, _>>().map_err(|e| format!("{e}"))?;
+    let parts: Vec<usize> = text
+        .split(',')
+        .map(|p| p.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{e}"))?;
     match parts.as_slice() {
         &[height, width] => Ok([height, width]),
         _ => Err("expected HEIGHT,WIDTH".into()),
@@ -149,8 +153,18 @@ fn main() -> ExitCode {
             class,
             alpha,
         } => explain_file(setup, &model, &image, &output, &class, alpha),
-        Command::Targets { setup, model, plain } => list_targets(&setup, &model, &plain),
-        Command::Augment { setup, model, target, out, plain } => augment_file(&setup, &model, target, &out, plain),
+        Command::Targets {
+            setup,
+            model,
+            plain,
+        } => list_targets(&setup, &model, &plain),
+        Command::Augment {
+            setup,
+            model,
+            target,
+            out,
+            plain,
+        } => augment_file(&setup, &model, target, &out, plain),
         Command::Healthcheck { url } => healthcheck(&url),
     };
     match result {
@@ -341,26 +355,49 @@ fn list_targets(setup: &Setup, model: &Path, plain: &PlainArgs) -> anyhow::Resul
     )
     .map_err(|e| anyhow::anyhow!("{}: {e}", model.display()))?;
     if candidates.is_empty() {
-        bail!("{}: no 4-D tensor larger than 1x1 leads to the scores", model.display());
+        bail!(
+            "{}: no 4-D tensor larger than 1x1 leads to the scores",
+            model.display()
+        );
     }
     for c in candidates {
-        let shape: Vec<String> = c.shape.iter().map(|d| if *d < 0 { "N".into() } else { d.to_string() }).collect();
+        let shape: Vec<String> = c
+            .shape
+            .iter()
+            .map(|d| if *d < 0 { "N".into() } else { d.to_string() })
+            .collect();
         let refused = if c.unsupported.is_empty() {
             String::new()
         } else {
             format!("  (refused: {})", c.unsupported.join(", "))
         };
-        println!("{}  [{}]  head: {}{refused}", c.name, shape.join(","), c.head_ops.join(" "));
+        println!(
+            "{}  [{}]  head: {}{refused}",
+            c.name,
+            shape.join(","),
+            c.head_ops.join(" ")
+        );
     }
     Ok(())
 }
 
-fn augment_file(setup: &Setup, model: &Path, target: String, out: &Path, plain: PlainArgs) -> anyhow::Result<()> {
+fn augment_file(
+    setup: &Setup,
+    model: &Path,
+    target: String,
+    out: &Path,
+    plain: PlainArgs,
+) -> anyhow::Result<()> {
     let (_, runtime) = load_runtime(setup)?;
-    let spec = camserve::plain::PlainModel { target, output: plain.output, keep_softmax: plain.keep_softmax };
+    let spec = camserve::plain::PlainModel {
+        target,
+        output: plain.output,
+        keep_softmax: plain.keep_softmax,
+    };
     let augmented = camserve::plain::augment(&runtime, model, &spec, plain.input_size)
         .map_err(|e| anyhow::anyhow!("{}: {e}", model.display()))?;
-    std::fs::write(out, &augmented.model).with_context(|| format!("cannot write {}", out.display()))?;
+    std::fs::write(out, &augmented.model)
+        .with_context(|| format!("cannot write {}", out.display()))?;
     for note in &augmented.notes {
         eprintln!("note: {note}");
     }

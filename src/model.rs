@@ -318,8 +318,9 @@ fn extra_layer_names(session: &Session, meta: &Metadata) -> Result<Vec<String>, 
 
 /// A plain classifier in contract form (`crate::plain`), in memory.
 fn augment(runtime: &Runtime, config: &ModelConfig, plain: &PlainModel) -> Result<Vec<u8>, String> {
-    let augmented = crate::plain::augment(runtime, &config.file, plain, config.overrides.input_size)
-        .map_err(|e| format!("as a plain classifier with target `{}`: {e}", plain.target))?;
+    let augmented =
+        crate::plain::augment(runtime, &config.file, plain, config.overrides.input_size)
+            .map_err(|e| format!("as a plain classifier with target `{}`: {e}", plain.target))?;
     tracing::info!(
         model = %config.name,
         target = %plain.target,

@@ -16,6 +16,7 @@ const TOLERANCE: f32 = 1e-4;
 
 #[derive(Deserialize)]
 struct Zoo {
+    #[serde(rename = "models")]
     cases: Vec<Case>,
     refused: Vec<Refused>,
 }
@@ -62,12 +63,25 @@ fn npy(path: &str) -> (Vec<usize>, Vec<f32>) {
 }
 
 fn spec(case: &Case, keep_softmax: bool) -> PlainModel {
-    PlainModel { target: case.target.clone(), output: None, keep_softmax }
+    PlainModel {
+        target: case.target.clone(),
+        output: None,
+        keep_softmax,
+    }
 }
 
 /// The contract's outputs of one Run of an augmented model: logits, activations, gradients, target_class.
-fn run(model: &[u8], input: &[f32], size: [usize; 2], seeds: &[f32], k: usize) -> (Vec<f32>, Vec<usize>, Vec<f32>, Vec<i64>) {
-    let mut session = Session::builder(&runtime().environment).unwrap().commit_from_memory(model).unwrap();
+fn run(
+    model: &[u8],
+    input: &[f32],
+    size: [usize; 2],
+    seeds: &[f32],
+    k: usize,
+) -> (Vec<f32>, Vec<usize>, Vec<f32>, Vec<i64>) {
+    let mut session = Session::builder(&runtime().environment)
+        .unwrap()
+        .commit_from_memory(model)
+        .unwrap();
     let n = input.len() / (3 * size[0] * size[1]);
     let classes = seeds.len() / (n * k);
     let outputs = session
@@ -76,10 +90,20 @@ fn run(model: &[u8], input: &[f32], size: [usize; 2], seeds: &[f32], k: usize) -
             "class_weights" => TensorRef::from_array_view(([n, k, classes], seeds)).unwrap(),
         ])
         .unwrap();
-    let tensor = |name: &str| outputs[name].try_extract_tensor::<f32>().unwrap().1.to_vec();
+    let tensor = |name: &str| {
+        outputs[name]
+            .try_extract_tensor::<f32>()
+            .unwrap()
+            .1
+            .to_vec()
+    };
     let (shape, _) = outputs["activations"].try_extract_tensor::<f32>().unwrap();
     let shape = shape.iter().map(|&d| d as usize).collect();
-    let classes = outputs["target_class"].try_extract_tensor::<i64>().unwrap().1.to_vec();
+    let classes = outputs["target_class"]
+        .try_extract_tensor::<i64>()
+        .unwrap()
+        .1
+        .to_vec();
     (tensor("logits"), shape, tensor("gradients"), classes)
 }
 
@@ -91,28 +115,52 @@ fn augmented_gradients_match_autograd_on_every_zoo_model() {
     assert!(zoo.cases.len() >= 15, "only {} zoo models", zoo.cases.len());
     let mut exporters = std::collections::BTreeSet::new();
     for case in &zoo.cases {
-        let augmented = plain::augment(runtime(), &file(&case.model), &spec(case, false), Some(case.input_size))
-            .unwrap_or_else(|e| panic!("{}: {e}", case.model));
+        let augmented = plain::augment(
+            runtime(),
+            &file(&case.model),
+            &spec(case, false),
+            Some(case.input_size),
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", case.model));
         let (_, input) = npy(&case.input);
         let (seed_shape, seeds) = npy(&case.seeds);
         let (_, expected) = npy(&case.gradients);
         let k = seed_shape[1];
-        let (logits, shape, gradients, classes) = run(&augmented.model, &input, case.input_size, &seeds, k);
+        let (logits, shape, gradients, classes) =
+            run(&augmented.model, &input, case.input_size, &seeds, k);
         let logit_error = common::max_relative_error(&logits, &case.logits);
         let error = common::max_relative_error(&gradients, &expected);
         println!(
             "{} ({} opset {}): head {:?}; logits {logit_error:.1e}, gradients {error:.1e} (relative)",
             case.model, case.exporter, case.opset, augmented.head_ops
         );
-        assert_eq!(shape, case.target_shape, "{}: activations' shape", case.model);
-        assert!(logit_error < TOLERANCE, "{}: logits {logit_error}", case.model);
-        assert!(error < TOLERANCE, "{}: gradients {error} from autograd", case.model);
+        assert_eq!(
+            shape, case.target_shape,
+            "{}: activations' shape",
+            case.model
+        );
+        assert!(
+            logit_error < TOLERANCE,
+            "{}: logits {logit_error}",
+            case.model
+        );
+        assert!(
+            error < TOLERANCE,
+            "{}: gradients {error} from autograd",
+            case.model
+        );
         // Row 0 is the one-hot of `class`; a zero row resolves to the class its rank names.
         assert_eq!(classes[0], case.class as i64, "{}", case.model);
         exporters.insert(case.exporter.clone());
 
         if let Some(path) = &case.gradients_keep_softmax {
-            let kept = plain::augment(runtime(), &file(&case.model), &spec(case, true), Some(case.input_size)).unwrap();
+            let kept = plain::augment(
+                runtime(),
+                &file(&case.model),
+                &spec(case, true),
+                Some(case.input_size),
+            )
+            .unwrap();
             let (_, _, gradients, _) = run(&kept.model, &input, case.input_size, &seeds, k);
             let error = common::max_relative_error(&gradients, &npy(path).1);
             println!("{} keep_softmax: gradients {error:.1e}", case.model);
@@ -126,17 +174,46 @@ fn augmented_gradients_match_autograd_on_every_zoo_model() {
 #[test]
 fn a_final_softmax_is_stripped_unless_kept() {
     let zoo = zoo();
-    let case = zoo.cases.iter().find(|c| c.softmax).expect("a zoo model that ends in Softmax");
-    let stripped = plain::augment(runtime(), &file(&case.model), &spec(case, false), Some(case.input_size)).unwrap();
-    assert!(stripped.notes.iter().any(|n| n.contains("Softmax")), "{:?}", stripped.notes);
-    let kept = plain::augment(runtime(), &file(&case.model), &spec(case, true), Some(case.input_size)).unwrap();
+    let case = zoo
+        .cases
+        .iter()
+        .find(|c| c.softmax)
+        .expect("a zoo model that ends in Softmax");
+    let stripped = plain::augment(
+        runtime(),
+        &file(&case.model),
+        &spec(case, false),
+        Some(case.input_size),
+    )
+    .unwrap();
+    assert!(
+        stripped.notes.iter().any(|n| n.contains("Softmax")),
+        "{:?}",
+        stripped.notes
+    );
+    let kept = plain::augment(
+        runtime(),
+        &file(&case.model),
+        &spec(case, true),
+        Some(case.input_size),
+    )
+    .unwrap();
     assert!(kept.notes.is_empty());
     let (_, input) = npy(&case.input);
     let (seed_shape, seeds) = npy(&case.seeds);
-    let (logits, ..) = run(&stripped.model, &input, case.input_size, &seeds, seed_shape[1]);
+    let (logits, ..) = run(
+        &stripped.model,
+        &input,
+        case.input_size,
+        &seeds,
+        seed_shape[1],
+    );
     let (probabilities, ..) = run(&kept.model, &input, case.input_size, &seeds, seed_shape[1]);
     let sum: f32 = probabilities.iter().sum();
-    assert!((sum - 1.0).abs() < 1e-5, "kept: the outputs are probabilities (sum {sum})");
+    assert!(
+        (sum - 1.0).abs() < 1e-5,
+        "kept: the outputs are probabilities (sum {sum})"
+    );
     assert!(common::max_relative_error(&logits, &case.logits) < TOLERANCE);
 }
 
@@ -144,24 +221,45 @@ fn a_final_softmax_is_stripped_unless_kept() {
 #[test]
 fn candidates_include_the_target_with_its_shape_and_head() {
     for case in zoo().cases.iter().filter(|c| c.exporter != "onnx-helper") {
-        let candidates = plain::candidates(runtime(), &file(&case.model), Some(case.input_size), None, false).unwrap();
+        let candidates = plain::candidates(
+            runtime(),
+            &file(&case.model),
+            Some(case.input_size),
+            None,
+            false,
+        )
+        .unwrap();
         let found = candidates
             .iter()
             .find(|c| c.name == case.target)
             .unwrap_or_else(|| panic!("{}: {} not among the candidates", case.model, case.target));
         let shape: Vec<i64> = case.target_shape[1..].iter().map(|&d| d as i64).collect();
         assert_eq!(found.shape[1..], shape[..], "{}", case.model);
-        assert_eq!(found.shape[0], -1, "{}: the batch dimension is dynamic", case.model);
+        assert_eq!(
+            found.shape[0], -1,
+            "{}: the batch dimension is dynamic",
+            case.model
+        );
         let mut got = found.head_ops.clone();
         let mut want = case.head_ops.clone();
         got.sort();
         want.sort();
         want.dedup();
         assert_eq!(got, want, "{}: head ops", case.model);
-        assert!(found.unsupported.is_empty(), "{}: {:?}", case.model, found.unsupported);
+        assert!(
+            found.unsupported.is_empty(),
+            "{}: {:?}",
+            case.model,
+            found.unsupported
+        );
         for c in &candidates {
             assert_eq!(c.shape.len(), 4, "{}: {}", case.model, c.name);
-            assert!(c.shape[2] * c.shape[3] > 1, "{}: {} is 1x1", case.model, c.name);
+            assert!(
+                c.shape[2] * c.shape[3] > 1,
+                "{}: {} is 1x1",
+                case.model,
+                c.name
+            );
         }
     }
 }
@@ -172,18 +270,33 @@ fn unsupported_ops_and_wrong_targets_are_refused_by_name() {
     let zoo = zoo();
     assert!(!zoo.refused.is_empty());
     for refused in &zoo.refused {
-        let spec = PlainModel { target: refused.target.clone(), ..Default::default() };
+        let spec = PlainModel {
+            target: refused.target.clone(),
+            ..Default::default()
+        };
         let error = match plain::augment(runtime(), &file(&refused.model), &spec, None) {
             Ok(_) => panic!("{}: augmented", refused.model),
             Err(e) => e,
         };
         println!("{}: {error}", refused.model);
-        assert!(error.contains(&refused.op) && error.contains(&refused.node), "{}: {error}", refused.model);
+        assert!(
+            error.contains(&refused.op) && error.contains(&refused.node),
+            "{}: {error}",
+            refused.model
+        );
     }
     let case = &zoo.cases[0];
-    let spec = PlainModel { target: "no/such/tensor".into(), ..Default::default() };
-    let error = plain::augment(runtime(), &file(&case.model), &spec, Some(case.input_size)).err().unwrap();
-    assert!(error.contains("no tensor is named `no/such/tensor`") && error.contains("camserve targets"), "{error}");
+    let spec = PlainModel {
+        target: "no/such/tensor".into(),
+        ..Default::default()
+    };
+    let error = plain::augment(runtime(), &file(&case.model), &spec, Some(case.input_size))
+        .err()
+        .unwrap();
+    assert!(
+        error.contains("no tensor is named `no/such/tensor`") && error.contains("camserve targets"),
+        "{error}"
+    );
 }
 
 fn plain_config(case: &Case, name: &str) -> ModelConfig {
@@ -195,7 +308,10 @@ fn plain_config(case: &Case, name: &str) -> ModelConfig {
         case.input_size[0],
         case.input_size[1]
     );
-    Config::from_toml(&toml, std::path::Path::new("/")).unwrap().models.remove(0)
+    Config::from_toml(&toml, std::path::Path::new("/"))
+        .unwrap()
+        .models
+        .remove(0)
 }
 
 /// Through the live server, a plain model's Grad-CAM equals pytorch-grad-cam's on the PyTorch model (ImageNet
@@ -209,11 +325,25 @@ async fn served_gradcam_of_plain_models_matches_pytorch_grad_cam() {
         .filter(|c| c.gradcam.is_some())
         .map(|c| (c, common::served_name(&c.model)))
         .collect();
-    assert!(cases.len() >= 10, "only {} Grad-CAM references", cases.len());
-    let server = TestServer::with(cases.iter().map(|(c, name)| plain_config(c, name)).collect(), Limits::default()).await;
+    assert!(
+        cases.len() >= 10,
+        "only {} Grad-CAM references",
+        cases.len()
+    );
+    let server = TestServer::with(
+        cases
+            .iter()
+            .map(|(c, name)| plain_config(c, name))
+            .collect(),
+        Limits::default(),
+    )
+    .await;
     let image = std::fs::read(fixture("images/chelsea_64.png")).unwrap();
     for (case, name) in &cases {
-        let query = format!("/v1/models/{name}/explain?class={}&output=heatmap&heatmap=gray16", case.class);
+        let query = format!(
+            "/v1/models/{name}/explain?class={}&output=heatmap&heatmap=gray16",
+            case.class
+        );
         let response = server.post_image(&query, "image/png", image.clone()).await;
         assert_eq!(response.status(), 200, "{name}");
         let png = response.bytes().await.unwrap();
@@ -225,7 +355,10 @@ async fn served_gradcam_of_plain_models_matches_pytorch_grad_cam() {
             .collect();
         let (_, expected) = npy(case.gradcam.as_ref().unwrap());
         assert_eq!(map.len(), expected.len(), "{name}");
-        let error = map.iter().zip(&expected).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        let error = map
+            .iter()
+            .zip(&expected)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         println!("{name}: served Grad-CAM {error:.1e} from pytorch-grad-cam");
         assert!(error < TOLERANCE, "{name}: {error}");
     }
@@ -237,8 +370,14 @@ fn a_plain_entry_with_a_bad_target_is_refused_at_load() {
     let zoo = zoo();
     let mut config = plain_config(&zoo.cases[0], "bad");
     config.plain.as_mut().unwrap().target = "missing".into();
-    let error = camserve::model::load(runtime(), &config).err().unwrap().to_string();
-    assert!(error.starts_with("model `bad`") && error.contains("no tensor is named `missing`"), "{error}");
+    let error = camserve::model::load(runtime(), &config)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.starts_with("model `bad`") && error.contains("no tensor is named `missing`"),
+        "{error}"
+    );
 }
 
 /// `camserve augment` writes a file that is served like any exported contract model: the contract check and the
@@ -265,8 +404,17 @@ fn the_augment_command_writes_a_contract_model() {
     assert_eq!(info.target_layer, case.target);
     assert_eq!(info.activation_shape[..], case.target_shape[1..]);
     let written = std::fs::read(&out).unwrap();
-    let in_memory = plain::augment(runtime(), &file(&case.model), &spec(case, false), Some(case.input_size)).unwrap();
-    assert_eq!(written, in_memory.model, "the command and the server augment alike");
+    let in_memory = plain::augment(
+        runtime(),
+        &file(&case.model),
+        &spec(case, false),
+        Some(case.input_size),
+    )
+    .unwrap();
+    assert_eq!(
+        written, in_memory.model,
+        "the command and the server augment alike"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -275,8 +423,12 @@ fn the_augment_command_writes_a_contract_model() {
 fn a_model_read_and_written_again_runs_identically() {
     let path = fixture("tiny_cnn.onnx");
     let original = std::fs::read(&path).unwrap();
-    let rewritten = plain::proto::ModelProto::decode_bytes(&original).unwrap().encode_bytes();
-    let input: Vec<f32> = (0..3 * 64 * 64).map(|i| (i % 13) as f32 / 6.0 - 1.0).collect();
+    let rewritten = plain::proto::ModelProto::decode_bytes(&original)
+        .unwrap()
+        .encode_bytes();
+    let input: Vec<f32> = (0..3 * 64 * 64)
+        .map(|i| (i % 13) as f32 / 6.0 - 1.0)
+        .collect();
     let seeds = [vec![0.0; 10], {
         let mut v = vec![0.0; 10];
         v[4] = 1.0;

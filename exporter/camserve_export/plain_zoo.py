@@ -461,7 +461,7 @@ def downstream(graph: onnx.GraphProto, tensor: str) -> set[str]:
 
 def head_nodes(graph: onnx.GraphProto, target: str, output: str) -> list[onnx.NodeProto]:
     """The nodes on a path target -> output: computed from the target, and needed for the output."""
-    after = downstream(graph, target)
+    after = downstream(graph, target) - {target}  # the target's own producer is not part of the head
     needed, head = {output}, []
     for node in reversed(graph.node):
         if needed.intersection(node.output) and after.intersection(node.output):

@@ -73,7 +73,13 @@ impl Writer<'_> {
     }
 
     /// Appends a node whose outputs are named by the caller.
-    pub fn node(&mut self, op_type: &str, inputs: &[&str], outputs: &[String], attrs: Vec<(&str, Attr)>) {
+    pub fn node(
+        &mut self,
+        op_type: &str,
+        inputs: &[&str],
+        outputs: &[String],
+        attrs: Vec<(&str, Attr)>,
+    ) {
         self.e.nodes.push(NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
             output: outputs.to_vec(),
@@ -89,7 +95,9 @@ impl Writer<'_> {
 
     pub fn floats(&mut self, dims: &[i64], values: &[f32]) -> String {
         let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.constant((true, dims.to_vec(), bytes), |name| TensorProto::floats(name, dims, values))
+        self.constant((true, dims.to_vec(), bytes), |name| {
+            TensorProto::floats(name, dims, values)
+        })
     }
 
     /// A 1-D int64 constant.
@@ -103,7 +111,9 @@ impl Writer<'_> {
 
     fn int_tensor(&mut self, dims: &[i64], values: &[i64]) -> String {
         let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.constant((false, dims.to_vec(), bytes), |name| TensorProto::int64s(name, dims, values))
+        self.constant((false, dims.to_vec(), bytes), |name| {
+            TensorProto::int64s(name, dims, values)
+        })
     }
 
     fn constant(
@@ -128,7 +138,11 @@ impl Writer<'_> {
             let axes = self.ints(axes);
             self.op(op_type, &[x, &axes], vec![keep])
         } else {
-            self.op(op_type, &[x], vec![("axes", Attr::Ints(axes.to_vec())), keep])
+            self.op(
+                op_type,
+                &[x],
+                vec![("axes", Attr::Ints(axes.to_vec())), keep],
+            )
         }
     }
 
@@ -161,6 +175,10 @@ impl Writer<'_> {
     /// The product of a 1-D int64 shape, as a float32 [1].
     pub fn count(&mut self, shape: &str) -> String {
         let product = self.reduce("ReduceProd", shape, &[0], true);
-        self.op("Cast", &[&product], vec![("to", Attr::Int(super::proto::data_type::FLOAT as i64))])
+        self.op(
+            "Cast",
+            &[&product],
+            vec![("to", Attr::Int(super::proto::data_type::FLOAT as i64))],
+        )
     }
 }

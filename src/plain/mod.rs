@@ -19,7 +19,9 @@ use serde::Deserialize;
 
 use crate::runtime::Runtime;
 use emit::{Emitter, Writer};
-use proto::{Attr, Dim, GraphProto, ModelProto, NodeProto, StringStringEntryProto, ValueInfoProto, data_type};
+use proto::{
+    Attr, Dim, GraphProto, ModelProto, NodeProto, StringStringEntryProto, ValueInfoProto, data_type,
+};
 pub use rules::{SUPPORTED, TensorInfo};
 
 /// A model entry's `plain` table: which tensor to explain, and which scores to differentiate.
@@ -57,7 +59,14 @@ pub struct Candidate {
     pub unsupported: Vec<String>,
 }
 
-const CONTRACT_NAMES: [&str; 6] = ["input", "class_weights", "logits", "activations", "gradients", "target_class"];
+const CONTRACT_NAMES: [&str; 6] = [
+    "input",
+    "class_weights",
+    "logits",
+    "activations",
+    "gradients",
+    "target_class",
+];
 const IMAGENET_PREPROCESS: &str = r#"{"resize": "stretch", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "channel_order": "RGB", "value_range": [0.0, 1.0]}"#;
 
 /// The file read and checked: the parts every step needs.
@@ -80,7 +89,12 @@ fn graph_mut(model: &mut ModelProto) -> &mut GraphProto {
 
 /// Reads the file (weights in external files included) and finds its image input, its scores, and the input
 /// size.
-fn read(file: &Path, output: Option<&str>, keep_softmax: bool, input_size: Option<[usize; 2]>) -> Result<Plain, String> {
+fn read(
+    file: &Path,
+    output: Option<&str>,
+    keep_softmax: bool,
+    input_size: Option<[usize; 2]>,
+) -> Result<Plain, String> {
     let bytes = std::fs::read(file).map_err(|e| format!("cannot read it: {e}"))?;
     let mut model = ModelProto::decode_bytes(&bytes)?;
     let graph = model.graph.as_mut().ok_or("the file has no graph")?;
@@ -92,13 +106,21 @@ fn read(file: &Path, output: Option<&str>, keep_softmax: bool, input_size: Optio
         .map(|o| o.version)
         .ok_or("the file imports no standard ONNX opset")?;
     if opset < 11 {
-        return Err(format!("opset {opset} is older than 11: convert it with onnx.version_converter first"));
+        return Err(format!(
+            "opset {opset} is older than 11: convert it with onnx.version_converter first"
+        ));
     }
     let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
-    let inputs: Vec<&ValueInfoProto> = graph.input.iter().filter(|i| !initializers.contains(i.name.as_str())).collect();
+    let inputs: Vec<&ValueInfoProto> = graph
+        .input
+        .iter()
+        .filter(|i| !initializers.contains(i.name.as_str()))
+        .collect();
     let [image] = inputs.as_slice() else {
         let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
-        return Err(format!("a plain classifier has one image input; this one has {names:?}"));
+        return Err(format!(
+            "a plain classifier has one image input; this one has {names:?}"
+        ));
     };
     let declared = image.tensor_type();
     if declared.is_some_and(|t| t.elem_type != data_type::FLOAT) {
@@ -117,7 +139,11 @@ fn read(file: &Path, output: Option<&str>, keep_softmax: bool, input_size: Optio
         })
         .unwrap_or_default();
     if !declared_dims.is_empty() && declared_dims.len() != 4 {
-        return Err(format!("the image input `{}` has rank {}, expected 4 [N,3,H,W]", image.name, declared_dims.len()));
+        return Err(format!(
+            "the image input `{}` has rank {}, expected 4 [N,3,H,W]",
+            image.name,
+            declared_dims.len()
+        ));
     }
     let input_size = match (input_size, declared_dims.get(2..4)) {
         (Some(size), _) => size,
@@ -133,19 +159,40 @@ fn read(file: &Path, output: Option<&str>, keep_softmax: bool, input_size: Optio
     let mut notes = Vec::new();
     let mut output = match output {
         Some(o) => o.to_owned(),
-        None => graph.output.first().ok_or("the graph has no output")?.name.clone(),
+        None => graph
+            .output
+            .first()
+            .ok_or("the graph has no output")?
+            .name
+            .clone(),
     };
-    let producer = |name: &str| graph.node.iter().find(|n| n.output.iter().any(|o| o == name));
+    let producer = |name: &str| {
+        graph
+            .node
+            .iter()
+            .find(|n| n.output.iter().any(|o| o == name))
+    };
     if producer(&output).is_none() {
         return Err(format!("no node computes the output `{output}`"));
     }
     if !keep_softmax
-        && let Some(softmax) = producer(&output).filter(|n| matches!(n.op_type.as_str(), "Softmax" | "LogSoftmax"))
+        && let Some(softmax) =
+            producer(&output).filter(|n| matches!(n.op_type.as_str(), "Softmax" | "LogSoftmax"))
     {
-        notes.push(format!("differentiating the scores before the final {}", softmax.op_type));
+        notes.push(format!(
+            "differentiating the scores before the final {}",
+            softmax.op_type
+        ));
         output = softmax.input[0].clone();
     }
-    Ok(Plain { model, opset, input, output, input_size, notes })
+    Ok(Plain {
+        model,
+        opset,
+        input,
+        output,
+        input_size,
+        notes,
+    })
 }
 
 /// Reads weights stored beside the model (ONNX external data, as the dynamo exporter writes them) into the
@@ -153,23 +200,48 @@ fn read(file: &Path, output: Option<&str>, keep_softmax: bool, input_size: Optio
 /// Locations must name files in the model's own folder.
 fn inline_external_data(graph: &mut GraphProto, dir: &Path) -> Result<(), String> {
     let mut files: HashMap<String, Vec<u8>> = HashMap::new();
-    for tensor in graph.initializer.iter_mut().filter(|t| t.data_location == 1) {
-        let entry = |key: &str| tensor.external_data.iter().find(|e| e.key == key).map(|e| e.value.clone());
-        let location = entry("location").ok_or_else(|| format!("weight `{}` has no external location", tensor.name))?;
-        let number = |key: &str| entry(key).map(|v| v.parse::<usize>().map_err(|_| format!("weight `{}`: bad {key}", tensor.name)));
+    for tensor in graph
+        .initializer
+        .iter_mut()
+        .filter(|t| t.data_location == 1)
+    {
+        let entry = |key: &str| {
+            tensor
+                .external_data
+                .iter()
+                .find(|e| e.key == key)
+                .map(|e| e.value.clone())
+        };
+        let location = entry("location")
+            .ok_or_else(|| format!("weight `{}` has no external location", tensor.name))?;
+        let number = |key: &str| {
+            entry(key).map(|v| {
+                v.parse::<usize>()
+                    .map_err(|_| format!("weight `{}`: bad {key}", tensor.name))
+            })
+        };
         let offset = number("offset").transpose()?.unwrap_or(0);
         let length = number("length").transpose()?;
         let relative = Path::new(&location);
-        if !relative.components().all(|c| matches!(c, std::path::Component::Normal(_))) {
-            return Err(format!("weight `{}` is stored at `{location}`, outside the model's folder", tensor.name));
+        if !relative
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(format!(
+                "weight `{}` is stored at `{location}`, outside the model's folder",
+                tensor.name
+            ));
         }
         if !files.contains_key(&location) {
-            let data = std::fs::read(dir.join(relative)).map_err(|e| format!("cannot read its weights file `{location}`: {e}"))?;
+            let data = std::fs::read(dir.join(relative))
+                .map_err(|e| format!("cannot read its weights file `{location}`: {e}"))?;
             files.insert(location.clone(), data);
         }
         let data = &files[&location];
         let end = length.map_or(data.len(), |l| offset + l);
-        let bytes = data.get(offset..end).ok_or_else(|| format!("weight `{}` lies past the end of `{location}`", tensor.name))?;
+        let bytes = data
+            .get(offset..end)
+            .ok_or_else(|| format!("weight `{}` lies past the end of `{location}`", tensor.name))?;
         tensor.raw_data = bytes.to_vec();
         tensor.external_data.clear();
         tensor.data_location = 0;
@@ -185,12 +257,24 @@ fn rename(graph: &mut GraphProto, old: &str, new: &str) {
         }
     };
     for node in &mut graph.node {
-        node.input.iter_mut().chain(node.output.iter_mut()).for_each(swap);
+        node.input
+            .iter_mut()
+            .chain(node.output.iter_mut())
+            .for_each(swap);
         for attribute in &mut node.attribute {
-            attribute.g.iter_mut().chain(attribute.graphs.iter_mut()).for_each(|g| rename(g, old, new));
+            attribute
+                .g
+                .iter_mut()
+                .chain(attribute.graphs.iter_mut())
+                .for_each(|g| rename(g, old, new));
         }
     }
-    for info in graph.input.iter_mut().chain(&mut graph.output).chain(&mut graph.value_info) {
+    for info in graph
+        .input
+        .iter_mut()
+        .chain(&mut graph.output)
+        .chain(&mut graph.value_info)
+    {
         swap(&mut info.name);
     }
     for tensor in &mut graph.initializer {
@@ -226,7 +310,12 @@ fn head(graph: &GraphProto, target: &str, output: &str) -> (Vec<usize>, HashSet<
         let node = &graph.node[i];
         if node.output.iter().any(|o| need.contains(o)) {
             head.push(i);
-            need.extend(node.input.iter().filter(|x| depends.contains(x.as_str())).cloned());
+            need.extend(
+                node.input
+                    .iter()
+                    .filter(|x| depends.contains(x.as_str()))
+                    .cloned(),
+            );
         }
     }
     head.reverse();
@@ -234,16 +323,21 @@ fn head(graph: &GraphProto, target: &str, output: &str) -> (Vec<usize>, HashSet<
 }
 
 /// The head's nodes that compute float tensors: the ones that carry gradients (the rest is shape arithmetic).
-fn differentiable<'a>(graph: &'a GraphProto, head: &[usize], shapes: &HashMap<String, TensorInfo>) -> Vec<&'a NodeProto> {
+fn differentiable<'a>(
+    graph: &'a GraphProto,
+    head: &[usize],
+    shapes: &HashMap<String, TensorInfo>,
+) -> Vec<&'a NodeProto> {
     head.iter()
         .map(|&i| &graph.node[i])
         .filter(|n| shapes.get(&n.output[0]).is_none_or(TensorInfo::is_float))
         .collect()
 }
 
-fn op_list(nodes: &[&NodeProto]) -> Vec<String> {
+/// The op types of the head, shape arithmetic included, in graph order.
+fn op_list(graph: &GraphProto, head: &[usize]) -> Vec<String> {
     let mut ops: Vec<String> = Vec::new();
-    for node in nodes {
+    for node in head.iter().map(|&i| &graph.node[i]) {
         if !ops.contains(&node.op_type) {
             ops.push(node.op_type.clone());
         }
@@ -254,18 +348,31 @@ fn op_list(nodes: &[&NodeProto]) -> Vec<String> {
 fn unsupported(nodes: &[&NodeProto]) -> Vec<String> {
     nodes
         .iter()
-        .filter(|n| !(n.domain.is_empty() || n.domain == "ai.onnx") || !SUPPORTED.contains(&n.op_type.as_str()))
+        .filter(|n| {
+            !(n.domain.is_empty() || n.domain == "ai.onnx")
+                || !SUPPORTED.contains(&n.op_type.as_str())
+        })
         .map(|n| format!("{} (node `{}`)", n.op_type, n.label()))
         .collect()
 }
 
 /// Shapes and element types of `names`, from Runs at batch sizes 1 and 2 with those tensors exposed as outputs.
 /// A dimension that differs between the two follows the batch size (None).
-fn probe(runtime: &Runtime, plain: &Plain, names: &[String]) -> Result<HashMap<String, TensorInfo>, String> {
+fn probe(
+    runtime: &Runtime,
+    plain: &Plain,
+    names: &[String],
+) -> Result<HashMap<String, TensorInfo>, String> {
     let mut model = plain.model.clone();
     let graph = graph_mut(&mut model);
     free_batch(graph, &plain.input);
-    graph.output = names.iter().map(|n| ValueInfoProto { name: n.clone(), ..Default::default() }).collect();
+    graph.output = names
+        .iter()
+        .map(|n| ValueInfoProto {
+            name: n.clone(),
+            ..Default::default()
+        })
+        .collect();
     let error = |e: ort::Error| format!("ONNX Runtime cannot run it: {e}");
     let mut session = Session::builder(&runtime.environment)
         .and_then(|b| Ok(b.with_intra_threads(1)?))
@@ -293,13 +400,22 @@ fn probe(runtime: &Runtime, plain: &Plain, names: &[String]) -> Result<HashMap<S
     Ok(runs[0]
         .iter()
         .map(|(name, (one, elem_type))| {
-            let two = runs[1].get(name).map(|t| t.0.as_slice()).unwrap_or_default();
+            let two = runs[1]
+                .get(name)
+                .map(|t| t.0.as_slice())
+                .unwrap_or_default();
             let dims = one
                 .iter()
                 .enumerate()
                 .map(|(i, &d)| (two.get(i) == Some(&d)).then_some(d))
                 .collect();
-            (name.clone(), TensorInfo { dims, elem_type: *elem_type })
+            (
+                name.clone(),
+                TensorInfo {
+                    dims,
+                    elem_type: *elem_type,
+                },
+            )
         })
         .collect())
 }
@@ -389,12 +505,11 @@ pub fn candidates(
             let spatial: Option<i64> = info.dims.get(2..)?.iter().copied().product();
             (info.is_float() && info.dims.len() == 4 && spatial? > 1).then_some(())?;
             let (head, _) = head(graph, name, &plain.output);
-            let nodes = differentiable(graph, &head, &shapes);
             Some(Candidate {
                 name: name.clone(),
                 shape: info.dims.iter().map(|d| d.unwrap_or(-1)).collect(),
-                head_ops: op_list(&nodes),
-                unsupported: unsupported(&nodes),
+                head_ops: op_list(graph, &head),
+                unsupported: unsupported(&differentiable(graph, &head, &shapes)),
             })
         })
         .collect())
@@ -412,10 +527,15 @@ pub fn augment(
     {
         let graph = graph(&plain.model);
         if target == plain.input {
-            return Err("the target is the image input; choose a layer (`camserve targets` lists them)".into());
+            return Err(
+                "the target is the image input; choose a layer (`camserve targets` lists them)"
+                    .into(),
+            );
         }
         if !graph.node.iter().any(|n| n.output.contains(&target)) {
-            return Err(format!("no tensor is named `{target}` (`camserve targets` lists the candidates)"));
+            return Err(format!(
+                "no tensor is named `{target}` (`camserve targets` lists the candidates)"
+            ));
         }
     }
     // Free the contract's names, then call the image input `input`.
@@ -423,7 +543,10 @@ pub fn augment(
     let graph = graph_mut(&mut plain.model);
     for name in CONTRACT_NAMES {
         if taken.contains(name) && !(name == "input" && plain.input == "input") {
-            let new = (0..).map(|i| format!("{name}_original{i}")).find(|n| !taken.contains(n)).unwrap();
+            let new = (0..)
+                .map(|i| format!("{name}_original{i}"))
+                .find(|n| !taken.contains(n))
+                .unwrap();
             rename(graph, name, &new);
             for s in [&mut target, &mut plain.output, &mut plain.input] {
                 if s == name {
@@ -437,7 +560,10 @@ pub fn augment(
 
     let (head_nodes, need) = head(graph, &target, &plain.output);
     if head_nodes.is_empty() {
-        return Err(format!("the scores `{}` do not depend on the target `{target}`", plain.output));
+        return Err(format!(
+            "the scores `{}` do not depend on the target `{target}`",
+            plain.output
+        ));
     }
     let started = Instant::now();
     let mut probed: Vec<String> = head_nodes
@@ -449,7 +575,15 @@ pub fn augment(
     let initializer_dims: HashMap<String, TensorInfo> = graph
         .initializer
         .iter()
-        .map(|t| (t.name.clone(), TensorInfo { dims: t.dims.iter().map(|&d| Some(d)).collect(), elem_type: t.data_type }))
+        .map(|t| {
+            (
+                t.name.clone(),
+                TensorInfo {
+                    dims: t.dims.iter().map(|&d| Some(d)).collect(),
+                    elem_type: t.data_type,
+                },
+            )
+        })
         .collect();
     probed.retain(|n| !initializer_dims.contains_key(n));
     probed.sort();
@@ -476,7 +610,7 @@ pub fn augment(
             SUPPORTED.join(", ")
         ));
     }
-    let head_ops = op_list(&nodes);
+    let head_ops = op_list(graph, &head_nodes);
     let mut taken = all_names(graph);
 
     // Switch on the forward outputs the backward reads.
@@ -499,25 +633,44 @@ pub fn augment(
         if wanted == 2 {
             maxpool_indices.insert(node.output[0].clone(), node.output[1].clone());
         } else {
-            layer_norm_stats.insert(node.output[0].clone(), (node.output[1].clone(), node.output[2].clone()));
+            layer_norm_stats.insert(
+                node.output[0].clone(),
+                (node.output[1].clone(), node.output[2].clone()),
+            );
         }
     }
     let values = constants(graph);
-    let context = rules::Context { shapes: &shapes, constants: &values, maxpool_indices, layer_norm_stats };
+    let context = rules::Context {
+        shapes: &shapes,
+        constants: &values,
+        maxpool_indices,
+        layer_norm_stats,
+    };
 
     // The backward for one seed, as a Loop body.
     let mut body = Emitter::new(plain.opset, "bwd");
-    let mut w = Writer { e: &mut body, taken: &mut taken };
-    let (iteration, condition, seeds) = (w.fresh("iteration"), w.fresh("condition"), w.fresh("seeds"));
-    let seed = w.op("Gather", &[&seeds, &iteration], vec![("axis", Attr::Int(1))]);
+    let mut w = Writer {
+        e: &mut body,
+        taken: &mut taken,
+    };
+    let (iteration, condition, seeds) =
+        (w.fresh("iteration"), w.fresh("condition"), w.fresh("seeds"));
+    let seed = w.op(
+        "Gather",
+        &[&seeds, &iteration],
+        vec![("axis", Attr::Int(1))],
+    );
     let mut grads: HashMap<String, String> = HashMap::from([(plain.output.clone(), seed)]);
     for &i in head_nodes.iter().rev() {
         let node = &graph.node[i];
-        let Some(g) = grads.get(&node.output[0]).cloned() else { continue };
-        if !shapes.get(&node.output[0]).is_none_or(TensorInfo::is_float) {
+        let output_grads: Vec<Option<String>> =
+            node.output.iter().map(|o| grads.get(o).cloned()).collect();
+        if output_grads.iter().all(Option::is_none)
+            || !shapes.get(&node.output[0]).is_none_or(TensorInfo::is_float)
+        {
             continue;
         }
-        let inputs = rules::backward(&context, &mut w, node, &g, &need)
+        let inputs = rules::backward(&context, &mut w, node, &output_grads, &need)
             .map_err(|e| format!("node `{}` ({}): {e}", node.label(), node.op_type))?;
         for (input, grad) in inputs {
             let total = match grads.remove(&input) {
@@ -527,7 +680,10 @@ pub fn augment(
             grads.insert(input, total);
         }
     }
-    let target_grad = grads.get(&target).ok_or("no gradient reached the target")?.clone();
+    let target_grad = grads
+        .get(&target)
+        .ok_or("no gradient reached the target")?
+        .clone();
     let condition_out = w.op("Identity", &[&condition], vec![]);
     let grad_out = w.op("Identity", &[&target_grad], vec![]);
     let backward_nodes = w.e.nodes.len();
@@ -547,45 +703,107 @@ pub fn augment(
 
     // The outer graph: seeds from class_weights (an all-zero row is the k-th best class), the Loop, the outputs.
     let mut outer = Emitter::new(plain.opset, "out");
-    let mut o = Writer { e: &mut outer, taken: &mut taken };
+    let mut o = Writer {
+        e: &mut outer,
+        taken: &mut taken,
+    };
     let scores = plain.output.as_str();
     let weights_shape = o.shape("class_weights");
     let (one, two) = (o.ints(&[1]), o.ints(&[2]));
     let k = o.op("Slice", &[&weights_shape, &one, &two], vec![]);
-    let top = o.op_n("TopK", &[scores, &k], 2, vec![("axis", Attr::Int(-1)), ("largest", Attr::Int(1)), ("sorted", Attr::Int(1))]);
+    let top = o.op_n(
+        "TopK",
+        &[scores, &k],
+        2,
+        vec![
+            ("axis", Attr::Int(-1)),
+            ("largest", Attr::Int(1)),
+            ("sorted", Attr::Int(1)),
+        ],
+    );
     let magnitude = o.op("Abs", &["class_weights"], vec![]);
     let row_sums = o.reduce("ReduceSum", &magnitude, &[2], false);
     let zero = o.float(0.0);
     let empty = o.op("Equal", &[&row_sums, &zero], vec![]);
     let classes = o.shape_from(scores, -1);
     let one_hot_values = o.floats(&[2], &[0.0, 1.0]);
-    let one_hot = o.op("OneHot", &[&top[1], &classes, &one_hot_values], vec![("axis", Attr::Int(-1))]);
+    let one_hot = o.op(
+        "OneHot",
+        &[&top[1], &classes, &one_hot_values],
+        vec![("axis", Attr::Int(-1))],
+    );
     let empty_rows = o.unsqueeze(&empty, &[2]);
-    o.node("Where", &[&empty_rows, &one_hot, "class_weights"], &[seeds], vec![]);
-    let weighted = o.op("ArgMax", &["class_weights"], vec![("axis", Attr::Int(2)), ("keepdims", Attr::Int(0))]);
-    o.node("Where", &[&empty, &top[1], &weighted], &["target_class".into()], vec![]);
+    o.node(
+        "Where",
+        &[&empty_rows, &one_hot, "class_weights"],
+        &[seeds],
+        vec![],
+    );
+    let weighted = o.op(
+        "ArgMax",
+        &["class_weights"],
+        vec![("axis", Attr::Int(2)), ("keepdims", Attr::Int(0))],
+    );
+    o.node(
+        "Where",
+        &[&empty, &top[1], &weighted],
+        &["target_class".into()],
+        vec![],
+    );
     let trips = o.op("Squeeze", &[&k], vec![]);
     let stacked = o.fresh("stacked");
-    o.node("Loop", &[&trips, ""], std::slice::from_ref(&stacked), vec![("body", Attr::Graph(body_graph))]);
-    o.node("Transpose", &[&stacked], &["gradients".into()], vec![("perm", Attr::Ints(vec![1, 0, 2, 3, 4]))]);
+    o.node(
+        "Loop",
+        &[&trips, ""],
+        std::slice::from_ref(&stacked),
+        vec![("body", Attr::Graph(body_graph))],
+    );
+    o.node(
+        "Transpose",
+        &[&stacked],
+        &["gradients".into()],
+        vec![("perm", Attr::Ints(vec![1, 0, 2, 3, 4]))],
+    );
     o.node("Identity", &[scores], &["logits".into()], vec![]);
     o.node("Identity", &[&target], &["activations".into()], vec![]);
 
-    let class_count = shapes.get(scores).and_then(|i| *i.dims.last()?).ok_or("the scores' class count is unknown")?;
+    let class_count = shapes
+        .get(scores)
+        .and_then(|i| *i.dims.last()?)
+        .ok_or("the scores' class count is unknown")?;
     let batch = Dim::Named("N".into());
     let k_dim = Dim::Named("K".into());
-    let target_dims: Vec<Dim> = target_info.dims[1..].iter().map(|d| Dim::Fixed(d.unwrap_or(-1))).collect();
-    let activation_dims: Vec<Dim> = [batch.clone()].into_iter().chain(target_dims.clone()).collect();
-    let gradient_dims: Vec<Dim> = [batch.clone(), k_dim.clone()].into_iter().chain(target_dims).collect();
+    let target_dims: Vec<Dim> = target_info.dims[1..]
+        .iter()
+        .map(|d| Dim::Fixed(d.unwrap_or(-1)))
+        .collect();
+    let activation_dims: Vec<Dim> = [batch.clone()]
+        .into_iter()
+        .chain(target_dims.clone())
+        .collect();
+    let gradient_dims: Vec<Dim> = [batch.clone(), k_dim.clone()]
+        .into_iter()
+        .chain(target_dims)
+        .collect();
     graph.node.extend(outer.nodes);
-    graph.initializer.extend(forward.constants.into_iter().chain(body.constants).chain(outer.constants));
+    graph.initializer.extend(
+        forward
+            .constants
+            .into_iter()
+            .chain(body.constants)
+            .chain(outer.constants),
+    );
     graph.input.push(ValueInfoProto::tensor(
         "class_weights",
         data_type::FLOAT,
         Some(&[batch.clone(), k_dim.clone(), Dim::Fixed(class_count)]),
     ));
     graph.output = vec![
-        ValueInfoProto::tensor("logits", data_type::FLOAT, Some(&[batch.clone(), Dim::Fixed(class_count)])),
+        ValueInfoProto::tensor(
+            "logits",
+            data_type::FLOAT,
+            Some(&[batch.clone(), Dim::Fixed(class_count)]),
+        ),
         ValueInfoProto::tensor("activations", data_type::FLOAT, Some(&activation_dims)),
         ValueInfoProto::tensor("gradients", data_type::FLOAT, Some(&gradient_dims)),
         ValueInfoProto::tensor("target_class", data_type::INT64, Some(&[batch, k_dim])),
@@ -595,17 +813,32 @@ pub fn augment(
     let [height, width] = plain.input_size;
     let labels: Vec<String> = (0..class_count).map(|c| c.to_string()).collect();
     let metadata = [
-        ("contract_version", crate::model::CONTRACT_VERSION.to_owned()),
-        ("labels", serde_json::to_string(&labels).expect("strings serialize")),
+        (
+            "contract_version",
+            crate::model::CONTRACT_VERSION.to_owned(),
+        ),
+        (
+            "labels",
+            serde_json::to_string(&labels).expect("strings serialize"),
+        ),
         ("input_size", format!("[{height}, {width}]")),
         ("preprocess", IMAGENET_PREPROCESS.to_owned()),
         ("target_layer", spec.target.clone()),
-        ("source", format!("plain ONNX classifier; head {} differentiated by camserve", head_ops.join(" "))),
+        (
+            "source",
+            format!(
+                "plain ONNX classifier; head {} differentiated by camserve",
+                head_ops.join(" ")
+            ),
+        ),
     ];
     for (key, value) in metadata {
         let key = format!("camserve.{key}");
         if !plain.model.metadata_props.iter().any(|p| p.key == key) {
-            plain.model.metadata_props.push(StringStringEntryProto { key, value });
+            plain
+                .model
+                .metadata_props
+                .push(StringStringEntryProto { key, value });
         }
     }
     let model = plain.model.encode_bytes();
@@ -657,16 +890,24 @@ mod tests {
 
     #[test]
     fn rename_reaches_subgraphs() {
-        let mut inner = GraphProto { node: vec![node("Relu", &["x"], &["z"])], ..Default::default() };
+        let mut inner = GraphProto {
+            node: vec![node("Relu", &["x"], &["z"])],
+            ..Default::default()
+        };
         let mut outer = GraphProto {
             node: vec![node("Identity", &["x"], &["y"])],
             input: vec![ValueInfoProto::tensor("x", data_type::FLOAT, None)],
             ..Default::default()
         };
-        outer.node[0].attribute.push(Attr::Graph(std::mem::take(&mut inner)).into_proto("body"));
+        outer.node[0]
+            .attribute
+            .push(Attr::Graph(std::mem::take(&mut inner)).into_proto("body"));
         rename(&mut outer, "x", "input");
         assert_eq!(outer.node[0].input, ["input"]);
         assert_eq!(outer.input[0].name, "input");
-        assert_eq!(outer.node[0].attribute[0].g.as_ref().unwrap().node[0].input, ["input"]);
+        assert_eq!(
+            outer.node[0].attribute[0].g.as_ref().unwrap().node[0].input,
+            ["input"]
+        );
     }
 }

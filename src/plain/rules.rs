@@ -8,12 +8,54 @@ use super::emit::Writer;
 use super::proto::{Attr, NodeProto, data_type};
 
 /// Ops with a backward rule. Anything else in a head is refused at load, by name.
-pub const SUPPORTED: [&str; 45] = [
-    "Identity", "Dropout", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Cast", "Expand", "Transpose",
-    "Concat", "Gather", "Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Erf",
-    "Gelu", "Exp", "Neg", "Sqrt", "Softmax", "LogSoftmax", "Add", "Sub", "Mul", "Div", "Pow", "Gemm", "MatMul",
-    "BatchNormalization", "LayerNormalization", "ReduceMean", "ReduceSum", "GlobalAveragePool",
-    "GlobalMaxPool", "AveragePool", "MaxPool", "Conv", "Abs", "Max", "Min", "Sum",
+pub const SUPPORTED: [&str; 47] = [
+    "Identity",
+    "Dropout",
+    "Flatten",
+    "Reshape",
+    "Squeeze",
+    "Unsqueeze",
+    "Cast",
+    "Expand",
+    "Transpose",
+    "Concat",
+    "Gather",
+    "Relu",
+    "LeakyRelu",
+    "Clip",
+    "Sigmoid",
+    "Tanh",
+    "HardSigmoid",
+    "HardSwish",
+    "Erf",
+    "Gelu",
+    "Exp",
+    "Neg",
+    "Sqrt",
+    "Softmax",
+    "LogSoftmax",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "Gemm",
+    "MatMul",
+    "BatchNormalization",
+    "LayerNormalization",
+    "ReduceMean",
+    "ReduceSum",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "AveragePool",
+    "MaxPool",
+    "Conv",
+    "Abs",
+    "Max",
+    "Min",
+    "Sum",
+    "Slice",
+    "Split",
 ];
 
 /// What a tensor of the head looks like at the model's input size: dims (None where it follows the batch
@@ -62,7 +104,9 @@ impl Context<'_> {
     fn spatial(&self, name: &str) -> Result<Vec<i64>, String> {
         self.dims(name)?[2..]
             .iter()
-            .map(|d| d.ok_or_else(|| format!("`{name}` has a spatial size that changes with the batch")))
+            .map(|d| {
+                d.ok_or_else(|| format!("`{name}` has a spatial size that changes with the batch"))
+            })
             .collect()
     }
 
@@ -77,14 +121,21 @@ impl Context<'_> {
 /// Gradients of a node's inputs, by input name.
 pub type InputGradients = Vec<(String, String)>;
 
-/// The backward of `node`, whose first output has gradient `g`; only inputs in `need` get one.
+/// The backward of `node` given the gradients of its outputs (None: the output does not reach the scores); only
+/// inputs in `need` get one. Split is the one op whose every output matters; the rest use the first.
 pub fn backward(
     c: &Context,
     w: &mut Writer,
     node: &NodeProto,
-    g: &str,
+    output_grads: &[Option<String>],
     need: &HashSet<String>,
 ) -> Result<InputGradients, String> {
+    if node.op_type == "Split" {
+        return split(c, w, node, output_grads);
+    }
+    let Some(g) = output_grads[0].as_deref() else {
+        return Ok(Vec::new());
+    };
     let x = node.input[0].as_str();
     let y = node.output[0].as_str();
     let one = |grad: String| Ok(vec![(x.to_owned(), grad)]);
@@ -98,7 +149,9 @@ pub fn backward(
         "Expand" => one(unbroadcast(c, w, g, x, y)?),
         "Transpose" => {
             let rank = c.rank(x)?;
-            let perm = node.ints("perm").unwrap_or_else(|| (0..rank).rev().collect());
+            let perm = node
+                .ints("perm")
+                .unwrap_or_else(|| (0..rank).rev().collect());
             let mut inverse = vec![0; perm.len()];
             for (i, &p) in perm.iter().enumerate() {
                 inverse[p as usize] = i as i64;
@@ -290,12 +343,19 @@ pub fn backward(
             // All of each plane's gradient goes to its first maximum, as PyTorch's does.
             let flat_shape = w.ints(&[0, 0, -1]);
             let flat = w.op("Reshape", &[x, &flat_shape], vec![]);
-            let index = w.op("ArgMax", &[&flat], vec![("axis", Attr::Int(2)), ("keepdims", Attr::Int(1))]);
+            let index = w.op(
+                "ArgMax",
+                &[&flat],
+                vec![("axis", Attr::Int(2)), ("keepdims", Attr::Int(1))],
+            );
             let shape = w.shape(&flat);
             let zeros = w.op("ConstantOfShape", &[&shape], vec![]);
             let g_flat = w.op("Reshape", &[g, &flat_shape], vec![]);
-            let scattered =
-                w.op("ScatterElements", &[&zeros, &index, &g_flat], vec![("axis", Attr::Int(2))]);
+            let scattered = w.op(
+                "ScatterElements",
+                &[&zeros, &index, &g_flat],
+                vec![("axis", Attr::Int(2))],
+            );
             one(w.reshape_like(&scattered, x))
         }
         "Conv" => conv(c, w, node, g, need),
@@ -314,7 +374,10 @@ pub fn backward(
                 let size = w.op("Gather", &[&shape, &at], vec![("axis", Attr::Int(0))]);
                 let end = w.op("Add", &[&start, &size], vec![]);
                 if need.contains(input) {
-                    grads.push((input.clone(), w.op("Slice", &[g, &start, &end, &axes], vec![])));
+                    grads.push((
+                        input.clone(),
+                        w.op("Slice", &[g, &start, &end, &axes], vec![]),
+                    ));
                 }
                 start = end;
             }
@@ -341,12 +404,68 @@ pub fn backward(
             };
             one(w.op("ScatterND", &[&zeros, &indices, g], reduction))
         }
+        "Slice" => {
+            // The positions the slice took, as indices into the flattened input: the same Slice of an iota.
+            let shape = w.shape(x);
+            let total = w.reduce("ReduceProd", &shape, &[0], false);
+            let (zero, one_) = (w.int(0), w.int(1));
+            let iota = w.op("Range", &[&zero, &total, &one_], vec![]);
+            let positions = w.op("Reshape", &[&iota, &shape], vec![]);
+            let mut inputs: Vec<&str> = node.input.iter().map(String::as_str).collect();
+            inputs[0] = &positions;
+            let taken = w.op("Slice", &inputs, vec![]);
+            let flat = w.ints(&[-1]);
+            let taken = w.op("Reshape", &[&taken, &flat], vec![]);
+            let flat_g = w.op("Reshape", &[g, &flat], vec![]);
+            let total = w.op("Reshape", &[&total, &flat], vec![]);
+            let zeros = w.op("ConstantOfShape", &[&total], vec![]);
+            let scattered = w.op(
+                "ScatterElements",
+                &[&zeros, &taken, &flat_g],
+                vec![("axis", Attr::Int(0))],
+            );
+            one(w.op("Reshape", &[&scattered, &shape], vec![]))
+        }
         other => Err(format!("no backward rule for {other}")),
     }
 }
 
+/// The pieces' gradients side by side again; a piece that does not reach the scores contributes zeros.
+fn split(
+    c: &Context,
+    w: &mut Writer,
+    node: &NodeProto,
+    output_grads: &[Option<String>],
+) -> Result<InputGradients, String> {
+    let x = node.input[0].as_str();
+    let rank = c.rank(x)?;
+    let axis = node.int("axis").unwrap_or(0);
+    let axis = if axis < 0 { axis + rank } else { axis };
+    let mut pieces = Vec::new();
+    for (output, grad) in node.output.iter().zip(output_grads) {
+        pieces.push(match grad {
+            Some(g) => g.clone(),
+            None => {
+                let shape = w.shape(output);
+                w.op("ConstantOfShape", &[&shape], vec![])
+            }
+        });
+    }
+    let pieces: Vec<&str> = pieces.iter().map(String::as_str).collect();
+    Ok(vec![(
+        x.to_owned(),
+        w.op("Concat", &pieces, vec![("axis", Attr::Int(axis))]),
+    )])
+}
+
 /// `g` where x > threshold, else `otherwise` (zero when None).
-fn pass_where_greater(w: &mut Writer, g: &str, x: &str, threshold: f32, otherwise: Option<&str>) -> String {
+fn pass_where_greater(
+    w: &mut Writer,
+    g: &str,
+    x: &str,
+    threshold: f32,
+    otherwise: Option<&str>,
+) -> String {
     let t = w.float(threshold);
     let above = w.op("Greater", &[x, &t], vec![]);
     let otherwise = match otherwise {
@@ -363,7 +482,14 @@ fn unbroadcast(c: &Context, w: &mut Writer, g: &str, x: &str, y: &str) -> Result
 }
 
 /// `unbroadcast` for a `g` of dims `dy` (named `y` in messages).
-fn unbroadcast_dims(c: &Context, w: &mut Writer, g: &str, x: &str, dy: &[Option<i64>], y: &str) -> Result<String, String> {
+fn unbroadcast_dims(
+    c: &Context,
+    w: &mut Writer,
+    g: &str,
+    x: &str,
+    dy: &[Option<i64>],
+    y: &str,
+) -> Result<String, String> {
     let dx = c.dims(x)?;
     if dx == dy {
         return Ok(g.to_owned());
@@ -430,14 +556,24 @@ fn gelu(w: &mut Writer, node: &NodeProto, g: &str) -> Result<InputGradients, Str
     Ok(vec![(x.to_owned(), w.op("Mul", &[g, &d], vec![]))])
 }
 
-fn gemm(c: &Context, w: &mut Writer, node: &NodeProto, g: &str, need: &HashSet<String>) -> Result<InputGradients, String> {
+fn gemm(
+    c: &Context,
+    w: &mut Writer,
+    node: &NodeProto,
+    g: &str,
+    need: &HashSet<String>,
+) -> Result<InputGradients, String> {
     let alpha = node.float("alpha").unwrap_or(1.0);
     let beta = node.float("beta").unwrap_or(1.0);
     let trans_a = node.int("transA").unwrap_or(0);
     let trans_b = node.int("transB").unwrap_or(0);
     let (a, b) = (node.input[0].as_str(), node.input[1].as_str());
     let attrs = |ta: i64, tb: i64| {
-        vec![("alpha", Attr::Float(alpha)), ("transA", Attr::Int(ta)), ("transB", Attr::Int(tb))]
+        vec![
+            ("alpha", Attr::Float(alpha)),
+            ("transA", Attr::Int(ta)),
+            ("transB", Attr::Int(tb)),
+        ]
     };
     let mut grads = Vec::new();
     if need.contains(a) {
@@ -464,12 +600,21 @@ fn gemm(c: &Context, w: &mut Writer, node: &NodeProto, g: &str, need: &HashSet<S
             let k = w.float(beta);
             w.op("Mul", &[g, &k], vec![])
         };
-        grads.push((bias.clone(), unbroadcast(c, w, &scaled, bias, &node.output[0])?));
+        grads.push((
+            bias.clone(),
+            unbroadcast(c, w, &scaled, bias, &node.output[0])?,
+        ));
     }
     Ok(grads)
 }
 
-fn matmul(c: &Context, w: &mut Writer, node: &NodeProto, g: &str, need: &HashSet<String>) -> Result<InputGradients, String> {
+fn matmul(
+    c: &Context,
+    w: &mut Writer,
+    node: &NodeProto,
+    g: &str,
+    need: &HashSet<String>,
+) -> Result<InputGradients, String> {
     let (a, b) = (node.input[0].as_str(), node.input[1].as_str());
     let y = node.output[0].as_str();
     let (rank_a, rank_b) = (c.rank(a)?, c.rank(b)?);
@@ -504,7 +649,12 @@ fn matmul(c: &Context, w: &mut Writer, node: &NodeProto, g: &str, need: &HashSet
     Ok(grads)
 }
 
-fn layer_norm(c: &Context, w: &mut Writer, node: &NodeProto, g: &str) -> Result<InputGradients, String> {
+fn layer_norm(
+    c: &Context,
+    w: &mut Writer,
+    node: &NodeProto,
+    g: &str,
+) -> Result<InputGradients, String> {
     let (x, scale) = (node.input[0].as_str(), node.input[1].as_str());
     let rank = c.rank(x)?;
     let axis = node.int("axis").unwrap_or(-1);
@@ -524,7 +674,10 @@ fn layer_norm(c: &Context, w: &mut Writer, node: &NodeProto, g: &str) -> Result<
     let t1 = w.op("Sub", &[&gs, &m1], vec![]);
     let t2 = w.op("Mul", &[&xhat, &m2], vec![]);
     let inner = w.op("Sub", &[&t1, &t2], vec![]);
-    Ok(vec![(x.to_owned(), w.op("Mul", &[inv_std, &inner], vec![]))])
+    Ok(vec![(
+        x.to_owned(),
+        w.op("Mul", &[inv_std, &inner], vec![]),
+    )])
 }
 
 fn softmax_axes(c: &Context, opset: i64, node: &NodeProto) -> Result<Vec<i64>, String> {
@@ -538,13 +691,25 @@ fn softmax_axes(c: &Context, opset: i64, node: &NodeProto) -> Result<Vec<i64>, S
     }
 }
 
-fn reduce(c: &Context, w: &mut Writer, node: &NodeProto, g: &str) -> Result<InputGradients, String> {
+fn reduce(
+    c: &Context,
+    w: &mut Writer,
+    node: &NodeProto,
+    g: &str,
+) -> Result<InputGradients, String> {
     let x = node.input[0].as_str();
     let rank = c.rank(x)?;
     let keepdims = node.int("keepdims").unwrap_or(1) != 0;
-    let mut axes: Vec<i64> = match (node.ints("axes"), node.input.get(1).filter(|i| !i.is_empty())) {
+    let mut axes: Vec<i64> = match (
+        node.ints("axes"),
+        node.input.get(1).filter(|i| !i.is_empty()),
+    ) {
         (Some(axes), _) => axes,
-        (None, Some(input)) => c.constant(input, "the axes")?.iter().map(|&v| v as i64).collect(),
+        (None, Some(input)) => c
+            .constant(input, "the axes")?
+            .iter()
+            .map(|&v| v as i64)
+            .collect(),
         (None, None) => Vec::new(),
     };
     if axes.is_empty() {
@@ -553,9 +718,16 @@ fn reduce(c: &Context, w: &mut Writer, node: &NodeProto, g: &str) -> Result<Inpu
         }
         axes = (0..rank).collect();
     }
-    let mut axes: Vec<i64> = axes.iter().map(|&a| if a < 0 { a + rank } else { a }).collect();
+    let mut axes: Vec<i64> = axes
+        .iter()
+        .map(|&a| if a < 0 { a + rank } else { a })
+        .collect();
     axes.sort_unstable();
-    let g = if keepdims { g.to_owned() } else { w.unsqueeze(g, &axes) };
+    let g = if keepdims {
+        g.to_owned()
+    } else {
+        w.unsqueeze(g, &axes)
+    };
     let shape = w.shape(x);
     let spread = w.op("Expand", &[&g, &shape], vec![]);
     if node.op_type == "ReduceSum" {
@@ -564,7 +736,10 @@ fn reduce(c: &Context, w: &mut Writer, node: &NodeProto, g: &str) -> Result<Inpu
     let picked = w.ints(&axes);
     let sizes = w.op("Gather", &[&shape, &picked], vec![("axis", Attr::Int(0))]);
     let count = w.count(&sizes);
-    Ok(vec![(x.to_owned(), w.op("Div", &[&spread, &count], vec![]))])
+    Ok(vec![(
+        x.to_owned(),
+        w.op("Div", &[&spread, &count], vec![]),
+    )])
 }
 
 /// Kernel, strides, dilations and explicit pads [begins..., ends...] of a Conv or pooling node.
@@ -592,7 +767,11 @@ fn window(c: &Context, node: &NodeProto, kernel: Vec<i64>) -> Result<Window, Str
                 let out = (size + s - 1) / s;
                 let total = ((out - 1) * s + (k - 1) * d + 1 - size).max(0);
                 let small = total / 2;
-                let begin = if auto_pad == "SAME_UPPER" { small } else { total - small };
+                let begin = if auto_pad == "SAME_UPPER" {
+                    small
+                } else {
+                    total - small
+                };
                 begins.push(begin);
                 ends.push(total - begin);
             }
@@ -601,7 +780,12 @@ fn window(c: &Context, node: &NodeProto, kernel: Vec<i64>) -> Result<Window, Str
         }
         other => return Err(format!("auto_pad {other}")),
     };
-    Ok(Window { kernel, strides, dilations, pads })
+    Ok(Window {
+        kernel,
+        strides,
+        dilations,
+        pads,
+    })
 }
 
 impl Window {
@@ -623,7 +807,9 @@ impl Window {
             .zip(self.strides.iter().zip(&self.dilations))
             .any(|(&p, (&s, &d))| p < 0 || p >= s.max(d))
         {
-            return Err(format!("a window whose transpose needs output_padding {padding:?}"));
+            return Err(format!(
+                "a window whose transpose needs output_padding {padding:?}"
+            ));
         }
         Ok(padding)
     }
@@ -640,7 +826,13 @@ impl Window {
 }
 
 /// The gradient of a convolution with respect to its input is the transposed convolution with the same weights.
-fn conv(c: &Context, w: &mut Writer, node: &NodeProto, g: &str, need: &HashSet<String>) -> Result<InputGradients, String> {
+fn conv(
+    c: &Context,
+    w: &mut Writer,
+    node: &NodeProto,
+    g: &str,
+    need: &HashSet<String>,
+) -> Result<InputGradients, String> {
     let (x, weights) = (node.input[0].as_str(), node.input[1].as_str());
     if need.contains(weights) {
         return Err("Conv whose weights depend on the target".into());
@@ -653,34 +845,49 @@ fn conv(c: &Context, w: &mut Writer, node: &NodeProto, g: &str, need: &HashSet<S
     let padding = window.output_padding(c, x, &node.output[0])?;
     let mut attrs = window.attrs(padding);
     attrs.push(("group", Attr::Int(node.int("group").unwrap_or(1))));
-    Ok(vec![(x.to_owned(), w.op("ConvTranspose", &[g, weights], attrs))])
+    Ok(vec![(
+        x.to_owned(),
+        w.op("ConvTranspose", &[g, weights], attrs),
+    )])
 }
 
-fn average_pool(c: &Context, w: &mut Writer, node: &NodeProto, g: &str) -> Result<InputGradients, String> {
+fn average_pool(
+    c: &Context,
+    w: &mut Writer,
+    node: &NodeProto,
+    g: &str,
+) -> Result<InputGradients, String> {
     let x = node.input[0].as_str();
     if node.int("ceil_mode").unwrap_or(0) != 0 {
         return Err("AveragePool with ceil_mode=1".into());
     }
     let window = window(c, node, node.ints("kernel_shape").unwrap_or_default())?;
-    let ones_kernel: Vec<i64> = [1, 1].into_iter().chain(window.kernel.iter().copied()).collect();
+    let ones_kernel: Vec<i64> = [1, 1]
+        .into_iter()
+        .chain(window.kernel.iter().copied())
+        .collect();
     let kernel_size: i64 = window.kernel.iter().product();
     let ones = w.floats(&ones_kernel, &vec![1.0; kernel_size as usize]);
-    let counted = if node.int("count_include_pad").unwrap_or(0) != 0 || window.pads.iter().all(|&p| p == 0) {
-        let k = w.float(kernel_size as f32);
-        w.op("Div", &[g, &k], vec![])
-    } else {
-        // Each window divides by its count of real (not padding) pixels: a sum-pool of an all-ones image.
-        let sizes = c.spatial(x)?;
-        let image_dims: Vec<i64> = [1, 1].into_iter().chain(sizes.iter().copied()).collect();
-        let image = w.floats(&image_dims, &vec![1.0; sizes.iter().product::<i64>() as usize]);
-        let attrs = vec![
-            ("kernel_shape", Attr::Ints(window.kernel.clone())),
-            ("strides", Attr::Ints(window.strides.clone())),
-            ("pads", Attr::Ints(window.pads.clone())),
-        ];
-        let counts = w.op("Conv", &[&image, &ones], attrs);
-        w.op("Div", &[g, &counts], vec![])
-    };
+    let counted =
+        if node.int("count_include_pad").unwrap_or(0) != 0 || window.pads.iter().all(|&p| p == 0) {
+            let k = w.float(kernel_size as f32);
+            w.op("Div", &[g, &k], vec![])
+        } else {
+            // Each window divides by its count of real (not padding) pixels: a sum-pool of an all-ones image.
+            let sizes = c.spatial(x)?;
+            let image_dims: Vec<i64> = [1, 1].into_iter().chain(sizes.iter().copied()).collect();
+            let image = w.floats(
+                &image_dims,
+                &vec![1.0; sizes.iter().product::<i64>() as usize],
+            );
+            let attrs = vec![
+                ("kernel_shape", Attr::Ints(window.kernel.clone())),
+                ("strides", Attr::Ints(window.strides.clone())),
+                ("pads", Attr::Ints(window.pads.clone())),
+            ];
+            let counts = w.op("Conv", &[&image, &ones], attrs);
+            w.op("Div", &[g, &counts], vec![])
+        };
     // One [1,1,k] kernel serves every channel: fold the channels into the batch.
     let padding = window.output_padding(c, x, &node.output[0])?;
     let spatial = w.shape_from(&counted, 2);
@@ -692,7 +899,12 @@ fn average_pool(c: &Context, w: &mut Writer, node: &NodeProto, g: &str) -> Resul
 }
 
 /// Each output's gradient goes to the input pixel its Indices output names (indices into the flattened input).
-fn max_pool(c: &Context, w: &mut Writer, node: &NodeProto, g: &str) -> Result<InputGradients, String> {
+fn max_pool(
+    c: &Context,
+    w: &mut Writer,
+    node: &NodeProto,
+    g: &str,
+) -> Result<InputGradients, String> {
     let x = node.input[0].as_str();
     let window = window(c, node, node.ints("kernel_shape").unwrap_or_default())?;
     let indices = c
@@ -708,10 +920,18 @@ fn max_pool(c: &Context, w: &mut Writer, node: &NodeProto, g: &str) -> Result<In
     let overlapping = (0..window.kernel.len())
         .any(|i| window.kernel[i] * window.dilations[i] > window.strides[i]);
     let scattered = if w.opset() >= 16 {
-        w.op("ScatterElements", &[&zeros, &flat_indices, &flat_g], vec![("axis", Attr::Int(0)), ("reduction", Attr::Str("add"))])
+        w.op(
+            "ScatterElements",
+            &[&zeros, &flat_indices, &flat_g],
+            vec![("axis", Attr::Int(0)), ("reduction", Attr::Str("add"))],
+        )
     } else if !overlapping {
         // Disjoint windows: every index appears once, so a plain scatter is exact.
-        w.op("ScatterElements", &[&zeros, &flat_indices, &flat_g], vec![("axis", Attr::Int(0))])
+        w.op(
+            "ScatterElements",
+            &[&zeros, &flat_indices, &flat_g],
+            vec![("axis", Attr::Int(0))],
+        )
     } else {
         // No scatter-add before opset 16: sum one-hot rows per (n, c) plane, [NC,1,P] x [NC,P,HW].
         let area = w.shape_from(x, 2);
@@ -720,7 +940,11 @@ fn max_pool(c: &Context, w: &mut Writer, node: &NodeProto, g: &str) -> Result<In
         let planes = w.op("Reshape", &[indices, &plane_shape], vec![]);
         let local = w.op("Mod", &[&planes, &area], vec![]);
         let values = w.floats(&[2], &[0.0, 1.0]);
-        let one_hot = w.op("OneHot", &[&local, &area, &values], vec![("axis", Attr::Int(-1))]);
+        let one_hot = w.op(
+            "OneHot",
+            &[&local, &area, &values],
+            vec![("axis", Attr::Int(-1))],
+        );
         let g_planes = w.op("Reshape", &[g, &plane_shape], vec![]);
         let g_rows = w.unsqueeze(&g_planes, &[2]);
         let summed = w.op("MatMul", &[&g_rows, &one_hot], vec![]);
