@@ -111,6 +111,23 @@ def pytorch_grad_cam(photo: Path, threads: int, iterations: int) -> dict | None:
     return json.loads(out.splitlines()[-1])
 
 
+def plain_classifiers(workdir: Path, threads: int, iterations: int) -> list[dict] | None:
+    """Augmenting plain classifiers (camserve's own head autodiff): the augmented Run against the plain one."""
+    probe = subprocess.run([VENV_PYTHON, "-c", "import torch, torchvision, camserve_export"],
+                           capture_output=True) if VENV_PYTHON.exists() else None
+    if probe is None or probe.returncode != 0:
+        return None
+    exported = subprocess.run([VENV_PYTHON, ROOT / "bench/plain_models.py", workdir], check=True,
+                              capture_output=True, text=True).stdout
+    results = []
+    for line in exported.splitlines():
+        model = json.loads(line)
+        out = subprocess.run([RELEASE / "examples/bench_ort", "plain", ORT_LIBRARY, model["file"], model["target"],
+                              str(threads), str(iterations)], check=True, capture_output=True, text=True).stdout
+        results.append({"arch": model["arch"], **json.loads(out)})
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=2)
@@ -168,6 +185,7 @@ def main() -> None:
         finally:
             split.stop()
         results["pytorch_grad_cam"] = pytorch_grad_cam(small, args.threads, n(100))
+        results["plain"] = plain_classifiers(workdir, args.threads, n(200))
 
     out = ROOT / "target/bench/results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -223,6 +241,12 @@ def table(r: dict) -> str:
                      f"{pgc['median_ms'] / r['single']['p50_ms']:.1f}x camserve's time", "several x"))
     else:
         rows.append(("pytorch-grad-cam", "not measured: run `make venv` first", "", ""))
+    for p in r["plain"] or []:
+        rows.append((f"plain {p['arch']} 224 px (head {' '.join(p['head'])}): augmented vs plain Run",
+                     f"{p['augmented_ms']:.2f} vs {p['plain_ms']:.2f} ms; augmenting {p['augment_ms']:.0f} ms "
+                     f"(shape probe {p['probe_ms']:.0f}, graph {p['edit_ms']:.1f})", f"{p['ratio']:.2f}x", "<= 1.2x"))
+    if r["plain"] is None:
+        rows.append(("plain classifiers", "not measured: run `make venv` first", "", ""))
     lines = [f"machine: {r['machine']}; ONNX Runtime threads: {r['threads']}" + (" (QUICK: not a measurement)"
                                                                                   if r["quick"] else ""),
              "", "| what | measured | ratio | target |", "|---|---|---|---|"]

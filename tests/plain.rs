@@ -440,3 +440,53 @@ fn a_model_read_and_written_again_runs_identically() {
     assert_eq!(a, b);
     assert_eq!(a.3[1], 4);
 }
+
+/// Many exporters fix the batch dimension at 1; camserve frees it, so batched requests work on such a file too.
+#[test]
+fn a_file_with_a_fixed_batch_of_one_serves_batches() {
+    use plain::proto::{DimensionValue, ModelProto, TypeValue};
+    let zoo = zoo();
+    let case = zoo
+        .cases
+        .iter()
+        .find(|c| c.model == "resnet_legacy_op11.onnx")
+        .unwrap();
+    let mut model = ModelProto::decode_bytes(&std::fs::read(file(&case.model)).unwrap()).unwrap();
+    let graph = model.graph.as_mut().unwrap();
+    for info in graph.input.iter_mut().chain(&mut graph.output) {
+        let Some(TypeValue::TensorType(t)) = info.r#type.as_mut().unwrap().value.as_mut() else {
+            panic!()
+        };
+        t.shape.as_mut().unwrap().dim[0].value = Some(DimensionValue::DimValue(1));
+    }
+    let dir = std::env::temp_dir().join(format!("camserve-fixed-batch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fixed = dir.join("fixed.onnx");
+    std::fs::write(&fixed, model.encode_bytes()).unwrap();
+    // The file itself refuses a batch of 2 ...
+    let mut session = Session::builder(&runtime().environment)
+        .unwrap()
+        .commit_from_file(&fixed)
+        .unwrap();
+    let (_, one) = npy(&case.input);
+    let two = [one.clone(), one.clone()].concat();
+    let input_name = session.inputs()[0].name().to_owned();
+    let refused = session.run(ort::inputs![input_name.as_str() => TensorRef::from_array_view(([2, 3, 64, 64], two.as_slice())).unwrap()]);
+    assert!(refused.is_err(), "the fixed file accepted a batch of 2");
+    drop(refused);
+    // ... the augmented one gives each image of a batch its own gradients.
+    let augmented = plain::augment(runtime(), &fixed, &spec(case, false), None).unwrap();
+    let (seed_shape, seeds) = npy(&case.seeds);
+    let (_, _, gradients, _) = run(
+        &augmented.model,
+        &two,
+        case.input_size,
+        &[seeds.clone(), seeds].concat(),
+        seed_shape[1],
+    );
+    let expected = npy(&case.gradients).1;
+    let half = gradients.len() / 2;
+    assert!(common::max_relative_error(&gradients[..half], &expected) < TOLERANCE);
+    assert!(common::max_relative_error(&gradients[half..], &expected) < TOLERANCE);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -333,11 +333,11 @@ pub fn backward(
         }
         "ReduceMean" | "ReduceSum" => reduce(c, w, node, g),
         "GlobalAveragePool" => {
+            let area: i64 = c.spatial(x)?.iter().product();
+            let scale = w.float(1.0 / area as f32);
+            let scaled = w.op("Mul", &[g, &scale], vec![]);
             let shape = w.shape(x);
-            let spread = w.op("Expand", &[g, &shape], vec![]);
-            let area = w.shape_from(x, 2);
-            let area = w.count(&area);
-            one(w.op("Div", &[&spread, &area], vec![]))
+            one(w.op("Expand", &[&scaled, &shape], vec![]))
         }
         "GlobalMaxPool" => {
             // All of each plane's gradient goes to its first maximum, as PyTorch's does.
@@ -723,23 +723,31 @@ fn reduce(
         .map(|&a| if a < 0 { a + rank } else { a })
         .collect();
     axes.sort_unstable();
-    let g = if keepdims {
+    let mut g = if keepdims {
         g.to_owned()
     } else {
         w.unsqueeze(g, &axes)
     };
-    let shape = w.shape(x);
-    let spread = w.op("Expand", &[&g, &shape], vec![]);
-    if node.op_type == "ReduceSum" {
-        return Ok(vec![(x.to_owned(), spread)]);
+    if node.op_type == "ReduceMean" {
+        // The mean's count: fixed unless the batch axis is reduced.
+        let dims = c.dims(x)?;
+        let count: Option<i64> = axes.iter().map(|&a| dims[a as usize]).product();
+        g = match count {
+            Some(count) => {
+                let scale = w.float(1.0 / count as f32);
+                w.op("Mul", &[&g, &scale], vec![])
+            }
+            None => {
+                let shape = w.shape(x);
+                let picked = w.ints(&axes);
+                let sizes = w.op("Gather", &[&shape, &picked], vec![("axis", Attr::Int(0))]);
+                let count = w.count(&sizes);
+                w.op("Div", &[&g, &count], vec![])
+            }
+        };
     }
-    let picked = w.ints(&axes);
-    let sizes = w.op("Gather", &[&shape, &picked], vec![("axis", Attr::Int(0))]);
-    let count = w.count(&sizes);
-    Ok(vec![(
-        x.to_owned(),
-        w.op("Div", &[&spread, &count], vec![]),
-    )])
+    let shape = w.shape(x);
+    Ok(vec![(x.to_owned(), w.op("Expand", &[&g, &shape], vec![]))])
 }
 
 /// Kernel, strides, dilations and explicit pads [begins..., ends...] of a Conv or pooling node.
