@@ -5,7 +5,7 @@
 //!     prints one JSON object per line: {"batch", "k", "median_ms", "p99_ms", "images_per_s"}
 //! bench_ort plain ORT_LIBRARY PLAIN_MODEL TARGET THREADS ITERATIONS
 //!     a plain classifier (`camserve::plain`): how long augmenting takes, and its Run against the augmented
-//!     model's (batch 1, top-1), alternated: one JSON object
+//!     model's (batch 1, top-1), in alternating blocks: one JSON object
 //! bench_ort inputs PHOTO.png DIR
 //!     writes the benchmark's request bodies: photo_224.jpg and photo_4000x3000.jpg
 
@@ -140,20 +140,28 @@ fn plain_runs(
         .map(|i| ((i % 97) as f32 / 48.0) - 1.0)
         .collect();
     let seeds = vec![0.0f32; classes];
+    // Blocks of 20 Runs of each, alternated: a session's idle threads spin for a while after a Run, and would
+    // slow the other session's next Run if they took turns every Run (camserve has one session per model).
     let (mut plain_times, mut contract_times) = (Vec::new(), Vec::new());
-    for i in 0..iterations + 5 {
-        let started = Instant::now();
-        drop(plain.run(ort::inputs![
-            input_name.as_str() => TensorRef::from_array_view(([1, 3, height, width], input.as_slice()))?,
-        ])?);
-        let middle = Instant::now();
-        drop(contract.run(ort::inputs![
-            "input" => TensorRef::from_array_view(([1, 3, height, width], input.as_slice()))?,
-            "class_weights" => TensorRef::from_array_view(([1, 1, classes], seeds.as_slice()))?,
-        ])?);
-        if i >= 5 {
-            plain_times.push((middle - started).as_secs_f64() * 1e3);
-            contract_times.push(middle.elapsed().as_secs_f64() * 1e3);
+    for block in 0..iterations.div_ceil(20) + 1 {
+        for _ in 0..20 {
+            let started = Instant::now();
+            drop(plain.run(ort::inputs![
+                input_name.as_str() => TensorRef::from_array_view(([1, 3, height, width], input.as_slice()))?,
+            ])?);
+            if block > 0 {
+                plain_times.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        for _ in 0..20 {
+            let started = Instant::now();
+            drop(contract.run(ort::inputs![
+                "input" => TensorRef::from_array_view(([1, 3, height, width], input.as_slice()))?,
+                "class_weights" => TensorRef::from_array_view(([1, 1, classes], seeds.as_slice()))?,
+            ])?);
+            if block > 0 {
+                contract_times.push(started.elapsed().as_secs_f64() * 1e3);
+            }
         }
     }
     let median = |times: &mut Vec<f64>| {

@@ -685,7 +685,6 @@ pub fn augment(
         .ok_or("no gradient reached the target")?
         .clone();
     let condition_out = w.op("Identity", &[&condition], vec![]);
-    let grad_out = w.op("Identity", &[&target_grad], vec![]);
     let backward_nodes = w.e.nodes.len();
     let body_graph = GraphProto {
         name: "camserve_backward".into(),
@@ -696,7 +695,7 @@ pub fn augment(
         ],
         output: vec![
             ValueInfoProto::tensor(&condition_out, data_type::BOOL, Some(&[])),
-            ValueInfoProto::tensor(&grad_out, data_type::FLOAT, None),
+            ValueInfoProto::tensor(&target_grad, data_type::FLOAT, None),
         ],
         ..Default::default()
     };
@@ -708,6 +707,10 @@ pub fn augment(
         taken: &mut taken,
     };
     let scores = plain.output.as_str();
+    let class_count = shapes
+        .get(scores)
+        .and_then(|i| *i.dims.last()?)
+        .ok_or("the scores' class count is unknown")?;
     let weights_shape = o.shape("class_weights");
     let (one, two) = (o.ints(&[1]), o.ints(&[2]));
     let k = o.op("Slice", &[&weights_shape, &one, &two], vec![]);
@@ -721,11 +724,10 @@ pub fn augment(
             ("sorted", Attr::Int(1)),
         ],
     );
-    let magnitude = o.op("Abs", &["class_weights"], vec![]);
-    let row_sums = o.reduce("ReduceSum", &magnitude, &[2], false);
+    let row_sums = o.reduce("ReduceL1", "class_weights", &[2], false);
     let zero = o.float(0.0);
     let empty = o.op("Equal", &[&row_sums, &zero], vec![]);
-    let classes = o.shape_from(scores, -1);
+    let classes = o.ints(&[class_count]);
     let one_hot_values = o.floats(&[2], &[0.0, 1.0]);
     let one_hot = o.op(
         "OneHot",
@@ -764,18 +766,12 @@ pub fn augment(
         &["gradients".into()],
         vec![("perm", Attr::Ints(vec![1, 0, 2, 3, 4]))],
     );
-    o.node("Identity", &[scores], &["logits".into()], vec![]);
-    o.node("Identity", &[&target], &["activations".into()], vec![]);
 
-    let class_count = shapes
-        .get(scores)
-        .and_then(|i| *i.dims.last()?)
-        .ok_or("the scores' class count is unknown")?;
     let batch = Dim::Named("N".into());
     let k_dim = Dim::Named("K".into());
     let target_dims: Vec<Dim> = target_info.dims[1..]
         .iter()
-        .map(|d| Dim::Fixed(d.unwrap_or(-1)))
+        .map(|d| d.map_or(Dim::Named("batch".into()), Dim::Fixed))
         .collect();
     let activation_dims: Vec<Dim> = [batch.clone()]
         .into_iter()
@@ -808,6 +804,9 @@ pub fn augment(
         ValueInfoProto::tensor("gradients", data_type::FLOAT, Some(&gradient_dims)),
         ValueInfoProto::tensor("target_class", data_type::INT64, Some(&[batch, k_dim])),
     ];
+    // The scores and the target become the contract's outputs by name (no copies).
+    rename(graph, &plain.output, "logits");
+    rename(graph, &target, "activations");
     free_batch(graph, "input");
 
     let [height, width] = plain.input_size;

@@ -333,11 +333,8 @@ pub fn backward(
         }
         "ReduceMean" | "ReduceSum" => reduce(c, w, node, g),
         "GlobalAveragePool" => {
-            let area: i64 = c.spatial(x)?.iter().product();
-            let scale = w.float(1.0 / area as f32);
-            let scaled = w.op("Mul", &[g, &scale], vec![]);
-            let shape = w.shape(x);
-            one(w.op("Expand", &[&scaled, &shape], vec![]))
+            let spatial: Vec<i64> = (2..c.rank(x)?).collect();
+            one(spread_over(c, w, g, x, &spatial, true)?)
         }
         "GlobalMaxPool" => {
             // All of each plane's gradient goes to its first maximum, as PyTorch's does.
@@ -723,31 +720,48 @@ fn reduce(
         .map(|&a| if a < 0 { a + rank } else { a })
         .collect();
     axes.sort_unstable();
-    let mut g = if keepdims {
+    let g = if keepdims {
         g.to_owned()
     } else {
         w.unsqueeze(g, &axes)
     };
-    if node.op_type == "ReduceMean" {
-        // The mean's count: fixed unless the batch axis is reduced.
-        let dims = c.dims(x)?;
-        let count: Option<i64> = axes.iter().map(|&a| dims[a as usize]).product();
-        g = match count {
-            Some(count) => {
-                let scale = w.float(1.0 / count as f32);
-                w.op("Mul", &[&g, &scale], vec![])
-            }
-            None => {
-                let shape = w.shape(x);
-                let picked = w.ints(&axes);
-                let sizes = w.op("Gather", &[&shape, &picked], vec![("axis", Attr::Int(0))]);
-                let count = w.count(&sizes);
-                w.op("Div", &[&g, &count], vec![])
-            }
-        };
+    Ok(vec![(
+        x.to_owned(),
+        spread_over(c, w, &g, x, &axes, node.op_type == "ReduceMean")?,
+    )])
+}
+
+/// The backward of a sum or mean over `axes`: `g` (size 1 on those axes) spread back over them, divided by their
+/// size for a mean. With the sizes fixed this is one broadcast Mul by a constant; else Expand (and a Div).
+fn spread_over(
+    c: &Context,
+    w: &mut Writer,
+    g: &str,
+    x: &str,
+    axes: &[i64],
+    mean: bool,
+) -> Result<String, String> {
+    let dims = c.dims(x)?;
+    let sizes: Option<Vec<i64>> = axes.iter().map(|&a| dims[a as usize]).collect();
+    if let Some(sizes) = sizes {
+        let count: i64 = sizes.iter().product();
+        let mut shape = vec![1; dims.len()];
+        for (&a, &size) in axes.iter().zip(&sizes) {
+            shape[a as usize] = size;
+        }
+        let value = if mean { 1.0 / count as f32 } else { 1.0 };
+        let spread = w.floats(&shape, &vec![value; count as usize]);
+        return Ok(w.op("Mul", &[g, &spread], vec![]));
     }
     let shape = w.shape(x);
-    Ok(vec![(x.to_owned(), w.op("Expand", &[&g, &shape], vec![]))])
+    let spread = w.op("Expand", &[g, &shape], vec![]);
+    if !mean {
+        return Ok(spread);
+    }
+    let picked = w.ints(axes);
+    let sizes = w.op("Gather", &[&shape, &picked], vec![("axis", Attr::Int(0))]);
+    let count = w.count(&sizes);
+    Ok(w.op("Div", &[&spread, &count], vec![]))
 }
 
 /// Kernel, strides, dilations and explicit pads [begins..., ends...] of a Conv or pooling node.
