@@ -301,3 +301,29 @@ async fn replacing_a_model_gives_its_memory_back() {
         "resident memory grew from {after_one:.0} MiB after one replacement to {after_six:.0} MiB after six"
     );
 }
+
+/// A plain ONNX classifier is registered like any model, with its target; one whose head cannot be
+/// differentiated is refused with 422 `model_refused` naming the op, and the server keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plain_classifier_is_registered_with_its_target() {
+    let server = admin_server().await;
+    let body = json!({
+        "file": "plain/resnet_legacy_op11.onnx",
+        "plain": {"target": "/layer3/layer3.0/relu_1/Relu_output_0"},
+    });
+    let (status, answer) = put(&server, "plain", Some(TOKEN), &body.to_string()).await;
+    assert_eq!(status, 201, "{answer}");
+    let image = std::fs::read(fixture("images/chelsea_64.png")).unwrap();
+    let (status, labels) = explain_labels(&server, "plain", image).await;
+    // The plain file has no labels: class indices; the reference's top class is 9 (tests/fixtures/plain).
+    assert_eq!((status, labels), (200, vec!["9".to_owned()]));
+
+    let body = json!({"file": "plain/refused_lrn.onnx", "plain": {"target": "features"}});
+    let (status, error) = put(&server, "lrn", Some(TOKEN), &body.to_string()).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (422, Some("model_refused"))
+    );
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains("LRN (node `norm1/LRN`)"), "{message}");
+}

@@ -594,7 +594,10 @@ pub fn augment(
     let started = Instant::now();
 
     let graph = graph_mut(&mut plain.model);
-    let target_info = shapes[&target].clone();
+    let target_info = shapes
+        .get(&target)
+        .ok_or_else(|| format!("the target `{target}` is not a tensor"))?
+        .clone();
     if target_info.dims.len() != 4 || !target_info.is_float() {
         return Err(format!(
             "the target `{target}` must be a 4-D float tensor [N,C,h,w]; it has shape {:?}",
@@ -758,7 +761,7 @@ pub fn augment(
         "Loop",
         &[&trips, ""],
         std::slice::from_ref(&stacked),
-        vec![("body", Attr::Graph(body_graph))],
+        vec![("body", Attr::Graph(Box::new(body_graph)))],
     );
     o.node(
         "Transpose",
@@ -900,7 +903,7 @@ mod tests {
         };
         outer.node[0]
             .attribute
-            .push(Attr::Graph(std::mem::take(&mut inner)).into_proto("body"));
+            .push(Attr::Graph(Box::new(std::mem::take(&mut inner))).into_proto("body"));
         rename(&mut outer, "x", "input");
         assert_eq!(outer.node[0].input, ["input"]);
         assert_eq!(outer.input[0].name, "input");

@@ -380,7 +380,7 @@ pub enum Attr {
     Float(f32),
     Ints(Vec<i64>),
     Str(&'static str),
-    Graph(GraphProto),
+    Graph(Box<GraphProto>),
 }
 
 impl Attr {
@@ -394,7 +394,7 @@ impl Attr {
             Attr::Float(f) => (a.r#type, a.f) = (attribute_type::FLOAT, Some(f)),
             Attr::Ints(ints) => (a.r#type, a.ints) = (attribute_type::INTS, ints),
             Attr::Str(s) => (a.r#type, a.s) = (attribute_type::STRING, Some(s.as_bytes().to_vec())),
-            Attr::Graph(g) => (a.r#type, a.g) = (attribute_type::GRAPH, Some(g)),
+            Attr::Graph(g) => (a.r#type, a.g) = (attribute_type::GRAPH, Some(*g)),
         }
         a
     }

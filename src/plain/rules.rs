@@ -102,7 +102,10 @@ impl Context<'_> {
 
     /// The spatial dims (after N and C), which must not depend on the batch size.
     fn spatial(&self, name: &str) -> Result<Vec<i64>, String> {
-        self.dims(name)?[2..]
+        self.dims(name)?
+            .get(2..)
+            .filter(|spatial| !spatial.is_empty())
+            .ok_or_else(|| format!("`{name}` has no spatial dimensions"))?
             .iter()
             .map(|d| {
                 d.ok_or_else(|| format!("`{name}` has a spatial size that changes with the batch"))
@@ -774,6 +777,10 @@ struct Window {
 
 fn window(c: &Context, node: &NodeProto, kernel: Vec<i64>) -> Result<Window, String> {
     let nd = kernel.len();
+    if nd == 0 || c.spatial(&node.input[0])?.len() != nd || c.spatial(&node.output[0])?.len() != nd
+    {
+        return Err(format!("a {nd}-D window over `{}`", node.input[0]));
+    }
     let strides = node.ints("strides").unwrap_or_else(|| vec![1; nd]);
     let dilations = node.ints("dilations").unwrap_or_else(|| vec![1; nd]);
     let auto_pad = node.string("auto_pad").unwrap_or_default();
