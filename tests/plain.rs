@@ -380,7 +380,7 @@ fn a_plain_entry_with_a_bad_target_is_refused_at_load() {
     );
 }
 
-/// `camserve augment` writes a file that is served like any exported contract model: the contract check and the
+/// `camserve targets` lists the target; `camserve augment` writes a file that is served like any exported contract model: the contract check and the
 /// probe of the core accept it, and its maps equal the in-memory augmentation's.
 #[test]
 fn the_augment_command_writes_a_contract_model() {
@@ -399,6 +399,26 @@ fn the_augment_command_writes_a_contract_model() {
         .status()
         .unwrap();
     assert!(status.success());
+    // `camserve targets` lists the target with its shape and head.
+    let listing = std::process::Command::new(env!("CARGO_BIN_EXE_camserve"))
+        .args(["targets", "--ort-library"])
+        .arg(common::ort_library())
+        .arg(file(&case.model))
+        .output()
+        .unwrap();
+    assert!(listing.status.success());
+    let listing = String::from_utf8(listing.stdout).unwrap();
+    let [_, channels, h, w] = case.target_shape[..] else {
+        panic!()
+    };
+    let line = listing
+        .lines()
+        .find(|l| l.starts_with(&format!("{}  ", case.target)))
+        .unwrap_or_else(|| panic!("{listing}"));
+    assert!(
+        line.contains(&format!("[N,{channels},{h},{w}]  head: ")),
+        "{line}"
+    );
     let config = common::model_config("written", &out);
     let (info, _) = camserve::model::load(runtime(), &config).unwrap();
     assert_eq!(info.target_layer, case.target);

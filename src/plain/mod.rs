@@ -374,8 +374,8 @@ fn probe(
         })
         .collect();
     let error = |e: ort::Error| format!("ONNX Runtime cannot run it: {e}");
+    // ONNX Runtime's default thread count (all cores): the probe is the bulk of the augmenting time.
     let mut session = Session::builder(&runtime.environment)
-        .and_then(|b| Ok(b.with_intra_threads(1)?))
         .and_then(|mut b| b.commit_from_memory(&model.encode_bytes()))
         .map_err(error)?;
     let [height, width] = plain.input_size;
