@@ -10,18 +10,16 @@ pub struct Emitter {
     pub nodes: Vec<NodeProto>,
     /// Constants, added to the main graph's initializers (a Loop body reads them from the outer scope).
     pub constants: Vec<TensorProto>,
-    prefix: &'static str,
     counter: usize,
     constant_names: HashMap<(bool, Vec<i64>, Vec<u8>), String>,
 }
 
 impl Emitter {
-    pub fn new(opset: i64, prefix: &'static str) -> Self {
+    pub fn new(opset: i64) -> Self {
         Emitter {
             opset,
             nodes: Vec::new(),
             constants: Vec::new(),
-            prefix,
             counter: 0,
             constant_names: HashMap::new(),
         }
@@ -31,7 +29,7 @@ impl Emitter {
     pub fn fresh(&mut self, taken: &mut HashSet<String>, hint: &str) -> String {
         loop {
             self.counter += 1;
-            let name = format!("camserve_{}_{hint}_{}", self.prefix, self.counter);
+            let name = format!("camserve_{hint}_{}", self.counter);
             if taken.insert(name.clone()) {
                 return name;
             }

@@ -515,7 +515,8 @@ pub fn candidates(
         .collect())
 }
 
-/// Augments a plain classifier file so it meets the contract (the file is not modified); `input_size` is needed when the file leaves it open.
+/// Augments a plain classifier file so it meets the contract (the file is not modified); `input_size` is needed
+/// when the file leaves it open.
 pub fn augment(
     runtime: &Runtime,
     file: &Path,
@@ -523,30 +524,113 @@ pub fn augment(
     input_size: Option<[usize; 2]>,
 ) -> Result<Augmented, String> {
     let mut plain = read(file, spec.output.as_deref(), spec.keep_softmax, input_size)?;
-    let mut target = spec.target.clone();
-    {
-        let graph = graph(&plain.model);
-        if target == plain.input {
-            return Err(
-                "the target is the image input; choose a layer (`camserve targets` lists them)"
-                    .into(),
-            );
-        }
-        if !graph.node.iter().any(|n| n.output.contains(&target)) {
+    let target = claim_contract_names(&mut plain, &spec.target)?;
+    let (head_nodes, need) = head(graph(&plain.model), &target, &plain.output);
+    if head_nodes.is_empty() {
+        return Err(format!(
+            "the scores `{}` do not depend on the target `{target}`",
+            plain.output
+        ));
+    }
+    let started = Instant::now();
+    let shapes = head_shapes(runtime, &plain, &head_nodes)?;
+    let probe_time = started.elapsed();
+    let started = Instant::now();
+    let graph = graph_mut(&mut plain.model);
+    let target_dims = match shapes.get(&target) {
+        Some(info) if info.dims.len() == 4 && info.is_float() => info.dims.clone(),
+        other => {
             return Err(format!(
-                "no tensor is named `{target}` (`camserve targets` lists the candidates)"
+                "the target `{target}` must be a 4-D float tensor [N,C,h,w]; it is {:?}",
+                other.map(|i| &i.dims)
             ));
         }
+    };
+    let refused = unsupported(&differentiable(graph, &head_nodes, &shapes));
+    if !refused.is_empty() {
+        return Err(format!(
+            "its head has ops camserve cannot differentiate: {} (supported: {})",
+            refused.join(", "),
+            SUPPORTED.join(", ")
+        ));
     }
-    // Free the contract's names, then call the image input `input`.
-    let taken = all_names(graph(&plain.model));
+    let class_count = shapes
+        .get(&plain.output)
+        .and_then(|i| *i.dims.last()?)
+        .ok_or("the scores' class count is unknown")?;
+    let head_ops = op_list(graph, &head_nodes);
+
+    let mut taken = all_names(graph);
+    let mut emitter = Emitter::new(plain.opset);
+    let mut w = Writer {
+        e: &mut emitter,
+        taken: &mut taken,
+    };
+    let (maxpool_indices, layer_norm_stats) = switch_on_statistics(graph, &head_nodes, &mut w);
+    let values = constants(graph);
+    let context = rules::Context {
+        shapes: &shapes,
+        constants: &values,
+        maxpool_indices,
+        layer_norm_stats,
+    };
+    let seeds = w.fresh("seeds");
+    let body = backward_body(
+        &context,
+        &mut w,
+        graph,
+        &head_nodes,
+        &need,
+        &plain.output,
+        &target,
+        &seeds,
+    )?;
+    let backward_nodes = body.node.len();
+    append_contract(&mut w, &plain.output, &seeds, class_count, body);
+    graph.node.append(&mut emitter.nodes);
+    graph.initializer.append(&mut emitter.constants);
+    declare_contract(graph, class_count, &target_dims);
+    // The scores and the target become the contract's outputs by name (no copies).
+    rename(graph, &plain.output, "logits");
+    rename(graph, &target, "activations");
+    free_batch(graph, "input");
+    write_metadata(&mut plain, class_count, &spec.target, &head_ops);
+    Ok(Augmented {
+        model: plain.model.encode_bytes(),
+        head_ops,
+        backward_nodes,
+        notes: plain.notes,
+        probe_time,
+        edit_time: started.elapsed(),
+    })
+}
+
+/// Moves tensors named like the contract's inputs and outputs out of the way, names the image input `input`,
+/// and returns the target's (possibly new) name.
+fn claim_contract_names(plain: &mut Plain, target: &str) -> Result<String, String> {
+    if target == plain.input {
+        return Err(
+            "the target is the image input; choose a layer (`camserve targets` lists them)".into(),
+        );
+    }
     let graph = graph_mut(&mut plain.model);
+    if !graph
+        .node
+        .iter()
+        .any(|n| n.output.iter().any(|o| o == target))
+    {
+        return Err(format!(
+            "no tensor is named `{target}` (`camserve targets` lists the candidates)"
+        ));
+    }
+    let mut target = target.to_owned();
+    let taken = all_names(graph);
     for name in CONTRACT_NAMES {
         if taken.contains(name) && !(name == "input" && plain.input == "input") {
             let new = (0..)
                 .map(|i| format!("{name}_original{i}"))
                 .find(|n| !taken.contains(n))
-                .unwrap();
+                .expect("a free name");
             rename(graph, name, &new);
             for s in [&mut target, &mut plain.output, &mut plain.input] {
                 if s == name {
@@ -557,70 +641,54 @@ pub fn augment(
     }
     rename(graph, &plain.input, "input");
     plain.input = "input".into();
+    Ok(target)
+}
 
-    let (head_nodes, need) = head(graph, &target, &plain.output);
-    if head_nodes.is_empty() {
-        return Err(format!(
-            "the scores `{}` do not depend on the target `{target}`",
-            plain.output
-        ));
-    }
-    let started = Instant::now();
-    let mut probed: Vec<String> = head_nodes
-        .iter()
-        .flat_map(|&i| graph.node[i].input.iter().chain(&graph.node[i].output))
-        .filter(|n| !n.is_empty())
-        .cloned()
-        .collect();
-    let initializer_dims: HashMap<String, TensorInfo> = graph
+/// Shapes and types of every tensor the head reads or writes: initializers from the file, the rest probed.
+fn head_shapes(
+    runtime: &Runtime,
+    plain: &Plain,
+    head_nodes: &[usize],
+) -> Result<HashMap<String, TensorInfo>, String> {
+    let graph = graph(&plain.model);
+    let initializers: HashMap<String, TensorInfo> = graph
         .initializer
         .iter()
         .map(|t| {
+            let dims = t.dims.iter().map(|&d| Some(d)).collect();
             (
                 t.name.clone(),
                 TensorInfo {
-                    dims: t.dims.iter().map(|&d| Some(d)).collect(),
+                    dims,
                     elem_type: t.data_type,
                 },
             )
         })
         .collect();
-    probed.retain(|n| !initializer_dims.contains_key(n));
+    let mut probed: Vec<String> = head_nodes
+        .iter()
+        .flat_map(|&i| graph.node[i].input.iter().chain(&graph.node[i].output))
+        .filter(|n| !n.is_empty() && !initializers.contains_key(*n))
+        .cloned()
+        .collect();
     probed.sort();
     probed.dedup();
-    let mut shapes = probe(runtime, &plain, &probed)?;
-    shapes.extend(initializer_dims);
-    let probe_time = started.elapsed();
-    let started = Instant::now();
+    let mut shapes = probe(runtime, plain, &probed)?;
+    shapes.extend(initializers);
+    Ok(shapes)
+}
 
-    let graph = graph_mut(&mut plain.model);
-    let target_info = shapes
-        .get(&target)
-        .ok_or_else(|| format!("the target `{target}` is not a tensor"))?
-        .clone();
-    if target_info.dims.len() != 4 || !target_info.is_float() {
-        return Err(format!(
-            "the target `{target}` must be a 4-D float tensor [N,C,h,w]; it has shape {:?}",
-            target_info.dims
-        ));
-    }
-    let nodes = differentiable(graph, &head_nodes, &shapes);
-    let refused = unsupported(&nodes);
-    if !refused.is_empty() {
-        return Err(format!(
-            "its head has ops camserve cannot differentiate: {} (supported: {})",
-            refused.join(", "),
-            SUPPORTED.join(", ")
-        ));
-    }
-    let head_ops = op_list(graph, &head_nodes);
-    let mut taken = all_names(graph);
-
-    // Switch on the forward outputs the backward reads.
-    let mut forward = Emitter::new(plain.opset, "fwd");
+/// Switches on the forward outputs that backward rules read: MaxPool's Indices, LayerNormalization's Mean and
+/// InvStdDev. Returns them by the node's first output.
+#[allow(clippy::type_complexity)]
+fn switch_on_statistics(
+    graph: &mut GraphProto,
+    head_nodes: &[usize],
+    w: &mut Writer,
+) -> (HashMap<String, String>, HashMap<String, (String, String)>) {
     let mut maxpool_indices = HashMap::new();
     let mut layer_norm_stats = HashMap::new();
-    for &i in &head_nodes {
+    for &i in head_nodes {
         let node = &mut graph.node[i];
         let wanted = match node.op_type.as_str() {
             "MaxPool" => 2,
@@ -630,50 +698,47 @@ pub fn augment(
         node.output.resize(wanted, String::new());
         for slot in 1..wanted {
             if node.output[slot].is_empty() {
-                node.output[slot] = forward.fresh(&mut taken, "stat");
+                node.output[slot] = w.fresh("statistic");
             }
         }
+        let out = node.output.clone();
         if wanted == 2 {
-            maxpool_indices.insert(node.output[0].clone(), node.output[1].clone());
+            maxpool_indices.insert(out[0].clone(), out[1].clone());
         } else {
-            layer_norm_stats.insert(
-                node.output[0].clone(),
-                (node.output[1].clone(), node.output[2].clone()),
-            );
+            layer_norm_stats.insert(out[0].clone(), (out[1].clone(), out[2].clone()));
         }
     }
-    let values = constants(graph);
-    let context = rules::Context {
-        shapes: &shapes,
-        constants: &values,
-        maxpool_indices,
-        layer_norm_stats,
-    };
+    (maxpool_indices, layer_norm_stats)
+}
 
-    // The backward for one seed, as a Loop body.
-    let mut body = Emitter::new(plain.opset, "bwd");
-    let mut w = Writer {
-        e: &mut body,
-        taken: &mut taken,
-    };
-    let (iteration, condition, seeds) =
-        (w.fresh("iteration"), w.fresh("condition"), w.fresh("seeds"));
-    let seed = w.op(
-        "Gather",
-        &[&seeds, &iteration],
-        vec![("axis", Attr::Int(1))],
-    );
-    let mut grads: HashMap<String, String> = HashMap::from([(plain.output.clone(), seed)]);
+/// The backward for one seed (row `iteration` of `seeds`, [N,C]) from the scores to the target, as a Loop body.
+#[allow(clippy::too_many_arguments)]
+fn backward_body(
+    context: &rules::Context,
+    w: &mut Writer,
+    graph: &GraphProto,
+    head_nodes: &[usize],
+    need: &HashSet<String>,
+    scores: &str,
+    target: &str,
+    seeds: &str,
+) -> Result<GraphProto, String> {
+    let first = w.e.nodes.len();
+    let (iteration, condition) = (w.fresh("iteration"), w.fresh("condition"));
+    let seed = w.op("Gather", &[seeds, &iteration], vec![("axis", Attr::Int(1))]);
+    let mut grads: HashMap<String, String> = HashMap::from([(scores.to_owned(), seed)]);
     for &i in head_nodes.iter().rev() {
         let node = &graph.node[i];
         let output_grads: Vec<Option<String>> =
             node.output.iter().map(|o| grads.get(o).cloned()).collect();
-        if output_grads.iter().all(Option::is_none)
-            || !shapes.get(&node.output[0]).is_none_or(TensorInfo::is_float)
-        {
+        let float = context
+            .shapes
+            .get(&node.output[0])
+            .is_none_or(TensorInfo::is_float);
+        if output_grads.iter().all(Option::is_none) || !float {
             continue;
         }
-        let inputs = rules::backward(&context, &mut w, node, &output_grads, &need)
+        let inputs = rules::backward(context, w, node, &output_grads, need)
             .map_err(|e| format!("node `{}` ({}): {e}", node.label(), node.op_type))?;
         for (input, grad) in inputs {
             let total = match grads.remove(&input) {
@@ -683,135 +748,112 @@ pub fn augment(
             grads.insert(input, total);
         }
     }
-    let target_grad = grads
-        .get(&target)
-        .ok_or("no gradient reached the target")?
-        .clone();
+    let target_grad = grads.get(target).ok_or("no gradient reached the target")?;
     let condition_out = w.op("Identity", &[&condition], vec![]);
-    let backward_nodes = w.e.nodes.len();
-    let body_graph = GraphProto {
+    Ok(GraphProto {
         name: "camserve_backward".into(),
-        node: std::mem::take(&mut w.e.nodes),
+        node: w.e.nodes.split_off(first),
         input: vec![
             ValueInfoProto::tensor(&iteration, data_type::INT64, Some(&[])),
             ValueInfoProto::tensor(&condition, data_type::BOOL, Some(&[])),
         ],
         output: vec![
             ValueInfoProto::tensor(&condition_out, data_type::BOOL, Some(&[])),
-            ValueInfoProto::tensor(&target_grad, data_type::FLOAT, None),
+            ValueInfoProto::tensor(target_grad, data_type::FLOAT, None),
         ],
         ..Default::default()
-    };
+    })
+}
 
-    // The outer graph: seeds from class_weights (an all-zero row is the k-th best class), the Loop, the outputs.
-    let mut outer = Emitter::new(plain.opset, "out");
-    let mut o = Writer {
-        e: &mut outer,
-        taken: &mut taken,
-    };
-    let scores = plain.output.as_str();
-    let class_count = shapes
-        .get(scores)
-        .and_then(|i| *i.dims.last()?)
-        .ok_or("the scores' class count is unknown")?;
-    let weights_shape = o.shape("class_weights");
-    let (one, two) = (o.ints(&[1]), o.ints(&[2]));
-    let k = o.op("Slice", &[&weights_shape, &one, &two], vec![]);
-    let top = o.op_n(
-        "TopK",
-        &[scores, &k],
-        2,
-        vec![
-            ("axis", Attr::Int(-1)),
-            ("largest", Attr::Int(1)),
-            ("sorted", Attr::Int(1)),
-        ],
-    );
-    let row_sums = o.reduce("ReduceL1", "class_weights", &[2], false);
-    let zero = o.float(0.0);
-    let empty = o.op("Equal", &[&row_sums, &zero], vec![]);
-    let classes = o.ints(&[class_count]);
-    let one_hot_values = o.floats(&[2], &[0.0, 1.0]);
-    let one_hot = o.op(
+/// The seeds from `class_weights` (an all-zero row is the k-th best class), `target_class`, and the Loop of the
+/// backward over the seeds, stacked into `gradients` [N,K,...].
+fn append_contract(w: &mut Writer, scores: &str, seeds: &str, class_count: i64, body: GraphProto) {
+    let weights_shape = w.shape("class_weights");
+    let (one, two) = (w.ints(&[1]), w.ints(&[2]));
+    let k = w.op("Slice", &[&weights_shape, &one, &two], vec![]);
+    let ranking = vec![
+        ("axis", Attr::Int(-1)),
+        ("largest", Attr::Int(1)),
+        ("sorted", Attr::Int(1)),
+    ];
+    let best = w.op_n("TopK", &[scores, &k], 2, ranking).remove(1);
+    let row_sums = w.reduce("ReduceL1", "class_weights", &[2], false);
+    let zero = w.float(0.0);
+    let empty = w.op("Equal", &[&row_sums, &zero], vec![]);
+    let classes = w.ints(&[class_count]);
+    let one_hot_values = w.floats(&[2], &[0.0, 1.0]);
+    let one_hot = w.op(
         "OneHot",
-        &[&top[1], &classes, &one_hot_values],
+        &[&best, &classes, &one_hot_values],
         vec![("axis", Attr::Int(-1))],
     );
-    let empty_rows = o.unsqueeze(&empty, &[2]);
-    o.node(
+    let empty_rows = w.unsqueeze(&empty, &[2]);
+    w.node(
         "Where",
         &[&empty_rows, &one_hot, "class_weights"],
-        &[seeds],
+        &[seeds.to_owned()],
         vec![],
     );
-    let weighted = o.op(
+    let weighted = w.op(
         "ArgMax",
         &["class_weights"],
         vec![("axis", Attr::Int(2)), ("keepdims", Attr::Int(0))],
     );
-    o.node(
+    w.node(
         "Where",
-        &[&empty, &top[1], &weighted],
+        &[&empty, &best, &weighted],
         &["target_class".into()],
         vec![],
     );
-    let trips = o.op("Squeeze", &[&k], vec![]);
-    let stacked = o.fresh("stacked");
-    o.node(
+    let trips = w.op("Squeeze", &[&k], vec![]);
+    let stacked = w.op(
         "Loop",
         &[&trips, ""],
-        std::slice::from_ref(&stacked),
-        vec![("body", Attr::Graph(Box::new(body_graph)))],
+        vec![("body", Attr::Graph(Box::new(body)))],
     );
-    o.node(
+    let perm = Attr::Ints(vec![1, 0, 2, 3, 4]);
+    w.node(
         "Transpose",
         &[&stacked],
         &["gradients".into()],
-        vec![("perm", Attr::Ints(vec![1, 0, 2, 3, 4]))],
+        vec![("perm", perm)],
     );
+}
 
-    let batch = Dim::Named("N".into());
-    let k_dim = Dim::Named("K".into());
-    let target_dims: Vec<Dim> = target_info.dims[1..]
+/// The contract's inputs and outputs in the graph's signature.
+fn declare_contract(graph: &mut GraphProto, class_count: i64, target_dims: &[Option<i64>]) {
+    let (n, k) = (Dim::Named("N".into()), Dim::Named("K".into()));
+    let layer: Vec<Dim> = target_dims[1..]
         .iter()
         .map(|d| d.map_or(Dim::Named("batch".into()), Dim::Fixed))
         .collect();
-    let activation_dims: Vec<Dim> = [batch.clone()]
-        .into_iter()
-        .chain(target_dims.clone())
-        .collect();
-    let gradient_dims: Vec<Dim> = [batch.clone(), k_dim.clone()]
-        .into_iter()
-        .chain(target_dims)
-        .collect();
-    graph.node.extend(outer.nodes);
-    graph.initializer.extend(
-        forward
-            .constants
-            .into_iter()
-            .chain(body.constants)
-            .chain(outer.constants),
-    );
+    let with =
+        |lead: &[Dim]| -> Vec<Dim> { lead.iter().cloned().chain(layer.iter().cloned()).collect() };
+    let classes = Dim::Fixed(class_count);
     graph.input.push(ValueInfoProto::tensor(
         "class_weights",
         data_type::FLOAT,
-        Some(&[batch.clone(), k_dim.clone(), Dim::Fixed(class_count)]),
+        Some(&[n.clone(), k.clone(), classes.clone()]),
     ));
     graph.output = vec![
+        ValueInfoProto::tensor("logits", data_type::FLOAT, Some(&[n.clone(), classes])),
         ValueInfoProto::tensor(
-            "logits",
+            "activations",
             data_type::FLOAT,
-            Some(&[batch.clone(), Dim::Fixed(class_count)]),
+            Some(&with(std::slice::from_ref(&n))),
         ),
-        ValueInfoProto::tensor("activations", data_type::FLOAT, Some(&activation_dims)),
-        ValueInfoProto::tensor("gradients", data_type::FLOAT, Some(&gradient_dims)),
-        ValueInfoProto::tensor("target_class", data_type::INT64, Some(&[batch, k_dim])),
+        ValueInfoProto::tensor(
+            "gradients",
+            data_type::FLOAT,
+            Some(&with(&[n.clone(), k.clone()])),
+        ),
+        ValueInfoProto::tensor("target_class", data_type::INT64, Some(&[n, k])),
     ];
-    // The scores and the target become the contract's outputs by name (no copies).
-    rename(graph, &plain.output, "logits");
-    rename(graph, &target, "activations");
-    free_batch(graph, "input");
+}
 
+/// The `camserve.*` metadata a plain file lacks (keys it has are kept): class indices as labels, ImageNet
+/// preprocessing, the input size, the target's name.
+fn write_metadata(plain: &mut Plain, class_count: i64, target: &str, head_ops: &[String]) {
     let [height, width] = plain.input_size;
     let labels: Vec<String> = (0..class_count).map(|c| c.to_string()).collect();
     let metadata = [
@@ -825,7 +867,7 @@ pub fn augment(
         ),
         ("input_size", format!("[{height}, {width}]")),
         ("preprocess", IMAGENET_PREPROCESS.to_owned()),
-        ("target_layer", spec.target.clone()),
+        ("target_layer", target.to_owned()),
         (
             "source",
             format!(
@@ -843,15 +885,6 @@ pub fn augment(
                 .push(StringStringEntryProto { key, value });
         }
     }
-    let model = plain.model.encode_bytes();
-    Ok(Augmented {
-        model,
-        head_ops,
-        backward_nodes,
-        notes: plain.notes,
-        probe_time,
-        edit_time: started.elapsed(),
-    })
 }
 
 #[cfg(test)]
