@@ -154,7 +154,8 @@ $(OHA):
 FUZZ_SECONDS ?= 600
 CARGO_FUZZ := .tools/bin/cargo-fuzz
 fuzz: $(CARGO_FUZZ)
-	for target in decode request; do \
+	mkdir -p fuzz/corpus/onnx_model && cp tests/fixtures/plain/refused_*.onnx fuzz/corpus/onnx_model/
+	for target in decode request onnx_model; do \
 	  mkdir -p fuzz/corpus/$$target && \
 	  (cd fuzz && RUSTC_BOOTSTRAP=1 ../$(CARGO_FUZZ) run -O $$target corpus/$$target -- \
 	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -malloc_limit_mb=1024) || exit 1; \

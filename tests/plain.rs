@@ -510,3 +510,76 @@ fn a_file_with_a_fixed_batch_of_one_serves_batches() {
     assert!(common::max_relative_error(&gradients[half..], &expected) < TOLERANCE);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Weights stored beside the model (ONNX external data, as the dynamo exporter writes large models) are read
+/// from the model's folder; a location outside it is refused.
+#[test]
+fn external_weights_are_read_from_the_models_folder_only() {
+    use plain::proto::{ModelProto, StringStringEntryProto};
+    let zoo = zoo();
+    let case = zoo
+        .cases
+        .iter()
+        .find(|c| c.model == "tf_like.onnx")
+        .unwrap();
+    let original = std::fs::read(file(&case.model)).unwrap();
+    let dir = std::env::temp_dir().join(format!("camserve-external-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |location: &str| {
+        let mut model = ModelProto::decode_bytes(&original).unwrap();
+        let mut weights = Vec::new();
+        for tensor in &mut model.graph.as_mut().unwrap().initializer {
+            if tensor.raw_data.len() >= 1024 {
+                let entry = |key: &str, value: String| StringStringEntryProto {
+                    key: key.into(),
+                    value,
+                };
+                tensor.external_data = vec![
+                    entry("location", location.into()),
+                    entry("offset", weights.len().to_string()),
+                    entry("length", tensor.raw_data.len().to_string()),
+                ];
+                tensor.data_location = 1;
+                weights.append(&mut tensor.raw_data);
+            }
+        }
+        assert!(!weights.is_empty());
+        std::fs::write(dir.join("weights.bin"), &weights).unwrap();
+        let path = dir.join("model.onnx");
+        std::fs::write(&path, model.encode_bytes()).unwrap();
+        path
+    };
+    let inside = write("weights.bin");
+    let augmented = plain::augment(
+        runtime(),
+        &inside,
+        &spec(case, false),
+        Some(case.input_size),
+    )
+    .unwrap();
+    let (_, input) = npy(&case.input);
+    let (seed_shape, seeds) = npy(&case.seeds);
+    let (_, _, gradients, _) = run(
+        &augmented.model,
+        &input,
+        case.input_size,
+        &seeds,
+        seed_shape[1],
+    );
+    assert!(common::max_relative_error(&gradients, &npy(&case.gradients).1) < TOLERANCE);
+
+    let outside = write("../weights.bin");
+    let error = plain::augment(
+        runtime(),
+        &outside,
+        &spec(case, false),
+        Some(case.input_size),
+    )
+    .err()
+    .unwrap();
+    assert!(
+        error.contains("`../weights.bin`, outside the model's folder"),
+        "{error}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
