@@ -14,6 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{TensorElementType, TensorRef, ValueType};
 use serde::Deserialize;
 
@@ -59,6 +60,8 @@ pub struct Candidate {
     pub unsupported: Vec<String>,
 }
 
+/// The name of the batch dimension in the graphs camserve writes.
+const BATCH: &str = "N";
 const CONTRACT_NAMES: [&str; 6] = [
     "input",
     "class_weights",
@@ -356,8 +359,9 @@ fn unsupported(nodes: &[&NodeProto]) -> Vec<String> {
         .collect()
 }
 
-/// Shapes and element types of `names`, from Runs at batch sizes 1 and 2 with those tensors exposed as outputs.
-/// A dimension that differs between the two follows the batch size (None).
+/// Shapes and element types of `names` (None: a dimension that follows the batch size), from the model with those
+/// tensors exposed as outputs: as ONNX Runtime infers them when it opens it, or where inference leaves a
+/// dimension open, from Runs at batch sizes 1 and 2 (a dimension that differs between the two follows the batch).
 fn probe(
     runtime: &Runtime,
     plain: &Plain,
@@ -366,6 +370,7 @@ fn probe(
     let mut model = plain.model.clone();
     let graph = graph_mut(&mut model);
     free_batch(graph, &plain.input);
+    declare_input_size(graph, &plain.input, plain.input_size);
     graph.output = names
         .iter()
         .map(|n| ValueInfoProto {
@@ -374,10 +379,14 @@ fn probe(
         })
         .collect();
     let error = |e: ort::Error| format!("ONNX Runtime cannot run it: {e}");
-    // ONNX Runtime's default thread count (all cores): the probe is the bulk of the augmenting time.
+    // Without graph optimizations the session opens several times faster; shapes are inferred all the same.
     let mut session = Session::builder(&runtime.environment)
+        .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::Disable)?))
         .and_then(|mut b| b.commit_from_memory(&model.encode_bytes()))
         .map_err(error)?;
+    if let Some(shapes) = inferred(&session) {
+        return Ok(shapes);
+    }
     let [height, width] = plain.input_size;
     let mut runs: Vec<HashMap<String, (Vec<i64>, i32)>> = Vec::new();
     for batch in [1, 2] {
@@ -420,6 +429,38 @@ fn probe(
         .collect())
 }
 
+/// The shapes ONNX Runtime inferred for the session's outputs, if every dimension is known or is the batch.
+fn inferred(session: &Session) -> Option<HashMap<String, TensorInfo>> {
+    session
+        .outputs()
+        .iter()
+        .map(|output| {
+            let ValueType::Tensor {
+                ty,
+                shape,
+                dimension_symbols,
+            } = output.dtype()
+            else {
+                return None;
+            };
+            let dims = shape
+                .iter()
+                .zip(dimension_symbols.iter())
+                .map(|(&size, symbol)| match size {
+                    0.. => Some(Some(size)),
+                    _ if symbol == BATCH => Some(None),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()?;
+            let info = TensorInfo {
+                dims,
+                elem_type: onnx_type(ty),
+            };
+            Some((output.name().to_owned(), info))
+        })
+        .collect()
+}
+
 fn onnx_type(ty: &TensorElementType) -> i32 {
     match ty {
         TensorElementType::Float32 => data_type::FLOAT,
@@ -433,6 +474,23 @@ fn onnx_type(ty: &TensorElementType) -> i32 {
     }
 }
 
+/// Fixes the image input's channels, height and width at what camserve feeds, for shape inference.
+fn declare_input_size(graph: &mut GraphProto, input: &str, [height, width]: [usize; 2]) {
+    if let Some(info) = graph.input.iter_mut().find(|i| i.name == input) {
+        let batch = Dim::Named(BATCH.into());
+        *info = ValueInfoProto::tensor(
+            input,
+            data_type::FLOAT,
+            Some(&[
+                batch,
+                Dim::Fixed(3),
+                Dim::Fixed(height as i64),
+                Dim::Fixed(width as i64),
+            ]),
+        );
+    }
+}
+
 /// Makes the image input's batch dimension dynamic: camserve batches requests, and many exporters fix it at 1.
 fn free_batch(graph: &mut GraphProto, input: &str) {
     if let Some(proto::TypeValue::TensorType(t)) = graph
@@ -443,7 +501,7 @@ fn free_batch(graph: &mut GraphProto, input: &str) {
         .and_then(|t| t.value.as_mut())
         && let Some(first) = t.shape.as_mut().and_then(|s| s.dim.first_mut())
     {
-        first.value = Some(proto::DimensionValue::DimParam("N".into()));
+        first.value = Some(proto::DimensionValue::DimParam(BATCH.into()));
     }
     // Declared intermediate shapes would contradict the new batch size.
     graph.value_info.clear();
@@ -822,7 +880,7 @@ fn append_contract(w: &mut Writer, scores: &str, seeds: &str, class_count: i64, 
 
 /// The contract's inputs and outputs in the graph's signature.
 fn declare_contract(graph: &mut GraphProto, class_count: i64, target_dims: &[Option<i64>]) {
-    let (n, k) = (Dim::Named("N".into()), Dim::Named("K".into()));
+    let (n, k) = (Dim::Named(BATCH.into()), Dim::Named("K".into()));
     let layer: Vec<Dim> = target_dims[1..]
         .iter()
         .map(|d| d.map_or(Dim::Named("batch".into()), Dim::Fixed))
