@@ -35,6 +35,7 @@ IMAGE = "../images/chelsea_64.png"  # relative to the zoo's directory; made by `
 INPUT_FILE = "chelsea_64.input.npy"  # the one input every model shares: [1,3,64,64], ImageNet mean/std
 TOLERANCE = 1e-4  # ONNX vs torch, relative to the largest |torch| value: logits and the target's value
 LN_EPS = 1e-5
+NORMALIZERS = {"Softmax": torch.softmax, "LogSoftmax": torch.log_softmax}  # final ops that camserve strips
 
 
 # ------------------------------------------------------------------------------------------- weights and modes
@@ -249,6 +250,60 @@ class LayerNormOps(nn.Module):
         return self.fc(F.gelu(self.norm(x)))
 
 
+# Channels picked by Gather, twice for some: their gradients must add up, which a plain scatter would not do
+OPS_A_PICKS = [5, 2, 11, 2, 8, 0, 14, 9, 5, 3, 12, 7]
+OPS_B_PICKS = [3, 0, 7, 7, 12, 5, 9, 14, 1, 3]
+LEAKY_ALPHA = 0.2
+HARD_SIGMOID_ALPHA, HARD_SIGMOID_BETA = 8.0, -0.1  # not ONNX's defaults (0.2, 0.5); both clamps reached
+CLIP_MIN = -0.05
+
+
+class OpsA(nn.Module):
+    """Elementwise ops and shape ops as converters write them (opset 13, axes as inputs): 1x1 conv, padded
+    AveragePool without the padding in the count, LeakyRelu, Tanh, Exp of a Neg, Abs summed over channels and
+    broadcast back (ReduceSum keepdims=0, Unsqueeze), an n-ary Sum, ReduceSum keepdims=1 + Squeeze, a mean as a
+    Div, Dropout, Identity, channels picked with Gather on a transposed [C,N] vector, MatMul + Add. The ONNX graph
+    ends in LogSoftmax; this module returns the scores before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = _backbone()
+        self.conv = nn.Conv2d(16, 16, 1)
+        self.dropout, self.identity = nn.Dropout(0.3), nn.Identity()
+        self.dense = nn.Linear(len(OPS_A_PICKS), NUM_CLASSES)
+
+    def forward(self, x):
+        p = F.avg_pool2d(self.conv(self.features(x)), 3, 2, 1, count_include_pad=False)
+        a = F.leaky_relu(p, LEAKY_ALPHA)
+        context = p.abs().sum(dim=1).unsqueeze(1)
+        s = (torch.tanh(a) + torch.exp(-a) + context).sum(dim=(2, 3), keepdim=True).squeeze((2, 3))
+        s = self.identity(self.dropout(s / (p.shape[2] * p.shape[3])))
+        picked = s.T[OPS_A_PICKS].T
+        return picked @ self.dense.weight.T + self.dense.bias
+
+
+class OpsB(nn.Module):
+    """Two 1x1 convs combined by elementwise Max and Min; padded AveragePool counting the padding; HardSigmoid with
+    its own alpha and beta; Clip with only a min; a global average broadcast back with Expand; channels picked with
+    Gather on the transposed [C,N,h,w] map; Cast float -> float; GlobalAveragePool, Flatten, Gemm."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = _backbone()
+        self.conv_u, self.conv_v = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(len(OPS_B_PICKS), NUM_CLASSES)
+
+    def forward(self, x):
+        t = self.features(x)
+        u, v = self.conv_u(t), self.conv_v(t)
+        gate = (F.avg_pool2d(torch.maximum(u, v), 3, 2, 1, count_include_pad=True) * HARD_SIGMOID_ALPHA
+                + HARD_SIGMOID_BETA).clamp(0.0, 1.0)
+        floor = torch.minimum(u, v).clamp(min=CLIP_MIN).mean(dim=(2, 3), keepdim=True)
+        z = gate * floor.expand(-1, -1, *gate.shape[2:])
+        z = z.permute(1, 0, 2, 3)[OPS_B_PICKS].permute(1, 0, 2, 3).float()
+        return self.fc(z.mean(dim=(2, 3)))
+
+
 class _GraphBuilder:
     """Nodes and initializers of a hand-made graph; every node named (the refusal messages name nodes)."""
 
@@ -349,27 +404,85 @@ def layernorm_ops_graph(m: LayerNormOps) -> onnx.ModelProto:
     return b.model("layernorm_ops", "x", "output_0", NUM_CLASSES, 13)
 
 
+def _pick_channels(b: _GraphBuilder, x: str, picks: list[int], perm: list[int], prefix: str) -> str:
+    """Gather on axis 0 of the map transposed to channels first, and back (perm is its own inverse)."""
+    x = b.node("Transpose", [x], f"{prefix}/channels_first", perm=perm)
+    x = b.node("Gather", [x, b.const(f"{prefix}/indices", np.array(picks, np.int64))], f"{prefix}/Gather", axis=0)
+    return b.node("Transpose", [x], f"{prefix}/channels_second", perm=perm)
+
+
+def ops_a_graph(m: OpsA) -> onnx.ModelProto:
+    b = _GraphBuilder()
+    x = _backbone_nodes(b, "input", m.features, "features/")
+    x = _conv(b, x, m.conv, "head/conv")
+    p = b.node("AveragePool", [x], "head/avg_pool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+               count_include_pad=0)
+    a = b.node("LeakyRelu", [p], "head/leaky_relu", alpha=LEAKY_ALPHA)
+    t = b.node("Tanh", [a], "head/tanh")
+    e = b.node("Exp", [b.node("Neg", [a], "head/neg")], "head/exp")
+    channel = b.const("head/channel_axis", np.array([1], np.int64))
+    context = b.node("ReduceSum", [b.node("Abs", [p], "head/abs"), channel], "head/abs_sum", keepdims=0)
+    context = b.node("Unsqueeze", [context, channel], "head/context")
+    x = b.node("Sum", [t, e, context], "head/sum")
+    spatial = b.const("head/spatial_axes", np.array([2, 3], np.int64))
+    x = b.node("Squeeze", [b.node("ReduceSum", [x, spatial], "head/pool_sum", keepdims=1), spatial], "head/squeeze")
+    x = b.node("Div", [x, b.const("head/pool_count", np.float32((SIZE // 8) ** 2))], "head/pool_mean")
+    x = b.node("Identity", [b.node("Dropout", [x], "head/dropout")], "head/identity")
+    x = _pick_channels(b, x, OPS_A_PICKS, [1, 0], "pick")
+    x = b.node("MatMul", [x, b.param("dense/kernel", m.dense.weight.T)], "dense/MatMul")
+    x = b.node("Add", [x, b.param("dense/bias", m.dense.bias)], "dense/BiasAdd")
+    b.node("LogSoftmax", [x], "log_probs", axis=1)
+    return b.model("ops_a", "input", "log_probs", NUM_CLASSES, 13)
+
+
+def ops_b_graph(m: OpsB) -> onnx.ModelProto:
+    b = _GraphBuilder()
+    t = _backbone_nodes(b, "image", m.features, "features/")
+    u, v = _conv(b, t, m.conv_u, "u/conv"), _conv(b, t, m.conv_v, "v/conv")
+    x = b.node("AveragePool", [b.node("Max", [u, v], "max")], "gate/avg_pool", kernel_shape=[3, 3], strides=[2, 2],
+               pads=[1, 1, 1, 1], count_include_pad=1)
+    gate = b.node("HardSigmoid", [x], "gate/hard_sigmoid", alpha=HARD_SIGMOID_ALPHA, beta=HARD_SIGMOID_BETA)
+    floor = b.node("Clip", [b.node("Min", [u, v], "min"), b.const("floor/min", np.float32(CLIP_MIN))], "floor/clip")
+    floor = b.node("GlobalAveragePool", [floor], "floor/mean")
+    floor = b.node("Expand", [floor, b.const("floor/shape", np.array([1, 1, SIZE // 8, SIZE // 8], np.int64))],
+                   "floor/expand")
+    x = _pick_channels(b, b.node("Mul", [gate, floor], "gated"), OPS_B_PICKS, [1, 0, 2, 3], "pick")
+    x = b.node("Cast", [x], "cast", to=TensorProto.FLOAT)
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x], "gap")], "flat", axis=1)
+    b.node("Gemm", [x, b.param("fc/weight", m.fc.weight), b.param("fc/bias", m.fc.bias)], "scores", transB=1)
+    return b.model("ops_b", "image", "scores", NUM_CLASSES, 17)
+
+
 @dataclass(frozen=True)
 class HandMade:
     name: str
     module: Callable[[], nn.Module]
     graph: Callable[[nn.Module], onnx.ModelProto]
     opset: int
-    softmax: bool
     covers: str
 
 
 HAND_MADE = [
-    HandMade("tf_like", TfLike, tf_like_graph, 13, False,
+    HandMade("tf_like", TfLike, tf_like_graph, 13,
              "Conv with auto_pad SAME_UPPER and stride 2 (asymmetric padding), bias as a broadcast Add, overlapping "
              "MaxPool 3x3/2 with SAME_UPPER, Clip (ReLU6), Transpose to NHWC, ReduceMean over H,W, MatMul + Add; "
              "TensorFlow-style names (`images:0`)"),
-    HandMade("keras_softmax", KerasSoftmax, keras_softmax_graph, 11, True,
+    HandMade("keras_softmax", KerasSoftmax, keras_softmax_graph, 11,
              "output ends in Softmax (stripped by default; `gradients_keep_softmax` for keep_softmax), GlobalMaxPool, "
              "MatMul + Add instead of Gemm, BatchNormalization on a 2-D [N,C] vector"),
-    HandMade("layernorm_ops", LayerNormOps, layernorm_ops_graph, 13, False,
+    HandMade("layernorm_ops", LayerNormOps, layernorm_ops_graph, 13,
              "LayerNorm written out op by op (ReduceMean, Sub, Pow, Add, Sqrt, Div, Mul, Add), GELU from Erf, "
              "GlobalAveragePool, Flatten, Gemm with transB"),
+    HandMade("ops_a", OpsA, ops_a_graph, 13,
+             "output ends in LogSoftmax (stripped by default; `gradients_keep_softmax` for keep_softmax), AveragePool "
+             "3x3/2 padded with count_include_pad=0, LeakyRelu, Tanh, Neg, Exp, Abs, ReduceSum with axes as an input "
+             "(keepdims 0 and 1), Unsqueeze, n-ary Sum with a broadcast operand, Squeeze, Div, Dropout, Identity, "
+             "Gather on axis 0 with repeated indices (below opset 16: no scatter-add), MatMul + Add"),
+    HandMade("ops_b", OpsB, ops_b_graph, 17,
+             "elementwise Max and Min of two convs, AveragePool 3x3/2 padded with count_include_pad=1, HardSigmoid "
+             f"(alpha {HARD_SIGMOID_ALPHA}, beta {HARD_SIGMOID_BETA}), Clip with only a min, GlobalAveragePool + "
+             "Expand, Mul, Gather on axis 0 with repeated indices of a [C,N,h,w] transpose, Cast float -> float, "
+             "Flatten, Gemm"),
 ]
 
 
@@ -489,6 +602,13 @@ def find_target(model: onnx.ModelProto, x: np.ndarray, expected: np.ndarray) -> 
     return matches[0]
 
 
+def final_softmax(model: onnx.ModelProto) -> str | None:
+    """`Softmax` or `LogSoftmax` where the graph's output is one (camserve strips it by default), else None."""
+    output = model.graph.output[0].name
+    op = next(n.op_type for n in model.graph.node if output in n.output)
+    return op if op in NORMALIZERS else None
+
+
 def onnx_scores(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {graph_input(model).name: x})[0]
@@ -500,9 +620,9 @@ def relative_error(got: np.ndarray, ref: np.ndarray) -> float:
 
 # -------------------------------------------------------------------------------------------------- references
 def autograd_reference(model: nn.Module, module: nn.Module, x: torch.Tensor, seeds: torch.Tensor,
-                       softmax: bool = False):
+                       softmax: str | None = None):
     """Eager autograd: the target's value A and d(sum(scores * seed_k))/dA for each seed k, [1,K,Ch,h,w]; with
-    softmax=True the scores are softmax(model(x)) (the model returns pre-softmax scores)."""
+    softmax="Softmax" or "LogSoftmax" the scores are that of model(x) (the model returns pre-softmax scores)."""
     captured = []
 
     def keep(mod, inp, out):  # the clone keeps any later in-place op off the captured output
@@ -516,7 +636,7 @@ def autograd_reference(model: nn.Module, module: nn.Module, x: torch.Tensor, see
         handle.remove()
     (A,) = captured
     if softmax:
-        scores = torch.softmax(scores, dim=1)
+        scores = NORMALIZERS[softmax](scores, dim=1)
     grads = [torch.autograd.grad((scores * seeds[:, k]).sum(), A, retain_graph=True)[0] for k in range(seeds.shape[1])]
     return A.detach().numpy(), torch.stack(grads, 1).numpy()
 
@@ -560,13 +680,15 @@ def first_good_seed(build: Callable[[int], nn.Module], target: str, x: torch.Ten
 
 
 def references(root: Path, stem: str, model: nn.Module, module: nn.Module, onnx_model: onnx.ModelProto,
-               x: torch.Tensor, softmax: bool) -> dict:
+               x: torch.Tensor) -> dict:
     """Check the ONNX file against torch, find its target by value and write the .npy references."""
     with torch.no_grad():
         logits = model(x).numpy()[0]
     got, ref = onnx_scores(onnx_model, x.numpy())[0], logits
-    if softmax:  # log of the Softmax output: the scores up to a constant
-        got, ref = np.log(got) - np.log(got).mean(), logits - logits.mean()
+    softmax = final_softmax(onnx_model)
+    if softmax:  # the log of the probabilities: the scores up to a constant
+        got = np.log(got) if softmax == "Softmax" else got
+        got, ref = got - got.mean(), logits - logits.mean()
     err = relative_error(got, ref)
     if err > TOLERANCE:
         raise RuntimeError(f"{stem}: ONNX scores differ from torch's by {err:.2e} (relative)")
@@ -581,10 +703,10 @@ def references(root: Path, stem: str, model: nn.Module, module: nn.Module, onnx_
         raise RuntimeError(f"{stem}: pytorch-grad-cam's map differs from autograd's Grad-CAM")
     files = {"seeds": seeds, "gradients": G}
     if softmax:
-        files["gradients_keep_softmax"] = autograd_reference(model, module, x, torch.from_numpy(seeds), True)[1]
+        files["gradients_keep_softmax"] = autograd_reference(model, module, x, torch.from_numpy(seeds), softmax)[1]
     files["gradcam"] = cam
     entry = {"target": target, "target_shape": list(A.shape), "output": onnx_model.graph.output[0].name,
-             "softmax": softmax, "head_ops": sorted({n.op_type for n in head_nodes(onnx_model.graph, target,
+             "softmax": softmax is not None, "head_ops": sorted({n.op_type for n in head_nodes(onnx_model.graph, target,
                                                                                   onnx_model.graph.output[0].name)}),
              "input_size": [SIZE, SIZE], "input": INPUT_FILE}
     for key, array in files.items():
@@ -646,13 +768,13 @@ def _readme(cases: dict) -> str:
         "- `seeds` [1,3,C]: one-hot of the top-1 class `class`, one-hot of the third-best class, and +1 on the "
         "second-best with -0.5 on the fourth-best.",
         "- `gradients` [1,3,Ch,h,w]: PyTorch autograd of sum(scores * seed_k) w.r.t. the target's output, per seed "
-        "k; scores are the pre-softmax scores when the file ends in Softmax (`softmax: true`), which also has "
-        "`gradients_keep_softmax`, the same for the Softmax output.",
+        "k; scores are the pre-softmax scores when the file ends in Softmax or LogSoftmax (`softmax: true`), which "
+        "also has `gradients_keep_softmax`, the same for the file's output.",
         "- `gradcam` [64,64]: pytorch-grad-cam 1.5.7's `GradCAM(model, target_layers=[module])(input, "
         "targets=[ClassifierOutputTarget(class)])[0]` on the torch model (the pre-softmax module for Softmax "
         "files); checked against Grad-CAM from `gradients` within 1e-4.",
         "- `logits`: torch's scores (pre-softmax); the ONNX file's agree within `logits_error` (relative; for "
-        "Softmax files, the log of its output, up to a constant).",
+        "Softmax files, the log of its output, for LogSoftmax files the output, up to a constant).",
         "",
         "`refused`: files whose head holds an op camserve does not differentiate: `{model, target, output, op, "
         "node}`, the op type and the node's name, which the refusal must both name.",
@@ -688,7 +810,7 @@ def generate(root: Path, log=print) -> dict:
             model = build_family(family, seed)
             onnx_model = export(model, exporter, opset, root / f"{stem}.onnx")
             entry = {"model": f"{stem}.onnx", "family": family.name, "exporter": exporter, "opset": opset}
-            entry.update(references(root, stem, model, model.get_submodule(family.target), onnx_model, x, False))
+            entry.update(references(root, stem, model, model.get_submodule(family.target), onnx_model, x))
             entry.update({"torch_seed": seed, "torch_target": family.target, "covers": family.covers})
             cases["models"].append(entry)
 
@@ -700,7 +822,7 @@ def generate(root: Path, log=print) -> dict:
         onnx_model = spec.graph(model)
         onnx.save(onnx_model, str(root / f"{stem}.onnx"))
         entry = {"model": f"{stem}.onnx", "family": spec.name, "exporter": "onnx-helper", "opset": spec.opset}
-        entry.update(references(root, stem, model, model.features, onnx_model, x, spec.softmax))
+        entry.update(references(root, stem, model, model.features, onnx_model, x))
         entry.update({"torch_seed": seed, "torch_target": "features", "covers": spec.covers})
         cases["models"].append(entry)
 

@@ -49,13 +49,15 @@ def test_every_model_is_plain(path):
 
 @pytest.mark.parametrize("case", CASES["models"], ids=lambda c: c["model"])
 def test_onnx_scores_and_references_agree(case):
-    """ONNX Runtime's scores equal torch's logits (through the Softmax where there is one), at batch 1 and in a
-    batch of 3; the recorded target tensor holds activations that, with the autograd gradients, give
+    """ONNX Runtime's scores equal torch's logits (through the Softmax or LogSoftmax where there is one), at batch
+    1 and in a batch of 3; the recorded target tensor holds activations that, with the autograd gradients, give
     pytorch-grad-cam's map; the arrays have the documented shapes."""
     sess = session(PLAIN / case["model"])
     name = sess.get_inputs()[0].name
     logits = np.asarray(case["logits"], np.float32)
-    want = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum() if case["softmax"] else logits
+    log_probs = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    want = {None: logits, "Softmax": np.exp(log_probs), "LogSoftmax": log_probs}[
+        zoo.final_softmax(onnx.load(str(PLAIN / case["model"])))]
     scores = sess.run(None, {name: INPUT})[0][0]
     assert zoo.relative_error(scores, want) <= zoo.TOLERANCE
     batch = sess.run(None, {name: np.concatenate([INPUT[:, :, ::-1], INPUT, INPUT * 0.5])})[0]
@@ -73,11 +75,12 @@ def test_onnx_scores_and_references_agree(case):
 
 @pytest.mark.parametrize("case", CASES["models"], ids=lambda c: c["model"])
 def test_head_ops_are_the_files(case):
-    graph = onnx.load(str(PLAIN / case["model"])).graph
-    assert case["output"] == graph.output[0].name
-    head = zoo.head_nodes(graph, case["target"], case["output"])
+    model = onnx.load(str(PLAIN / case["model"]))
+    assert case["output"] == model.graph.output[0].name
+    head = zoo.head_nodes(model.graph, case["target"], case["output"])
     assert sorted({n.op_type for n in head}) == case["head_ops"]
-    assert ("Softmax" in case["head_ops"]) == case["softmax"]
+    final = zoo.final_softmax(model)
+    assert (final is not None) == case["softmax"] and (final is None or final in case["head_ops"])
 
 
 @pytest.mark.parametrize("case", CASES["refused"], ids=lambda c: c["model"])
@@ -88,7 +91,7 @@ def test_refused_op_is_in_the_head(case):
     assert zoo.onnx_scores(model, INPUT).shape == (1, zoo.NUM_CLASSES)  # it runs; only differentiating it fails
 
 
-@pytest.mark.parametrize("stem", ["densenet_legacy_op12", "convnext_dynamo_op20", "keras_softmax"])
+@pytest.mark.parametrize("stem", ["densenet_legacy_op12", "convnext_dynamo_op20", "keras_softmax", "ops_a"])
 def test_gradients_recompute_from_torch(stem):
     """Rebuilt from its family and seed, the torch model gives the committed gradients again (float32 autograd on
     the same CPU ops: equal within 1e-6 of the largest)."""
@@ -96,9 +99,10 @@ def test_gradients_recompute_from_torch(stem):
     model = _torch_model(case)
     module = model.get_submodule(case["torch_target"])
     x, seeds = torch.from_numpy(INPUT), torch.from_numpy(np.load(PLAIN / case["seeds"]))
+    final = zoo.final_softmax(onnx.load(str(PLAIN / case["model"])))
     keys = ["gradients"] + ["gradients_keep_softmax"] * case["softmax"]
     for key in keys:
-        _, grads = zoo.autograd_reference(model, module, x, seeds, softmax=key == "gradients_keep_softmax")
+        _, grads = zoo.autograd_reference(model, module, x, seeds, softmax=final if key != "gradients" else None)
         want = np.load(PLAIN / case[key])
         assert np.abs(grads - want).max() <= 1e-6 * np.abs(want).max(), key
     if case["softmax"]:  # the two differ: keep_softmax is a different derivative

@@ -395,13 +395,26 @@ pub fn backward(
             let negative = w.op("Less", &[indices, &zero], vec![]);
             let wrapped = w.op("Add", &[indices, &rows], vec![]);
             let indices = w.op("Where", &[&negative, &wrapped, indices], vec![]);
+            if w.opset() < 16 {
+                // No scatter-add before opset 16, and a plain ScatterND keeps only the last of repeated indices:
+                // sum one-hot rows instead, [rows,K] x [K,rest].
+                let flat = w.ints(&[-1]);
+                let picked = w.op("Reshape", &[&indices, &flat], vec![]);
+                let values = w.floats(&[2], &[0.0, 1.0]);
+                let one_hot = w.op(
+                    "OneHot",
+                    &[&picked, &rows, &values],
+                    vec![("axis", Attr::Int(0))],
+                );
+                let count = w.shape(&picked);
+                let g_shape = w.op("Concat", &[&count, &flat], vec![("axis", Attr::Int(0))]);
+                let g_rows = w.op("Reshape", &[g, &g_shape], vec![]);
+                let summed = w.op("MatMul", &[&one_hot, &g_rows], vec![]);
+                return one(w.reshape_like(&summed, x));
+            }
             let indices = w.unsqueeze(&indices, &[-1]);
             let zeros = w.op("ConstantOfShape", &[&shape], vec![]);
-            let reduction = if w.opset() >= 16 {
-                vec![("reduction", Attr::Str("add"))]
-            } else {
-                vec![]
-            };
+            let reduction = vec![("reduction", Attr::Str("add"))];
             one(w.op("ScatterND", &[&zeros, &indices, g], reduction))
         }
         "Slice" => {
