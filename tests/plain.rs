@@ -107,8 +107,8 @@ fn run(
     (tensor("logits"), shape, tensor("gradients"), classes)
 }
 
-/// Gradients from camserve's augmented model equal PyTorch autograd's, for every model of the zoo, for a one-hot
-/// seed, an all-zero seed (the second best class) and a weighted seed; logits and target shapes agree too.
+/// Gradients from camserve's augmented model equal PyTorch autograd's, for every model of the zoo, for one-hot
+/// seeds, a weighted seed and an all-zero seed (the best class); logits and target shapes agree too.
 #[test]
 fn augmented_gradients_match_autograd_on_every_zoo_model() {
     let zoo = zoo();
@@ -123,13 +123,26 @@ fn augmented_gradients_match_autograd_on_every_zoo_model() {
         )
         .unwrap_or_else(|e| panic!("{}: {e}", case.model));
         let (_, input) = npy(&case.input);
-        let (seed_shape, seeds) = npy(&case.seeds);
+        let (seed_shape, reference_seeds) = npy(&case.seeds);
+        let mut seeds = reference_seeds.clone();
         let (_, expected) = npy(&case.gradients);
+        // An all-zero row first (row k of zeros is the k-th best class: here the best, the reference's first
+        // row), then the reference's rows.
         let k = seed_shape[1];
+        seeds.splice(0..0, vec![0.0; seed_shape[2]]);
         let (logits, shape, gradients, classes) =
-            run(&augmented.model, &input, case.input_size, &seeds, k);
+            run(&augmented.model, &input, case.input_size, &seeds, k + 1);
+        let block = expected.len() / k;
+        assert_eq!(
+            classes[0], case.class as i64,
+            "{}: the all-zero row",
+            case.model
+        );
+        let best = common::max_relative_error(&gradients[..block], &expected[..block]);
+        assert!(best < TOLERANCE, "{}: all-zero row {best}", case.model);
+        let (gradients, classes) = (&gradients[block..], &classes[1..]);
         let logit_error = common::max_relative_error(&logits, &case.logits);
-        let error = common::max_relative_error(&gradients, &expected);
+        let error = common::max_relative_error(gradients, &expected);
         println!(
             "{} ({} opset {}): head {:?}; logits {logit_error:.1e}, gradients {error:.1e} (relative)",
             case.model, case.exporter, case.opset, augmented.head_ops
@@ -149,7 +162,7 @@ fn augmented_gradients_match_autograd_on_every_zoo_model() {
             "{}: gradients {error} from autograd",
             case.model
         );
-        // Row 0 is the one-hot of `class`; a zero row resolves to the class its rank names.
+        // The reference's row 0 is the one-hot of `class`.
         assert_eq!(classes[0], case.class as i64, "{}", case.model);
         exporters.insert(case.exporter.clone());
 
@@ -161,7 +174,8 @@ fn augmented_gradients_match_autograd_on_every_zoo_model() {
                 Some(case.input_size),
             )
             .unwrap();
-            let (_, _, gradients, _) = run(&kept.model, &input, case.input_size, &seeds, k);
+            let (_, _, gradients, _) =
+                run(&kept.model, &input, case.input_size, &reference_seeds, k);
             let error = common::max_relative_error(&gradients, &npy(path).1);
             println!("{} keep_softmax: gradients {error:.1e}", case.model);
             assert!(error < TOLERANCE, "{} keep_softmax: {error}", case.model);

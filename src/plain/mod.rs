@@ -429,7 +429,10 @@ fn probe(
         .collect())
 }
 
-/// The shapes ONNX Runtime inferred for the session's outputs, if every dimension is known or is the batch.
+/// The shapes ONNX Runtime inferred for the session's outputs, if every rank is known and every dimension is known
+/// or is the batch: named
+/// so, or open in the first axis (inference loses the batch's name at a Flatten, say; a head's first axis is the
+/// batch, and where that assumption could go wrong the backward refuses rather than guesses).
 fn inferred(session: &Session) -> Option<HashMap<String, TensorInfo>> {
     session
         .outputs()
@@ -443,12 +446,16 @@ fn inferred(session: &Session) -> Option<HashMap<String, TensorInfo>> {
             else {
                 return None;
             };
+            if shape.is_empty() {
+                return None; // an unknown rank reads as a scalar's
+            }
             let dims = shape
                 .iter()
                 .zip(dimension_symbols.iter())
-                .map(|(&size, symbol)| match size {
+                .enumerate()
+                .map(|(axis, (&size, symbol))| match size {
                     0.. => Some(Some(size)),
-                    _ if symbol == BATCH => Some(None),
+                    _ if symbol == BATCH || axis == 0 => Some(None),
                     _ => None,
                 })
                 .collect::<Option<Vec<_>>>()?;
