@@ -46,7 +46,7 @@ pub struct Augmented {
     pub head_ops: Vec<String>,
     pub backward_nodes: usize,
     pub notes: Vec<String>,
-    /// The probe Runs that measured the head's shapes, and the graph editing.
+    /// Finding the head's shapes (ONNX Runtime's inference, else probe Runs), and editing the graph.
     pub probe_time: Duration,
     pub edit_time: Duration,
 }

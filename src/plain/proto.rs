@@ -95,9 +95,7 @@ pub mod attribute_type {
     pub const FLOAT: i32 = 1;
     pub const INT: i32 = 2;
     pub const STRING: i32 = 3;
-    pub const TENSOR: i32 = 4;
     pub const GRAPH: i32 = 5;
-    pub const FLOATS: i32 = 6;
     pub const INTS: i32 = 7;
 }
 
