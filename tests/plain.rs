@@ -50,6 +50,19 @@ struct Refused {
     node: String,
 }
 
+impl Zoo {
+    fn case(&self, model: &str) -> &Case {
+        self.cases.iter().find(|c| c.model == model).unwrap()
+    }
+}
+
+/// A fresh folder of this test process's own (remove it at the end).
+fn scratch_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("camserve-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 fn zoo() -> Zoo {
     serde_json::from_str(&std::fs::read_to_string(fixture("plain/cases.json")).unwrap()).unwrap()
 }
@@ -400,8 +413,7 @@ fn a_plain_entry_with_a_bad_target_is_refused_at_load() {
 fn the_augment_command_writes_a_contract_model() {
     let zoo = zoo();
     let case = &zoo.cases[0];
-    let dir = std::env::temp_dir().join(format!("camserve-augment-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("augment");
     let out = dir.join("contract.onnx");
     let size = format!("{},{}", case.input_size[0], case.input_size[1]);
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_camserve"))
@@ -480,11 +492,7 @@ fn a_model_read_and_written_again_runs_identically() {
 fn a_file_with_a_fixed_batch_of_one_serves_batches() {
     use plain::proto::{DimensionValue, ModelProto, TypeValue};
     let zoo = zoo();
-    let case = zoo
-        .cases
-        .iter()
-        .find(|c| c.model == "resnet_legacy_op11.onnx")
-        .unwrap();
+    let case = zoo.case("resnet_legacy_op11.onnx");
     let mut model = ModelProto::decode_bytes(&std::fs::read(file(&case.model)).unwrap()).unwrap();
     let graph = model.graph.as_mut().unwrap();
     for info in graph.input.iter_mut().chain(&mut graph.output) {
@@ -493,8 +501,7 @@ fn a_file_with_a_fixed_batch_of_one_serves_batches() {
         };
         t.shape.as_mut().unwrap().dim[0].value = Some(DimensionValue::DimValue(1));
     }
-    let dir = std::env::temp_dir().join(format!("camserve-fixed-batch-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("fixed-batch");
     let fixed = dir.join("fixed.onnx");
     std::fs::write(&fixed, model.encode_bytes()).unwrap();
     // The file itself refuses a batch of 2 ...
@@ -531,14 +538,9 @@ fn a_file_with_a_fixed_batch_of_one_serves_batches() {
 fn external_weights_are_read_from_the_models_folder_only() {
     use plain::proto::{ModelProto, StringStringEntryProto};
     let zoo = zoo();
-    let case = zoo
-        .cases
-        .iter()
-        .find(|c| c.model == "tf_like.onnx")
-        .unwrap();
+    let case = zoo.case("tf_like.onnx");
     let original = std::fs::read(file(&case.model)).unwrap();
-    let dir = std::env::temp_dir().join(format!("camserve-external-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("external");
     let write = |location: &str| {
         let mut model = ModelProto::decode_bytes(&original).unwrap();
         let mut weights = Vec::new();
