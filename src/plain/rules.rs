@@ -161,13 +161,13 @@ pub fn backward(
             }
             one(w.op("Transpose", &[g], vec![("perm", Attr::Ints(inverse))]))
         }
-        "Relu" => one(pass_where_greater(w, g, x, 0.0, None)),
+        "Relu" => one(where_positive(w, g, x, None)),
         "LeakyRelu" => {
             let scaled = {
                 let alpha = w.float(node.float("alpha").unwrap_or(0.01));
                 w.op("Mul", &[g, &alpha], vec![])
             };
-            one(pass_where_greater(w, g, x, 0.0, Some(&scaled)))
+            one(where_positive(w, g, x, Some(&scaled)))
         }
         "Clip" => clip(w, node, g),
         "Sigmoid" => {
@@ -471,21 +471,12 @@ fn split(
     )])
 }
 
-/// `g` where x > threshold, else `otherwise` (zero when None).
-fn pass_where_greater(
-    w: &mut Writer,
-    g: &str,
-    x: &str,
-    threshold: f32,
-    otherwise: Option<&str>,
-) -> String {
-    let t = w.float(threshold);
-    let above = w.op("Greater", &[x, &t], vec![]);
-    let otherwise = match otherwise {
-        Some(o) => o.to_owned(),
-        None => w.float(0.0),
-    };
-    w.op("Where", &[&above, g, &otherwise], vec![])
+/// `g` where x > 0, else `otherwise` (zero when None): ReLU's and LeakyReLU's backward.
+fn where_positive(w: &mut Writer, g: &str, x: &str, otherwise: Option<&str>) -> String {
+    let zero = w.float(0.0);
+    let positive = w.op("Greater", &[x, &zero], vec![]);
+    let otherwise = otherwise.unwrap_or(&zero);
+    w.op("Where", &[&positive, g, otherwise], vec![])
 }
 
 /// Sums `g` (shaped like the broadcast result `y`) back down to the shape of `x`.
