@@ -37,9 +37,10 @@ struct Args {
     /// Intra-op threads of each session (CPU and CUDA alike).
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// Model files meeting the camserve contract.
+    /// Model files meeting the camserve contract, or plain classifiers as FILE::TARGET (camserve differentiates
+    /// their head at load).
     #[arg(default_values = ["models/efficientnet_lite0.onnx", "tests/fixtures/tiny_cnn.onnx"])]
-    models: Vec<PathBuf>,
+    models: Vec<String>,
 }
 
 struct Row {
@@ -77,10 +78,14 @@ fn main() -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     let mut failures = Vec::new();
-    for file in &args.models {
-        match tokio.block_on(check_model(&runtime, &args, file, &mut rows)) {
+    for model in &args.models {
+        let (file, target) = match model.split_once("::") {
+            Some((file, target)) => (Path::new(file), Some(target)),
+            None => (Path::new(model.as_str()), None),
+        };
+        match tokio.block_on(check_model(&runtime, &args, file, target, &mut rows)) {
             Ok(problems) => failures.extend(problems),
-            Err(e) => failures.push(format!("{}: {e:#}", file.display())),
+            Err(e) => failures.push(format!("{model}: {e:#}")),
         }
     }
 
@@ -139,12 +144,16 @@ fn main() -> anyhow::Result<()> {
 fn model_config(
     name: &str,
     file: &Path,
+    plain_target: Option<&str>,
     providers: &str,
     threads: usize,
 ) -> anyhow::Result<ModelConfig> {
+    let plain = plain_target.map_or(String::new(), |t| {
+        format!("[models.plain]\ntarget = \"{t}\"\n")
+    });
     let toml = format!(
         "[runtime]\nlibrary = \"x\"\n[[models]]\nname = \"{name}\"\nfile = \"{}\"\nexecution_providers = {providers}\n\
-         threads = {threads}\n",
+         threads = {threads}\n{plain}",
         file.display()
     );
     Ok(Config::from_toml(&toml, &std::env::current_dir()?)?
@@ -157,13 +166,20 @@ async fn check_model(
     runtime: &Runtime,
     args: &Args,
     file: &Path,
+    plain_target: Option<&str>,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<Vec<String>> {
     let name = file
         .file_stem()
         .map_or("model".into(), |s| s.to_string_lossy().into_owned());
-    let cpu_config = model_config(&name, file, r#"["cpu"]"#, args.threads)?;
-    let cuda_config = model_config(&name, file, r#"["cuda", "cpu"]"#, args.threads)?;
+    let cpu_config = model_config(&name, file, plain_target, r#"["cpu"]"#, args.threads)?;
+    let cuda_config = model_config(
+        &name,
+        file,
+        plain_target,
+        r#"["cuda", "cpu"]"#,
+        args.threads,
+    )?;
     let cpu = load(runtime, &cpu_config)?;
     let cuda = load(runtime, &cuda_config)?;
     println!(

@@ -772,6 +772,7 @@ fn spread_over(
 }
 
 /// Kernel, strides, dilations and explicit pads [begins..., ends...] of a Conv or pooling node.
+#[derive(Clone)]
 struct Window {
     kernel: Vec<i64>,
     strides: Vec<i64>,
@@ -847,6 +848,57 @@ impl Window {
         Ok(padding)
     }
 
+    /// ConvTranspose of `g` (on the window's output grid, that of `y`) with `weights`, back onto the grid of `x`.
+    #[allow(clippy::too_many_arguments)]
+    fn transpose(
+        &self,
+        c: &Context,
+        w: &mut Writer,
+        g: &str,
+        weights: &str,
+        group: i64,
+        x: &str,
+        y: &str,
+    ) -> Result<String, String> {
+        let nd = self.kernel.len();
+        let (begins, ends) = self.pads.split_at(nd);
+        if begins == ends {
+            let mut attrs = self.attrs(self.output_padding(c, x, y)?);
+            attrs.push(("group", Attr::Int(group)));
+            return Ok(w.op("ConvTranspose", &[g, weights], attrs));
+        }
+        // Uneven padding (SAME_UPPER, SAME_LOWER): CUDA has no ConvTranspose for it, and ONNX Runtime 1.31 crashed
+        // running the node moved to the CPU inside the backward Loop. So: transpose without padding, which covers
+        // the padded grid from its start, then crop the input's place out of it, with zeros past the last window.
+        let (input, output) = (c.spatial(x)?, c.spatial(y)?);
+        let unpadded = Window {
+            pads: vec![0; 2 * nd],
+            ..self.clone()
+        };
+        let mut attrs = unpadded.attrs(vec![0; nd]);
+        attrs.push(("group", Attr::Int(group)));
+        let mut full = w.op("ConvTranspose", &[g, weights], attrs);
+        let covered: Vec<i64> = (0..nd)
+            .map(|i| {
+                (output[i] - 1) * self.strides[i] + self.dilations[i] * (self.kernel[i] - 1) + 1
+            })
+            .collect();
+        let stops: Vec<i64> = (0..nd).map(|i| begins[i] + input[i]).collect();
+        if (0..nd).any(|i| stops[i] > covered[i]) {
+            // Pad's pads: the begins of every axis, then the ends; only spatial ends grow.
+            let mut pads = vec![0; 2 * (nd + 2)];
+            for i in 0..nd {
+                pads[nd + 4 + i] = (stops[i] - covered[i]).max(0);
+            }
+            let pads = w.ints(&pads);
+            full = w.op("Pad", &[&full, &pads], vec![]);
+        }
+        let starts = w.ints(begins);
+        let stops = w.ints(&stops);
+        let axes = w.ints(&(2..2 + nd as i64).collect::<Vec<_>>());
+        Ok(w.op("Slice", &[&full, &starts, &stops, &axes], vec![]))
+    }
+
     fn attrs(&self, output_padding: Vec<i64>) -> Vec<(&'static str, Attr)> {
         vec![
             ("kernel_shape", Attr::Ints(self.kernel.clone())),
@@ -875,13 +927,9 @@ fn conv(
         None => c.spatial(weights)?,
     };
     let window = window(c, node, kernel)?;
-    let padding = window.output_padding(c, x, &node.output[0])?;
-    let mut attrs = window.attrs(padding);
-    attrs.push(("group", Attr::Int(node.int("group").unwrap_or(1))));
-    Ok(vec![(
-        x.to_owned(),
-        w.op("ConvTranspose", &[g, weights], attrs),
-    )])
+    let group = node.int("group").unwrap_or(1);
+    let grad = window.transpose(c, w, g, weights, group, x, &node.output[0])?;
+    Ok(vec![(x.to_owned(), grad)])
 }
 
 fn average_pool(
@@ -922,12 +970,11 @@ fn average_pool(
             w.op("Div", &[g, &counts], vec![])
         };
     // One [1,1,k] kernel serves every channel: fold the channels into the batch.
-    let padding = window.output_padding(c, x, &node.output[0])?;
     let spatial = w.shape_from(&counted, 2);
     let head = w.ints(&[-1, 1]);
     let shape = w.op("Concat", &[&head, &spatial], vec![("axis", Attr::Int(0))]);
     let folded = w.op("Reshape", &[&counted, &shape], vec![]);
-    let spread = w.op("ConvTranspose", &[&folded, &ones], window.attrs(padding));
+    let spread = window.transpose(c, w, &folded, &ones, 1, x, &node.output[0])?;
     Ok(vec![(x.to_owned(), w.reshape_like(&spread, x))])
 }
 
