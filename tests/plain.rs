@@ -599,3 +599,139 @@ fn external_weights_are_read_from_the_models_folder_only() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A Conv whose explicit padding is uneven and whose strided windows stop short of the input's end: the backward
+/// then transposes without padding, pads and crops (what CUDA can run). Checked against central differences of the
+/// plain model itself, which are exact here: the scores are quadratic in the input, and the target is a ReLU of an
+/// all-positive input, so the target's gradient is the input's.
+#[test]
+fn uneven_padding_matches_finite_differences() {
+    use plain::proto::{
+        Attr, Dim, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+        ValueInfoProto,
+    };
+    const SIDE: usize = 65;
+    let node = |op: &str, inputs: &[&str], output: &str, attrs: Vec<(&str, Attr)>| NodeProto {
+        op_type: op.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        attribute: attrs.into_iter().map(|(n, a)| a.into_proto(n)).collect(),
+        ..Default::default()
+    };
+    let values = |n: usize, seed: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 * 0.37 + seed).sin() * 0.5))
+            .collect()
+    };
+    let n = Dim::Named("n".into());
+    let graph = GraphProto {
+        node: vec![
+            node("Relu", &["x"], "t", vec![]),
+            node(
+                "Conv",
+                &["t", "w"],
+                "c",
+                vec![
+                    ("strides", Attr::Ints(vec![2, 2])),
+                    ("pads", Attr::Ints(vec![1, 1, 0, 0])),
+                ],
+            ),
+            node("Mul", &["c", "c"], "squares", vec![]),
+            node("GlobalAveragePool", &["squares"], "pooled", vec![]),
+            node("Flatten", &["pooled"], "flat", vec![]),
+            node(
+                "Gemm",
+                &["flat", "fc"],
+                "scores",
+                vec![("transB", Attr::Int(1))],
+            ),
+        ],
+        initializer: vec![
+            TensorProto::floats("w", &[2, 3, 3, 3], &values(54, 1.0)),
+            TensorProto::floats("fc", &[3, 2], &values(6, 2.0)),
+        ],
+        input: vec![ValueInfoProto::tensor(
+            "x",
+            plain::proto::data_type::FLOAT,
+            Some(&[
+                n.clone(),
+                Dim::Fixed(3),
+                Dim::Fixed(SIDE as i64),
+                Dim::Fixed(SIDE as i64),
+            ]),
+        )],
+        output: vec![ValueInfoProto::tensor(
+            "scores",
+            plain::proto::data_type::FLOAT,
+            Some(&[n, Dim::Fixed(3)]),
+        )],
+        ..Default::default()
+    };
+    let model = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    };
+    let dir = scratch_dir("uneven-padding");
+    let path = dir.join("uneven.onnx");
+    std::fs::write(&path, model.encode_bytes()).unwrap();
+
+    // The first channel's border pixels, where padding and cropping matter, are large; the rest small and
+    // positive, so that the differences stay far above float32 rounding.
+    let border: Vec<usize> = (0..SIDE)
+        .flat_map(|i| [i, (SIDE - 1) * SIDE + i, i * SIDE, i * SIDE + SIDE - 1])
+        .collect();
+    let mut image: Vec<f32> = (0..3 * SIDE * SIDE)
+        .map(|i| 0.01 + ((i * 7919) % 100) as f32 / 10000.0)
+        .collect();
+    for &pixel in &border {
+        image[pixel] = 1.0 + (pixel % 7) as f32 / 10.0;
+    }
+    let seed = [1.0f32, -0.5, 0.25];
+    let spec = PlainModel {
+        target: "t".into(),
+        ..Default::default()
+    };
+    let augmented = plain::augment(runtime(), &path, &spec, None).unwrap();
+    let (_, _, gradients, _) = run(&augmented.model, &image, [SIDE, SIDE], &seed, 1);
+
+    // +-h for each border pixel (it stays positive, so the ReLU is the identity), all in one Run.
+    let h = 0.5f32;
+    let mut batch = Vec::with_capacity(2 * border.len() * image.len());
+    for &pixel in &border {
+        for sign in [1.0, -1.0] {
+            let mut nudged = image.clone();
+            nudged[pixel] += sign * h;
+            batch.extend(nudged);
+        }
+    }
+    let mut session = Session::builder(&runtime().environment)
+        .unwrap()
+        .commit_from_file(&path)
+        .unwrap();
+    let outputs = session
+        .run(ort::inputs!["x" => TensorRef::from_array_view(([2 * border.len(), 3, SIDE, SIDE], batch.as_slice())).unwrap()])
+        .unwrap();
+    let scores = outputs["scores"]
+        .try_extract_tensor::<f32>()
+        .unwrap()
+        .1
+        .to_vec();
+    let weighted =
+        |row: usize| -> f64 { (0..3).map(|c| (scores[row * 3 + c] * seed[c]) as f64).sum() };
+    let differences: Vec<f32> = (0..border.len())
+        .map(|p| ((weighted(2 * p) - weighted(2 * p + 1)) / (2.0 * h as f64)) as f32)
+        .collect();
+    let served: Vec<f32> = border.iter().map(|&pixel| gradients[pixel]).collect();
+    let error = common::max_relative_error(&served, &differences);
+    println!(
+        "uneven padding: {error:.1e} from central differences over {} border pixels",
+        border.len()
+    );
+    assert!(error < 1e-3, "{error}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
