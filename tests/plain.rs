@@ -620,7 +620,7 @@ fn uneven_padding_matches_finite_differences() {
     };
     let values = |n: usize, seed: f32| -> Vec<f32> {
         (0..n)
-            .map(|i| ((i as f32 * 0.37 + seed).sin() * 0.5))
+            .map(|i| (i as f32 * 0.37 + seed).sin() * 0.5)
             .collect()
     };
     let n = Dim::Named("n".into());
