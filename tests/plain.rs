@@ -75,6 +75,17 @@ fn npy(path: &str) -> (Vec<usize>, Vec<f32>) {
     read_npy_file(&fixture(&format!("plain/{path}")))
 }
 
+/// A zoo model augmented as the server would (at its input size).
+fn augment_case(case: &Case, keep_softmax: bool) -> plain::Augmented {
+    plain::augment(
+        runtime(),
+        &file(&case.model),
+        &spec(case, keep_softmax),
+        Some(case.input_size),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", case.model))
+}
+
 fn spec(case: &Case, keep_softmax: bool) -> PlainModel {
     PlainModel {
         target: case.target.clone(),
@@ -128,13 +139,7 @@ fn augmented_gradients_match_autograd_on_every_zoo_model() {
     assert!(zoo.cases.len() >= 15, "only {} zoo models", zoo.cases.len());
     let mut exporters = std::collections::BTreeSet::new();
     for case in &zoo.cases {
-        let augmented = plain::augment(
-            runtime(),
-            &file(&case.model),
-            &spec(case, false),
-            Some(case.input_size),
-        )
-        .unwrap_or_else(|e| panic!("{}: {e}", case.model));
+        let augmented = augment_case(case, false);
         let (_, input) = npy(&case.input);
         let (seed_shape, reference_seeds) = npy(&case.seeds);
         let mut seeds = reference_seeds.clone();
@@ -180,13 +185,7 @@ fn augmented_gradients_match_autograd_on_every_zoo_model() {
         exporters.insert(case.exporter.clone());
 
         if let Some(path) = &case.gradients_keep_softmax {
-            let kept = plain::augment(
-                runtime(),
-                &file(&case.model),
-                &spec(case, true),
-                Some(case.input_size),
-            )
-            .unwrap();
+            let kept = augment_case(case, true);
             let (_, _, gradients, _) =
                 run(&kept.model, &input, case.input_size, &reference_seeds, k);
             let error = common::max_relative_error(&gradients, &npy(path).1);
@@ -206,25 +205,13 @@ fn a_final_softmax_is_stripped_unless_kept() {
         .iter()
         .find(|c| c.softmax)
         .expect("a zoo model that ends in Softmax");
-    let stripped = plain::augment(
-        runtime(),
-        &file(&case.model),
-        &spec(case, false),
-        Some(case.input_size),
-    )
-    .unwrap();
+    let stripped = augment_case(case, false);
     assert!(
         stripped.notes.iter().any(|n| n.contains("Softmax")),
         "{:?}",
         stripped.notes
     );
-    let kept = plain::augment(
-        runtime(),
-        &file(&case.model),
-        &spec(case, true),
-        Some(case.input_size),
-    )
-    .unwrap();
+    let kept = augment_case(case, true);
     assert!(kept.notes.is_empty());
     let (_, input) = npy(&case.input);
     let (seed_shape, seeds) = npy(&case.seeds);
@@ -450,13 +437,7 @@ fn the_augment_command_writes_a_contract_model() {
     assert_eq!(info.target_layer, case.target);
     assert_eq!(info.activation_shape[..], case.target_shape[1..]);
     let written = std::fs::read(&out).unwrap();
-    let in_memory = plain::augment(
-        runtime(),
-        &file(&case.model),
-        &spec(case, false),
-        Some(case.input_size),
-    )
-    .unwrap();
+    let in_memory = augment_case(case, false);
     assert_eq!(
         written, in_memory.model,
         "the command and the server augment alike"
