@@ -3,6 +3,9 @@
 //!
 //! bench_ort run ORT_LIBRARY MODEL THREADS ITERATIONS
 //!     prints one JSON object per line: {"batch", "k", "median_ms", "p99_ms", "images_per_s"}
+//! bench_ort throughput ORT_LIBRARY MODEL THREADS BATCH SECONDS
+//!     Runs of BATCH images (top-1) back to back for SECONDS: one JSON object {"batch", "images_per_s",
+//!     "median_ms"}; the benchmark starts several at once to measure sessions side by side
 //! bench_ort plain ORT_LIBRARY PLAIN_MODEL TARGET THREADS ITERATIONS
 //!     a plain classifier (`camserve::plain`): how long augmenting takes, and its Run against the augmented
 //!     model's (batch 1, top-1), in alternating blocks: one JSON object
@@ -22,6 +25,13 @@ fn main() -> anyhow::Result<()> {
         ["run", library, model, threads, iterations] => {
             bare_runs(library, model, threads.parse()?, iterations.parse()?)
         }
+        ["throughput", library, model, threads, batch, seconds] => throughput(
+            library,
+            model,
+            threads.parse()?,
+            batch.parse()?,
+            seconds.parse()?,
+        ),
         ["plain", library, model, target, threads, iterations] => plain_runs(
             library,
             model,
@@ -32,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         ["inputs", photo, dir] => write_inputs(Path::new(photo), Path::new(dir)),
         _ => anyhow::bail!(
             "usage: bench_ort run ORT_LIBRARY MODEL THREADS ITERATIONS | \
+             throughput ORT_LIBRARY MODEL THREADS BATCH SECONDS | \
              plain ORT_LIBRARY PLAIN_MODEL TARGET THREADS ITERATIONS | inputs PHOTO.png DIR"
         ),
     }
@@ -51,35 +62,92 @@ fn write_inputs(photo: &Path, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bare_runs(library: &str, model: &str, threads: usize, iterations: usize) -> anyhow::Result<()> {
+/// The model's session as camserve opens it, and its input height, width and class count.
+fn open(library: &str, model: &str, threads: usize) -> anyhow::Result<(Session, [usize; 3])> {
     let runtime = camserve::runtime::init(Path::new(library))?;
     let toml = format!(
-        "[runtime]\nlibrary = \"{library}\"\n[[models]]\nname = \"m\"\nfile = \"{model}\"\nthreads = {threads}\n"
+        "[runtime]\nlibrary = \"{library}\"\n[[models]]\nname = \"m\"\nfile = \"{model}\"\nthreads = {threads}\n\
+         split_under_load = false\n"
     );
     let config = Config::from_toml(&toml, &std::env::current_dir()?)?
         .models
         .remove(0);
     let (info, mut sessions) = camserve::model::load(&runtime, &config)?;
-    let session = &mut sessions[0];
-    let (height, width, classes) = (
+    let dims = [
         info.preprocess.height,
         info.preprocess.width,
         info.num_classes(),
-    );
+    ];
+    Ok((sessions.remove(0).session, dims))
+}
 
+/// The inputs of one Run: `batch` made-up images with `k` all-zero seed rows each (the top-k classes).
+struct Inputs {
+    shape: [usize; 4],
+    input: Vec<f32>,
+    seeds_shape: [usize; 3],
+    seeds: Vec<f32>,
+}
+
+impl Inputs {
+    fn new(dims: [usize; 3], batch: usize, k: usize) -> Self {
+        let [height, width, classes] = dims;
+        Inputs {
+            shape: [batch, 3, height, width],
+            input: (0..batch * 3 * height * width)
+                .map(|i| ((i % 97) as f32 / 48.0) - 1.0)
+                .collect(),
+            seeds_shape: [batch, k, classes],
+            seeds: vec![0.0; batch * k * classes],
+        }
+    }
+
+    fn run(&self, session: &mut Session) -> anyhow::Result<()> {
+        drop(session.run(ort::inputs![
+            "input" => TensorRef::from_array_view((self.shape, self.input.as_slice()))?,
+            "class_weights" => TensorRef::from_array_view((self.seeds_shape, self.seeds.as_slice()))?,
+        ])?);
+        Ok(())
+    }
+}
+
+fn throughput(
+    library: &str,
+    model: &str,
+    threads: usize,
+    batch: usize,
+    seconds: f64,
+) -> anyhow::Result<()> {
+    let (mut session, dims) = open(library, model, threads)?;
+    let inputs = Inputs::new(dims, batch, 1);
+    for _ in 0..3 {
+        inputs.run(&mut session)?;
+    }
+    let started = Instant::now();
+    let mut times = Vec::new();
+    while started.elapsed().as_secs_f64() < seconds {
+        let run = Instant::now();
+        inputs.run(&mut session)?;
+        times.push(run.elapsed().as_secs_f64() * 1e3);
+    }
+    let images_per_s = (times.len() * batch) as f64 / started.elapsed().as_secs_f64();
+    times.sort_by(f64::total_cmp);
+    let median_ms = times[times.len() / 2];
+    println!(
+        "{}",
+        serde_json::json!({"batch": batch, "images_per_s": images_per_s, "median_ms": median_ms})
+    );
+    Ok(())
+}
+
+fn bare_runs(library: &str, model: &str, threads: usize, iterations: usize) -> anyhow::Result<()> {
+    let (mut session, dims) = open(library, model, threads)?;
     for (batch, k) in [(1, 1), (2, 1), (4, 1), (8, 1), (1, 5)] {
-        let input: Vec<f32> = (0..batch * 3 * height * width)
-            .map(|i| ((i % 97) as f32 / 48.0) - 1.0)
-            .collect();
-        let seeds = vec![0.0f32; batch * k * classes];
+        let inputs = Inputs::new(dims, batch, k);
         let mut times = Vec::with_capacity(iterations);
         for i in 0..iterations + 5 {
             let started = Instant::now();
-            let outputs = session.run(ort::inputs![
-                "input" => TensorRef::from_array_view(([batch, 3, height, width], input.as_slice()))?,
-                "class_weights" => TensorRef::from_array_view(([batch, k, classes], seeds.as_slice()))?,
-            ])?;
-            drop(outputs);
+            inputs.run(&mut session)?;
             if i >= 5 {
                 times.push(started.elapsed().as_secs_f64() * 1e3);
             }

@@ -303,7 +303,7 @@ fn bare_run_median(
     let mut input = vec![0.0f32; 3 * p.height * p.width];
     p.write_tensor(&image, &mut input);
     let seeds = vec![0.0f32; TOP_K * info.num_classes()];
-    let session = &mut sessions[0];
+    let session = &mut sessions[0].session;
     let mut times = Vec::with_capacity(args.runs);
     for i in 0..args.warmup + args.runs {
         let started = Instant::now();

@@ -1,7 +1,7 @@
 //! Timings behind the choices in preprocess and render: `cargo run --release --example measure`.
 
 use camserve::boxes::Threshold;
-use camserve::cam::{Map, display_map};
+use camserve::cam::{self, CamMethod, Map, display_map};
 use camserve::preprocess::{ChannelOrder, DecodeLimits, Preprocess, decode};
 use camserve::{boxes, render};
 use image::codecs::jpeg::JpegEncoder;
@@ -60,6 +60,17 @@ fn main() {
     println!(
         "decode 4000x3000 JPEG ({} KiB): {decode_time:?}",
         jpeg.len() / 1024
+    );
+
+    let mut small_jpeg = Vec::new();
+    photo(224, 224)
+        .write_with_encoder(JpegEncoder::new_with_quality(&mut small_jpeg, 90))
+        .unwrap();
+    println!(
+        "decode 224x224 JPEG ({} KiB): {:?}",
+        small_jpeg.len() / 1024,
+        time(101, || decode(&small_jpeg, &DecodeLimits::default())
+            .unwrap())
     );
 
     println!("resize 4000x3000 -> 224x224:");
@@ -172,6 +183,31 @@ fn main() {
             render::encode_png(&gray16).unwrap().len()
         );
     }
+
+    // What each class beyond the first costs a top-k request with output=boxes (EfficientNet-Lite0's layer).
+    let (channels, side) = (1280, 7);
+    let activations: Vec<f32> = (0..channels * side * side)
+        .map(|i| ((i * 7919) % 1000) as f32 * 1e-3)
+        .collect();
+    let gradients: Vec<f32> = (0..channels * side * side)
+        .map(|i| ((i * 104_729) % 1000) as f32 * 1e-6 - 4e-4)
+        .collect();
+    let shape = [channels, side, side];
+    let raw = cam::compute(CamMethod::GradCam, &activations, &gradients, shape, false);
+    let display = display_map(&raw, 224, 224);
+    println!("one class of a top-k request, 1280x7x7 layer, 224x224 image:");
+    println!(
+        "  Grad-CAM map {:?}, display map {:?}, boxes {:?}",
+        time(101, || cam::compute(
+            CamMethod::GradCam,
+            &activations,
+            &gradients,
+            shape,
+            false
+        )),
+        time(101, || display_map(&raw, 224, 224)),
+        time(101, || boxes::regions(&display, Threshold::PAPER, 5)),
+    );
 
     println!("boxes::regions on 4000x3000:");
     let one = Map::new(4000, 3000, vec![1.0; 12_000_000]);

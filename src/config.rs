@@ -227,6 +227,10 @@ pub struct ModelConfig {
     /// Intra-op threads per session.
     #[serde(default = "one")]
     pub threads: usize,
+    /// With several threads on the CPU: under load, the same cores serve as one-thread sessions, one Run per
+    /// core, while a request that arrives alone still gets all the threads (see `engine::Role`).
+    #[serde(default = "yes")]
+    pub split_under_load: bool,
     /// Requests that may wait for a session; past it the service answers 503 at once.
     #[serde(default = "default_queue")]
     pub queue_capacity: usize,
@@ -262,6 +266,10 @@ pub struct ModelOverrides {
 fn default_providers() -> Vec<ExecutionProvider> {
     vec![ExecutionProvider::Cpu]
 }
+fn yes() -> bool {
+    true
+}
+
 fn one() -> usize {
     1
 }

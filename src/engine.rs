@@ -6,11 +6,15 @@
 //! thread that takes a job also takes the jobs already waiting with the same number of targets while the Run
 //! stays within `max_batch` images, optionally waiting `max_batch_wait` for more, and runs them in one Run. A job
 //! larger than `max_batch` runs alone, in one Run.
+//!
+//! Cores: every session's Runs keep some threads busy, and a session starts a Run only while the model's threads
+//! have room for it. That lets one model hold both a session of several threads, for a request that arrives
+//! alone, and one-thread sessions on the same cores, for load (see [`Role`]).
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use ort::session::Session;
 use tokio::sync::oneshot;
 
@@ -31,16 +35,19 @@ pub struct RunTimes {
     pub inference: Duration,
     /// Images in the Run that served this job.
     pub batch_size: usize,
+    /// Intra-op threads of the session that ran it.
+    pub threads: usize,
 }
 
 impl RunTimes {
-    /// The times of several Runs one request made one after the other: waits and Runs add up; the batch size is
-    /// the largest.
+    /// The times of several Runs one request made one after the other: waits and Runs add up; the batch size and
+    /// the threads are the largest.
     pub fn then(self, next: RunTimes) -> RunTimes {
         RunTimes {
             queue: self.queue + next.queue,
             inference: self.inference + next.inference,
             batch_size: self.batch_size.max(next.batch_size),
+            threads: self.threads.max(next.threads),
         }
     }
 }
@@ -63,25 +70,53 @@ pub struct Batching {
     pub max_wait: Duration,
 }
 
-/// The queue in front of a model's sessions. Dropping it lets the session threads finish and exit.
+/// When a session may take the next jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Whenever the cores have room for its threads.
+    Always,
+    /// A session of several threads, while at most one job waits and no [`Role::UnderLoad`] Run holds a core:
+    /// a request that arrives alone is served fastest across all the cores.
+    Alone,
+    /// A one-thread session, once jobs wait for one another or other Runs hold cores: under load, one Run per
+    /// core serves more than Runs whose threads synchronise on every operator (docs/performance.md).
+    UnderLoad,
+}
+
+/// A session, the threads its Runs keep busy (its intra-op threads), and when it runs.
+pub struct Worker {
+    pub session: Session,
+    pub threads: usize,
+    pub role: Role,
+}
+
+/// The queue in front of a model's sessions. Dropping it lets the session threads serve what waits, then exit.
 pub struct Runner {
-    queue: Sender<Job>,
+    queue: Arc<Queue>,
 }
 
 impl Runner {
+    /// Starts one thread per worker. `cores` is how many threads the workers' Runs may keep busy at once.
     pub fn start(
         name: &str,
-        sessions: Vec<Session>,
+        workers: Vec<Worker>,
+        cores: usize,
         input_size: [usize; 2],
         capacity: usize,
         batching: Batching,
     ) -> Self {
-        let (queue, jobs) = crossbeam_channel::bounded::<Job>(capacity);
-        for (i, session) in sessions.into_iter().enumerate() {
-            let jobs = jobs.clone();
+        let queue = Arc::new(Queue {
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            capacity,
+            cores,
+            batching,
+        });
+        for (i, worker) in workers.into_iter().enumerate() {
+            let queue = queue.clone();
             std::thread::Builder::new()
                 .name(format!("{name}-session-{i}"))
-                .spawn(move || serve_session(session, jobs, input_size, batching))
+                .spawn(move || serve(worker, &queue, input_size))
                 .expect("spawning a session thread");
         }
         Self { queue }
@@ -104,15 +139,14 @@ impl Runner {
             enqueued: Instant::now(),
             reply,
         };
-        match self.queue.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(EngineError::Overloaded),
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(EngineError::Failed(
-                    "the model's sessions have stopped".into(),
-                ));
+        {
+            let mut state = self.queue.lock();
+            if state.jobs.len() >= self.queue.capacity {
+                return Err(EngineError::Overloaded);
             }
+            state.jobs.push_back(job);
         }
+        self.queue.changed.notify_all();
         result
             .await
             .unwrap_or_else(|_| Err(EngineError::Failed("a session thread stopped".into())))
@@ -120,50 +154,135 @@ impl Runner {
 
     /// Jobs waiting for a session.
     pub fn queue_depth(&self) -> usize {
-        self.queue.len()
+        self.queue.lock().jobs.len()
     }
 }
 
-fn serve_session(
-    mut session: Session,
-    jobs: Receiver<Job>,
-    input_size: [usize; 2],
+impl Drop for Runner {
+    fn drop(&mut self) {
+        self.queue.lock().closed = true;
+        self.queue.changed.notify_all();
+    }
+}
+
+struct Queue {
+    state: Mutex<State>,
+    /// Signalled when a job arrives, a Run ends or the runner is dropped.
+    changed: Condvar,
+    capacity: usize,
+    cores: usize,
     batching: Batching,
-) {
-    // A job taken while filling a batch of another K waits here for the next Run.
-    let mut held: Option<Job> = None;
-    loop {
-        let Some(first) = held.take().or_else(|| jobs.recv().ok()) else {
-            drop(session);
-            release_freed_memory();
-            return;
-        };
-        let mut images = first.images;
+}
+
+#[derive(Default)]
+struct State {
+    jobs: VecDeque<Job>,
+    /// Threads kept busy by Runs in flight, and those of them in [`Role::UnderLoad`] Runs.
+    busy: usize,
+    busy_under_load: usize,
+    closed: bool,
+}
+
+impl State {
+    fn may_start(&self, threads: usize, role: Role, cores: usize) -> bool {
+        if self.jobs.is_empty() || self.busy + threads > cores {
+            return false;
+        }
+        // Once the runner is dropped, whoever is free serves what is left.
+        self.closed
+            || match role {
+                Role::Always => true,
+                Role::Alone => self.jobs.len() == 1 && self.busy_under_load == 0,
+                Role::UnderLoad => self.jobs.len() > 1 || self.busy > 0,
+            }
+    }
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A session thread that panicked holding the lock left the queue consistent: every change is one statement.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits until this worker may start a Run, then takes its batch and holds its cores; `None` once the runner
+    /// is dropped and nothing waits.
+    fn next_batch(&self, threads: usize, role: Role) -> Option<Vec<Job>> {
+        let mut state = self.lock();
+        while !state.may_start(threads, role, self.cores) {
+            if state.closed && state.jobs.is_empty() {
+                return None;
+            }
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        state.busy += threads;
+        if role == Role::UnderLoad {
+            state.busy_under_load += threads;
+        }
+        let first = state.jobs.pop_front().expect("may_start saw a job");
+        let (k, mut images) = (first.k, first.images);
         let mut batch = vec![first];
-        let deadline = Instant::now() + batching.max_wait;
-        while images < batching.max_batch {
-            let next = match deadline.checked_duration_since(Instant::now()) {
-                Some(left) if !left.is_zero() => jobs.recv_timeout(left),
-                _ => jobs.try_recv().map_err(|_| RecvTimeoutError::Timeout),
-            };
-            match next {
-                Ok(job) if job.k == batch[0].k && images + job.images <= batching.max_batch => {
-                    images += job.images;
-                    batch.push(job);
-                }
-                Ok(job) => {
-                    held = Some(job);
+        let deadline = Instant::now() + self.batching.max_wait;
+        loop {
+            while let Some(next) = state.jobs.front() {
+                if next.k != k || images + next.images > self.batching.max_batch {
                     break;
                 }
-                Err(_) => break,
+                images += next.images;
+                batch.extend(state.jobs.pop_front());
+            }
+            // A job of another K, or one that does not fit, waits for the next Run.
+            let closed_batch = images >= self.batching.max_batch || !state.jobs.is_empty();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if closed_batch || left.is_zero() || state.closed {
+                break;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Some(batch)
+    }
+}
+
+/// A worker's cores while its Run is in flight; handed back when dropped, even by a Run that panicked.
+struct Held<'a> {
+    queue: &'a Queue,
+    threads: usize,
+    role: Role,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        {
+            let mut state = self.queue.lock();
+            state.busy -= self.threads;
+            if self.role == Role::UnderLoad {
+                state.busy_under_load -= self.threads;
             }
         }
+        self.queue.changed.notify_all();
+    }
+}
+
+fn serve(mut worker: Worker, queue: &Queue, input_size: [usize; 2]) {
+    while let Some(mut batch) = queue.next_batch(worker.threads, worker.role) {
+        let _held = Held {
+            queue,
+            threads: worker.threads,
+            role: worker.role,
+        };
         // Clients that went away while their job waited cost no Run.
         batch.retain(|job| !job.reply.is_closed());
         if !batch.is_empty() {
-            run_batch(&mut session, batch, input_size);
+            run_batch(&mut worker.session, worker.threads, batch, input_size);
         }
     }
+    drop(worker);
+    release_freed_memory();
 }
 
 /// Hands memory that a dropped session freed back to the system. glibc keeps freed blocks in its arenas, and
@@ -177,7 +296,7 @@ fn release_freed_memory() {
     }
 }
 
-fn run_batch(session: &mut Session, batch: Vec<Job>, input_size: [usize; 2]) {
+fn run_batch(session: &mut Session, threads: usize, batch: Vec<Job>, input_size: [usize; 2]) {
     let started = Instant::now();
     let k = batch[0].k;
     // One job runs from its own buffer; a batch needs the images side by side.
@@ -198,6 +317,7 @@ fn run_batch(session: &mut Session, batch: Vec<Job>, input_size: [usize; 2]) {
                     queue: started - job.enqueued,
                     inference,
                     batch_size,
+                    threads,
                 };
                 let mine = outputs.by_ref().take(job.images).collect();
                 let _ = job.reply.send(Ok((mine, times)));

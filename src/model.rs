@@ -15,6 +15,7 @@ use ort::value::{Outlet, TensorElementType, TensorRef, ValueType};
 use serde::Deserialize;
 
 use crate::config::{ExecutionProvider, ModelConfig, ModelOverrides};
+use crate::engine::{Role, Worker};
 use crate::plain::PlainModel;
 use crate::preprocess::{ChannelOrder, Preprocess};
 use crate::runtime::Runtime;
@@ -233,11 +234,13 @@ fn has_output(session: &Session, name: &str) -> bool {
     session.outputs().iter().any(|o| o.name() == name)
 }
 
-/// Opens `config.sessions` sessions, checks the contract and the metadata, and probes the model once.
+/// Opens `config.sessions` sessions, checks the contract and the metadata, and probes the model once. With
+/// `split_under_load` and several threads on the CPU, each session also gets that many one-thread sessions for
+/// the same cores, which serve under load.
 pub fn load(
     runtime: &Runtime,
     config: &ModelConfig,
-) -> Result<(ModelInfo, Vec<Session>), ModelError> {
+) -> Result<(ModelInfo, Vec<Worker>), ModelError> {
     let refuse = |reason: String| ModelError {
         name: config.name.clone(),
         file: config.file.clone(),
@@ -251,7 +254,8 @@ pub fn load(
         None => None,
     };
     let augmented = augmented.as_deref();
-    let (mut first, device) = open_session(runtime, config, augmented).map_err(refuse)?;
+    let (mut first, device) =
+        open_session(runtime, config, augmented, config.threads).map_err(refuse)?;
 
     let problems = signature_problems(&first);
     if !problems.is_empty() {
@@ -277,9 +281,23 @@ pub fn load(
     let guided = has_output(&first, INPUT_GRADIENTS);
     let activation_shape = probe(&mut first, &meta).map_err(refuse)?;
 
-    let mut sessions = vec![first];
+    let split = config.split_under_load && config.threads > 1 && device == ExecutionProvider::Cpu;
+    let worker = |session, threads, role| Worker {
+        session,
+        threads,
+        role,
+    };
+    let role = if split { Role::Alone } else { Role::Always };
+    let mut workers = vec![worker(first, config.threads, role)];
     for _ in 1..config.sessions {
-        sessions.push(open_session(runtime, config, augmented).map_err(refuse)?.0);
+        let session = open_session(runtime, config, augmented, config.threads).map_err(refuse)?;
+        workers.push(worker(session.0, config.threads, role));
+    }
+    if split {
+        for _ in 0..config.sessions * config.threads {
+            let session = open_session(runtime, config, augmented, 1).map_err(refuse)?;
+            workers.push(worker(session.0, 1, Role::UnderLoad));
+        }
     }
     let info = ModelInfo {
         name: config.name.clone(),
@@ -293,7 +311,7 @@ pub fn load(
         device,
         source: meta.source,
     };
-    Ok((info, sessions))
+    Ok((info, workers))
 }
 
 /// The extra layers' names from `camserve.target_layers`, which must name the primary and every extra layer.
@@ -340,13 +358,11 @@ fn open_session(
     runtime: &Runtime,
     config: &ModelConfig,
     augmented: Option<&[u8]>,
+    threads: usize,
 ) -> Result<(Session, ExecutionProvider), String> {
     let ort_error = |e: ort::Error| format!("ONNX Runtime cannot open it: {e}");
     let mut builder = Session::builder(&runtime.environment)
-        .and_then(|b| {
-            Ok(b.with_intra_threads(config.threads)?
-                .with_inter_threads(1)?)
-        })
+        .and_then(|b| Ok(b.with_intra_threads(threads)?.with_inter_threads(1)?))
         .map_err(ort_error)?;
     let mut device = ExecutionProvider::Cpu;
     for provider in &config.execution_providers {

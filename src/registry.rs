@@ -21,12 +21,12 @@ impl Model {
     /// Loads, checks and warms up one model, and starts its sessions.
     pub fn load(runtime: &Runtime, config: &ModelConfig) -> Result<Self, ModelError> {
         let started = Instant::now();
-        let (info, sessions) = model::load(runtime, config)?;
+        let (info, workers) = model::load(runtime, config)?;
         tracing::info!(
             model = %info.name,
             device = %info.device,
             classes = info.num_classes(),
-            sessions = sessions.len(),
+            sessions = workers.len(),
             load_ms = started.elapsed().as_millis() as u64,
             "model loaded"
         );
@@ -37,7 +37,8 @@ impl Model {
         };
         let runner = Runner::start(
             &info.name,
-            sessions,
+            workers,
+            config.sessions * config.threads,
             input_size,
             config.queue_capacity,
             batching,

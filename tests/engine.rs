@@ -1,0 +1,93 @@
+//! The session layout: with `split_under_load`, a request that arrives alone runs on the session of all the
+//! threads, and concurrent ones on one-thread sessions, never more threads busy than configured; every session
+//! gives the same answers. Real sessions of the default model.
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use camserve::engine::{Batching, RunTimes, Runner};
+use camserve::model::RunOutput;
+use common::{model_config, root, runtime};
+
+const SIZE: [usize; 2] = [224, 224];
+
+/// The default model with one session of `threads` threads, its runner (one image per Run), and a made-up
+/// image with the seeds of its top-1.
+fn runner(threads: usize, split_under_load: bool) -> (Arc<Runner>, Arc<[f32]>, Vec<f32>) {
+    let mut config = model_config("default", &root().join("models/efficientnet_lite0.onnx"));
+    config.threads = threads;
+    config.split_under_load = split_under_load;
+    let (info, workers) = camserve::model::load(runtime(), &config).unwrap();
+    let batching = Batching {
+        max_batch: 1,
+        max_wait: Duration::ZERO,
+    };
+    let runner = Runner::start("default", workers, threads, SIZE, 64, batching);
+    let image: Arc<[f32]> = (0..3 * SIZE[0] * SIZE[1])
+        .map(|i| ((i % 251) as f32 / 125.0) - 1.0)
+        .collect();
+    (Arc::new(runner), image, vec![0.0; info.num_classes()])
+}
+
+async fn explain(runner: &Runner, image: &Arc<[f32]>, seeds: &[f32]) -> (RunOutput, RunTimes) {
+    let (mut outputs, times) = runner
+        .run(image.clone(), 1, seeds.to_vec(), 1)
+        .await
+        .unwrap();
+    (outputs.remove(0), times)
+}
+
+/// `n` requests at once, each on a task of its own.
+async fn concurrently(
+    runner: &Arc<Runner>,
+    image: &Arc<[f32]>,
+    seeds: &[f32],
+    n: usize,
+) -> Vec<(RunOutput, RunTimes)> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (runner, image, seeds) = (runner.clone(), image.clone(), seeds.to_vec());
+        tasks.spawn(async move { explain(&runner, &image, &seeds).await });
+    }
+    tasks.join_all().await
+}
+
+fn max_relative_difference(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lone_request_gets_every_thread_and_load_one_thread_per_run() {
+    let (runner, image, seeds) = runner(2, true);
+    let (alone, times) = explain(&runner, &image, &seeds).await;
+    assert_eq!(
+        times.threads, 2,
+        "a request that arrives alone runs across both threads"
+    );
+
+    let answers = concurrently(&runner, &image, &seeds, 16).await;
+    let narrow = answers.iter().filter(|(_, t)| t.threads == 1).count();
+    // Only the last one or two may find the queue drained and the cores free.
+    assert!(
+        narrow >= 14,
+        "{narrow} of 16 concurrent requests ran on one-thread sessions"
+    );
+    for (output, _) in &answers {
+        // Any session, the same answer (ONNX Runtime's kernels split work differently across threads).
+        assert!(max_relative_difference(&output.logits, &alone.logits) < 1e-5);
+        assert!(max_relative_difference(&output.gradients, &alone.gradients) < 1e-5);
+        assert_eq!(output.target_class, alone.target_class);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_split_every_run_uses_every_thread() {
+    let (runner, image, seeds) = runner(2, false);
+    let answers = concurrently(&runner, &image, &seeds, 8).await;
+    assert!(answers.iter().all(|(_, times)| times.threads == 2));
+}
