@@ -12,15 +12,15 @@ use common::{model_config, root, runtime};
 
 const SIZE: [usize; 2] = [224, 224];
 
-/// The default model with one session of `threads` threads, its runner (one image per Run), and a made-up
-/// image with the seeds of its top-1.
+/// The default model with one session of `threads` threads, its runner (batches of up to 8 images), and a
+/// made-up image with the seeds of its top-1.
 fn runner(threads: usize, split_under_load: bool) -> (Arc<Runner>, Arc<[f32]>, Vec<f32>) {
     let mut config = model_config("default", &root().join("models/efficientnet_lite0.onnx"));
     config.threads = threads;
     config.split_under_load = split_under_load;
     let (info, workers) = camserve::model::load(runtime(), &config).unwrap();
     let batching = Batching {
-        max_batch: 1,
+        max_batch: 8,
         max_wait: Duration::ZERO,
     };
     let runner = Runner::start("default", workers, threads, SIZE, 64, batching);
@@ -77,6 +77,10 @@ async fn a_lone_request_gets_every_thread_and_load_one_thread_per_run() {
         narrow >= 14,
         "{narrow} of 16 concurrent requests ran on one-thread sessions"
     );
+    // One-thread Runs take one request each, whatever max_batch allows.
+    for (_, times) in answers.iter().filter(|(_, t)| t.threads == 1) {
+        assert_eq!(times.batch_size, 1);
+    }
     for (output, _) in &answers {
         // Any session, the same answer (ONNX Runtime's kernels split work differently across threads).
         assert!(max_relative_difference(&output.logits, &alone.logits) < 1e-5);
@@ -88,6 +92,8 @@ async fn a_lone_request_gets_every_thread_and_load_one_thread_per_run() {
 #[tokio::test(flavor = "multi_thread")]
 async fn without_the_split_every_run_uses_every_thread() {
     let (runner, image, seeds) = runner(2, false);
-    let answers = concurrently(&runner, &image, &seeds, 8).await;
+    let answers = concurrently(&runner, &image, &seeds, 16).await;
     assert!(answers.iter().all(|(_, times)| times.threads == 2));
+    // Requests that waited for the first Run went together into later ones.
+    assert!(answers.iter().any(|(_, times)| times.batch_size > 1));
 }
