@@ -37,7 +37,7 @@ PY
 )
 echo "explain: top class \`$answer\`"
 [[ $answer == tabby || $answer == "tiger cat" || $answer == "Egyptian cat" ]] || { echo "not a cat" >&2; exit 1; }
-grep -E '^(VmRSS|VmHWM)' /proc/$server/status | sed 's/^/memory of the default model (1 session, 2 threads): /'
+grep -E '^(VmRSS|VmHWM)' /proc/$server/status | sed 's/^/memory of the default model (1 session of 2 threads, split under load): /'
 
 kill -TERM $server
 wait $server
