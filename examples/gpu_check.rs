@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use camserve::config::{Config, ExecutionProvider, Limits, ModelConfig};
+use camserve::engine::Caller;
 use camserve::explain::{self, ExplainOptions, Explanation, Targets};
 use camserve::registry::{Model, Registry};
 use camserve::runtime::{self, Runtime};
@@ -74,7 +75,6 @@ fn main() -> anyhow::Result<()> {
         // cuBLAS and cuDNN read it: 0 forbids TF32 tensor-core maths for float32.
         println!("NVIDIA_TF32_OVERRIDE={}", tf32.to_string_lossy());
     }
-    let tokio = tokio::runtime::Runtime::new()?;
 
     let mut rows = Vec::new();
     let mut failures = Vec::new();
@@ -83,7 +83,7 @@ fn main() -> anyhow::Result<()> {
             Some((file, target)) => (Path::new(file), Some(target)),
             None => (Path::new(model.as_str()), None),
         };
-        match tokio.block_on(check_model(&runtime, &args, file, target, &mut rows)) {
+        match check_model(&runtime, &args, file, target, &mut rows) {
             Ok(problems) => failures.extend(problems),
             Err(e) => failures.push(format!("{model}: {e:#}")),
         }
@@ -162,7 +162,7 @@ fn model_config(
 }
 
 /// Checks one model; returns the failed checks, in words.
-async fn check_model(
+fn check_model(
     runtime: &Runtime,
     args: &Args,
     file: &Path,
@@ -213,9 +213,11 @@ async fn check_model(
     };
     let limits = Limits::default();
     let (mut map_error, mut logits_error) = (0.0f32, 0.0f32);
+    let caller = Caller::default();
+    let ticket = caller.ticket();
     for (label, bytes) in &images {
-        let on_cpu = explain::explain(&cpu, bytes.clone(), &limits, &options).await?;
-        let mut on_cuda = explain::explain(&cuda, bytes.clone(), &limits, &options).await?;
+        let on_cpu = explain::explain(&cpu, bytes, &limits, &options, &ticket)?;
+        let mut on_cuda = explain::explain(&cuda, bytes, &limits, &options, &ticket)?;
         let classes = |e: &Explanation| e.targets.iter().map(|t| t.class).collect::<Vec<_>>();
         if classes(&on_cpu) != classes(&on_cuda) {
             // Near-tied scores may rank differently; compare the maps of the CPU's classes then.
@@ -228,7 +230,7 @@ async fn check_model(
                 targets: Targets::Classes(classes(&on_cpu)),
                 ..options.clone()
             };
-            on_cuda = explain::explain(&cuda, bytes.clone(), &limits, &same).await?;
+            on_cuda = explain::explain(&cuda, bytes, &limits, &same, &ticket)?;
         }
         let logits = camserve::cam::relative_difference(&on_cuda.logits, &on_cpu.logits);
         let maps = on_cpu
@@ -261,12 +263,9 @@ async fn check_model(
         ("cpu", &cpu_config, &cpu),
         ("cuda,cpu", &cuda_config, &cuda),
     ] {
-        let explain_time = median(args.warmup, args.runs, async || {
-            explain::explain(model, timed.clone(), &limits, &options)
-                .await
-                .map(drop)
-        })
-        .await?;
+        let explain_time = median(args.warmup, args.runs, || {
+            explain::explain(model, &timed, &limits, &options, &ticket).map(drop)
+        })?;
         let run_time = bare_run_median(runtime, config, &timed, args)?;
         let is_cuda = asked != "cpu";
         rows.push(Row {
@@ -322,7 +321,7 @@ fn bare_run_median(
     Ok(times[times.len() / 2])
 }
 
-async fn median<F: AsyncFnMut() -> Result<(), explain::ExplainError>>(
+fn median<F: FnMut() -> Result<(), explain::ExplainError>>(
     warmup: usize,
     runs: usize,
     mut f: F,
@@ -330,7 +329,7 @@ async fn median<F: AsyncFnMut() -> Result<(), explain::ExplainError>>(
     let mut times = Vec::with_capacity(runs);
     for i in 0..warmup + runs {
         let started = Instant::now();
-        f().await?;
+        f()?;
         if i >= warmup {
             times.push(started.elapsed());
         }

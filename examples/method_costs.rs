@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use camserve::cam::CamMethod;
 use camserve::config::{Config, Limits};
+use camserve::engine::Caller;
 use camserve::explain::{self, ExplainOptions, Targets};
 use camserve::registry::Model;
 
@@ -29,10 +30,8 @@ fn main() -> anyhow::Result<()> {
     let model = std::sync::Arc::new(Model::load(&runtime, &config.models[0])?);
     let bytes = std::fs::read(root.join(IMAGE))?;
     let limits = Limits::default();
-    let tokio = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let caller = Caller::default();
+    let ticket = caller.ticket();
 
     let plain = ExplainOptions {
         targets: Targets::TopK(1),
@@ -91,7 +90,7 @@ fn main() -> anyhow::Result<()> {
         max_channels: all_channels,
         ..plain.clone()
     };
-    let full = tokio.block_on(explain::explain(&model, bytes.clone(), &limits, &full))?;
+    let full = explain::explain(&model, &bytes, &limits, &full, &ticket)?;
     let full = &full.targets[0].heat;
 
     println!(
@@ -103,7 +102,7 @@ fn main() -> anyhow::Result<()> {
         let mut difference = String::new();
         for i in 0..runs + 1 {
             let started = Instant::now();
-            let e = tokio.block_on(explain::explain(&model, bytes.clone(), &limits, &options))?;
+            let e = explain::explain(&model, &bytes, &limits, &options, &ticket)?;
             if i > 0 {
                 samples.push((started.elapsed(), e.timings.inference, e.timings.batch_size));
             }

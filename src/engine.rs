@@ -1,5 +1,7 @@
 //! Runs sessions on threads of their own, off the async runtime. Each session is owned by one thread that takes
-//! jobs from the model's bounded queue; a full queue is refused at once rather than left to grow.
+//! jobs from the model's bounded queue; a full queue is refused at once rather than left to grow. A request waits
+//! for its Run on the blocking thread that carries the whole request (decode, Run, maps, encoding), which saves
+//! the hand-offs to and from the async runtime between those stages.
 //!
 //! A job is one or more images with the same number of targets each (one image for a plain explanation; the
 //! augmented copies for `aug_smooth`; masked copies for Score-CAM and the trust score). Batching: a session
@@ -12,11 +14,11 @@
 //! alone, and one-thread sessions on the same cores, for load (see [`Role`]).
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use ort::session::Session;
-use tokio::sync::oneshot;
 
 use crate::model::{self, RunOutput};
 
@@ -24,6 +26,8 @@ use crate::model::{self, RunOutput};
 pub enum EngineError {
     #[error("the model's queue is full")]
     Overloaded,
+    #[error("the request was abandoned before its Run")]
+    Abandoned,
     #[error("inference failed: {0}")]
     Failed(String),
 }
@@ -52,7 +56,30 @@ impl RunTimes {
     }
 }
 
-type Reply = oneshot::Sender<Result<(Vec<RunOutput>, RunTimes), EngineError>>;
+type Reply = mpsc::Sender<Result<(Vec<RunOutput>, RunTimes), EngineError>>;
+
+/// Held by whoever waits for a request's answer (the HTTP handler, across the blocking thread that computes it).
+/// Dropping it, because the client went away or the request timed out, abandons the request: its jobs still
+/// queued are skipped.
+#[derive(Debug, Default)]
+pub struct Caller(Arc<()>);
+
+impl Caller {
+    /// The mark the request's jobs carry.
+    pub fn ticket(&self) -> Ticket {
+        Ticket(Arc::downgrade(&self.0))
+    }
+}
+
+/// A request's mark on its jobs: whether its [`Caller`] still waits.
+#[derive(Debug, Clone)]
+pub struct Ticket(Weak<()>);
+
+impl Ticket {
+    fn abandoned(&self) -> bool {
+        self.0.strong_count() == 0
+    }
+}
 
 struct Job {
     /// Shared with the caller, which may reuse the images (Score-CAM's masks, a second Run) without a copy.
@@ -61,6 +88,7 @@ struct Job {
     images: usize,
     k: usize,
     enqueued: Instant,
+    ticket: Ticket,
     reply: Reply,
 }
 
@@ -124,20 +152,23 @@ impl Runner {
     }
 
     /// Runs `images` preprocessed images [images,3,H,W], each with K seed rows, in one Run; one output per image.
-    pub async fn run(
+    /// Blocks until the Run is done: call it from a blocking thread, never on the async runtime.
+    pub fn run(
         &self,
         input: Arc<[f32]>,
         images: usize,
         seeds: Vec<f32>,
         k: usize,
+        ticket: &Ticket,
     ) -> Result<(Vec<RunOutput>, RunTimes), EngineError> {
-        let (reply, result) = oneshot::channel();
+        let (reply, result) = mpsc::channel();
         let job = Job {
             input,
             seeds,
             images,
             k,
             enqueued: Instant::now(),
+            ticket: ticket.clone(),
             reply,
         };
         {
@@ -149,7 +180,7 @@ impl Runner {
         }
         self.queue.changed.notify_all();
         result
-            .await
+            .recv()
             .unwrap_or_else(|_| Err(EngineError::Failed("a session thread stopped".into())))
     }
 
@@ -276,14 +307,18 @@ impl Drop for Held<'_> {
 }
 
 fn serve(mut worker: Worker, queue: &Queue, input_size: [usize; 2]) {
-    while let Some(mut batch) = queue.next_batch(worker.threads, worker.role) {
+    while let Some(batch) = queue.next_batch(worker.threads, worker.role) {
         let _held = Held {
             queue,
             threads: worker.threads,
             role: worker.role,
         };
         // Clients that went away while their job waited cost no Run.
-        batch.retain(|job| !job.reply.is_closed());
+        let (abandoned, batch): (Vec<Job>, Vec<Job>) =
+            batch.into_iter().partition(|job| job.ticket.abandoned());
+        for job in abandoned {
+            let _ = job.reply.send(Err(EngineError::Abandoned));
+        }
         if !batch.is_empty() {
             run_batch(&mut worker.session, worker.threads, batch, input_size);
         }

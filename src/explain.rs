@@ -1,7 +1,7 @@
 //! The one pipeline behind `POST /explain`, `POST /predict` and `camserve explain`: bytes -> image -> tensor ->
 //! one Run -> a map and boxes per target class. Options add Runs, each one batch: `aug_smooth` puts its augmented
 //! copies into the first Run; Score-CAM scores masked inputs, and the trust score perturbed ones, in Runs of their
-//! own. CPU-heavy steps run on blocking threads, never on the async runtime.
+//! own. It blocks: callers run it on a blocking thread, never on the async runtime.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +11,7 @@ use image::RgbImage;
 use crate::boxes::{self, Region, Threshold};
 use crate::cam::{self, CamMethod, Map};
 use crate::config::Limits;
-use crate::engine::{EngineError, RunTimes};
+use crate::engine::{EngineError, RunTimes, Ticket};
 use crate::model::RunOutput;
 use crate::preprocess::{self, ChannelOrder, DecodeError};
 use crate::registry::Model;
@@ -114,8 +114,6 @@ pub enum ExplainError {
     Decode(#[from] DecodeError),
     #[error(transparent)]
     Engine(#[from] EngineError),
-    #[error("{0} panicked")]
-    Panicked(&'static str),
 }
 
 /// Everything one request computed: the scores, and per target class its map and boxes.
@@ -296,24 +294,22 @@ pub fn softmax(logits: &[f32]) -> Vec<f32> {
     exp.into_iter().map(|e| e / sum).collect()
 }
 
-/// Decodes and preprocesses on a blocking thread.
-async fn prepare(
-    model: &Arc<Model>,
-    bytes: Vec<u8>,
+/// Decodes and preprocesses; returns the image, its tensor and how long that took.
+fn prepare(
+    model: &Model,
+    bytes: &[u8],
     limits: &Limits,
-) -> Result<(RgbImage, Vec<f32>, Duration), ExplainError> {
-    let model = model.clone();
-    let limits = limits.clone();
-    let (prepared, decode) = blocking("preprocessing", move || {
-        let image = preprocess::decode(&bytes, &limits.decode_limits())?;
-        let p = &model.info.preprocess;
-        let mut tensor = vec![0.0f32; 3 * p.height * p.width];
-        p.write_tensor(&image, &mut tensor);
-        Ok::<_, DecodeError>((image, tensor))
-    })
-    .await?;
-    let (image, tensor) = prepared?;
-    Ok((image, tensor, decode))
+) -> Result<(RgbImage, Arc<[f32]>, Duration), ExplainError> {
+    let started = Instant::now();
+    let image = preprocess::decode(bytes, &limits.decode_limits())?;
+    let p = &model.info.preprocess;
+    // Made in place where the Runs read it (an exact-size `collect` allocates once), not copied there afterwards.
+    let mut tensor: Arc<[f32]> = std::iter::repeat_n(0.0, p.tensor_len()).collect();
+    p.write_tensor(
+        &image,
+        Arc::get_mut(&mut tensor).expect("a new tensor has one owner"),
+    );
+    Ok((image, tensor, started.elapsed()))
 }
 
 /// What a request spent after decoding: its Runs (waits and inference, added up) and the CPU work around them.
@@ -323,38 +319,31 @@ struct Spent {
 }
 
 impl Spent {
-    fn add(&mut self, runs: RunTimes, cpu: Duration) {
+    fn add(&mut self, runs: RunTimes) {
         self.runs = self.runs.then(runs);
-        self.cpu += cpu;
+    }
+
+    /// Does `work`, counting its time as CPU work.
+    fn cpu<T>(&mut self, work: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let out = work();
+        self.cpu += started.elapsed();
+        out
     }
 }
 
-/// Runs CPU-heavy work on a blocking thread; returns its result and how long it took.
-async fn blocking<T: Send + 'static>(
-    stage: &'static str,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<(T, Duration), ExplainError> {
-    tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let out = work();
-        (out, started.elapsed())
-    })
-    .await
-    .map_err(|_| ExplainError::Panicked(stage))
-}
-
 /// One Run of `images` images [images,3,H,W], each with the same K seed rows.
-async fn run(
+fn run(
     model: &Model,
     inputs: Arc<[f32]>,
     images: usize,
     seeds: &[f32],
     k: usize,
+    ticket: &Ticket,
 ) -> Result<(Vec<RunOutput>, RunTimes), ExplainError> {
     let (outputs, times) = model
         .runner
-        .run(inputs, images, seeds.repeat(images), k)
-        .await?;
+        .run(inputs, images, seeds.repeat(images), k, ticket)?;
     if outputs.len() != images {
         return Err(
             EngineError::Failed(format!("{} outputs for {images} images", outputs.len())).into(),
@@ -364,14 +353,15 @@ async fn run(
 }
 
 /// Class scores only: one Run with a single all-zero seed row.
-pub async fn predict(
-    model: &Arc<Model>,
-    bytes: Vec<u8>,
+pub fn predict(
+    model: &Model,
+    bytes: &[u8],
     limits: &Limits,
+    ticket: &Ticket,
 ) -> Result<(Vec<f32>, Timings), ExplainError> {
-    let (_, tensor, decode) = prepare(model, bytes, limits).await?;
+    let (_, tensor, decode) = prepare(model, bytes, limits)?;
     let seeds = vec![0.0; model.info.num_classes()];
-    let (mut outputs, run) = run(model, tensor.into(), 1, &seeds, 1).await?;
+    let (mut outputs, run) = run(model, tensor, 1, &seeds, 1, ticket)?;
     let timings = Timings {
         decode,
         queue: run.queue,
@@ -423,12 +413,13 @@ fn masked(tensor: &[f32], masks: impl Iterator<Item = Map>) -> Vec<f32> {
 }
 
 /// Score-CAM's masked Runs for one image: the scored channels and the logits of the input masked by each.
-async fn score_cam_logits(
+fn score_cam_logits(
     model: &Model,
-    tensor: Arc<Vec<f32>>,
-    output: Arc<RunOutput>,
+    tensor: &[f32],
+    output: &RunOutput,
     max_channels: usize,
     spent: &mut Spent,
+    ticket: &Ticket,
 ) -> Result<(Vec<usize>, Vec<Vec<f32>>), ExplainError> {
     let p = &model.info.preprocess;
     let (width, height) = (p.width, p.height);
@@ -436,10 +427,9 @@ async fn score_cam_logits(
     let channels = cam::score_cam_channels(&output.activations, shape, max_channels);
     let seeds = vec![0.0; model.info.num_classes()];
     let mut logits = Vec::with_capacity(channels.len());
+    let plane = shape[1] * shape[2];
     for chunk in channels.chunks(SCORE_CAM_IMAGES_PER_RUN) {
-        let (chunk, tensor, output) = (chunk.to_vec(), tensor.clone(), output.clone());
-        let (inputs, cpu) = blocking("Score-CAM masks", move || {
-            let plane = shape[1] * shape[2];
+        let inputs = spent.cpu(|| {
             let masks = chunk.iter().map(|&c| {
                 let channel = Map::new(
                     shape[2],
@@ -448,25 +438,24 @@ async fn score_cam_logits(
                 );
                 cam::score_cam_mask(&channel, width, height)
             });
-            masked(&tensor, masks)
-        })
-        .await?;
+            masked(tensor, masks)
+        });
         let images = inputs.len() / (3 * width * height);
-        let (outputs, run_times) = run(model, inputs.into(), images, &seeds, 1).await?;
-        spent.add(run_times, cpu);
+        let (outputs, run_times) = run(model, inputs.into(), images, &seeds, 1, ticket)?;
+        spent.add(run_times);
         logits.extend(outputs.into_iter().map(|o| o.logits));
     }
     Ok((channels, logits))
 }
 
-pub async fn explain(
-    model: &Arc<Model>,
-    bytes: Vec<u8>,
+pub fn explain(
+    model: &Model,
+    bytes: &[u8],
     limits: &Limits,
     options: &ExplainOptions,
+    ticket: &Ticket,
 ) -> Result<Explanation, ExplainError> {
-    let (image, tensor, decode) = prepare(model, bytes, limits).await?;
-    let tensor: Arc<[f32]> = tensor.into();
+    let (image, tensor, decode) = prepare(model, bytes, limits)?;
     let classes = model.info.num_classes();
     let width = model.info.preprocess.width;
     // All targets ride in one Run: one seed row each; an all-zero row k means "the k-th best class".
@@ -476,7 +465,7 @@ pub async fn explain(
     } else {
         (tensor.clone(), 1)
     };
-    let (mut outputs, mut run_times) = run(model, inputs.clone(), n, &seeds, k).await?;
+    let (mut outputs, mut run_times) = run(model, inputs.clone(), n, &seeds, k, ticket)?;
     // Every copy must explain the classes the image itself resolved to; rarely, a copy ranks them otherwise and
     // the copies run again with those classes named.
     if outputs
@@ -484,8 +473,14 @@ pub async fn explain(
         .any(|o| o.target_class != outputs[0].target_class)
     {
         let named = Targets::Classes(outputs[0].target_class.clone());
-        let (again, times) =
-            run(model, inputs.clone(), n, &seed_rows(&named, classes).0, k).await?;
+        let (again, times) = run(
+            model,
+            inputs.clone(),
+            n,
+            &seed_rows(&named, classes).0,
+            k,
+            ticket,
+        )?;
         (outputs, run_times) = (again, run_times.then(times));
     }
     let mut spent = Spent {
@@ -493,31 +488,24 @@ pub async fn explain(
         cpu: Duration::ZERO,
     };
 
-    let outputs: Vec<Arc<RunOutput>> = outputs.into_iter().map(Arc::new).collect();
     let mut scored = Vec::new();
     if options.method == CamMethod::ScoreCam {
         for (copy, output) in inputs.chunks_exact(tensor.len()).zip(&outputs) {
-            let copy = Arc::new(copy.to_vec());
-            scored.push(
-                score_cam_logits(
-                    model,
-                    copy,
-                    output.clone(),
-                    options.max_channels,
-                    &mut spent,
-                )
-                .await?,
-            );
+            scored.push(score_cam_logits(
+                model,
+                copy,
+                output,
+                options.max_channels,
+                &mut spent,
+                ticket,
+            )?);
         }
     }
 
-    let opts = options.clone();
-    let maps_outputs = outputs.clone();
     let image_size = (image.width() as usize, image.height() as usize);
     let input_size = (width, model.info.preprocess.height);
     let channel_order = model.info.preprocess.channel_order;
-    let (mut targets, cpu) = blocking("mapping", move || {
-        let outputs = maps_outputs;
+    let mut targets = spent.cpu(|| {
         let shape = outputs[0].activation_shape;
         let analysis_size = fit(image_size.0, image_size.1, ANALYSIS_SIDE);
         (0..k)
@@ -536,10 +524,10 @@ pub async fn explain(
                                     shape,
                                     channels,
                                     &scores,
-                                    opts.eigen_smooth,
+                                    options.eigen_smooth,
                                 )
                             }
-                            None => gradient_map(&opts, output, row, input_size),
+                            None => gradient_map(options, output, row, input_size),
                         };
                         if mirrored {
                             raw.flipped_horizontally()
@@ -553,13 +541,13 @@ pub async fn explain(
                 } else {
                     (Map::mean(&variants), variants)
                 };
-                let guided = opts.guided.then(|| {
+                let guided = options.guided.then(|| {
                     let gradients = outputs[0]
                         .input_gradients
                         .as_deref()
                         .expect("params::explain allows guided outputs only for guided models");
                     let block = 3 * input_size.0 * input_size.1;
-                    let mask = match opts.layers.len() {
+                    let mask = match options.layers.len() {
                         1 => cam::display_map(&raw, input_size.0, input_size.1),
                         _ => raw.clone(),
                     };
@@ -570,10 +558,10 @@ pub async fn explain(
                     )
                 });
                 let heat = display(&raw, &variants, analysis_size.0, analysis_size.1);
-                let boxes = if opts.max_boxes == 0 {
+                let boxes = if options.max_boxes == 0 {
                     Vec::new()
                 } else {
-                    boxes::regions(&heat, opts.threshold, opts.max_boxes)
+                    boxes::regions(&heat, options.threshold, options.max_boxes)
                 }
                 .into_iter()
                 .map(|region| scale_region(region, analysis_size, image_size))
@@ -589,17 +577,22 @@ pub async fn explain(
                 }
             })
             .collect::<Vec<_>>()
-    })
-    .await?;
-    spent.cpu += cpu;
+    });
 
     let probabilities = softmax(&outputs[0].logits);
     if options.trust {
-        trust(model, tensor, &probabilities, &mut targets, &mut spent).await?;
+        trust(
+            model,
+            &tensor,
+            &probabilities,
+            &mut targets,
+            &mut spent,
+            ticket,
+        )?;
     }
     Ok(Explanation {
         image,
-        logits: outputs[0].logits.clone(),
+        logits: outputs.swap_remove(0).logits,
         probabilities,
         targets,
         timings: Timings {
@@ -613,29 +606,26 @@ pub async fn explain(
 }
 
 /// The trust figures of every target, from one Run of the perturbed inputs (two per target).
-async fn trust(
+fn trust(
     model: &Model,
-    tensor: Arc<[f32]>,
+    tensor: &[f32],
     probabilities: &[f32],
     targets: &mut [TargetMap],
     spent: &mut Spent,
+    ticket: &Ticket,
 ) -> Result<(), ExplainError> {
     let (width, height) = (model.info.preprocess.width, model.info.preprocess.height);
-    let maps: Vec<Map> = targets
-        .iter()
-        .map(|t| display(&t.raw, &t.variants, width, height))
-        .collect();
-    let (inputs, cpu) = blocking("trust inputs", move || {
-        let perturbations = maps.into_iter().flat_map(|kept| {
+    let inputs = spent.cpu(|| {
+        let perturbations = targets.iter().flat_map(|t| {
+            let kept = display(&t.raw, &t.variants, width, height);
             let removed = Map::new(width, height, kept.data.iter().map(|m| 1.0 - m).collect());
             [kept, removed]
         });
-        masked(&tensor, perturbations)
-    })
-    .await?;
+        masked(tensor, perturbations)
+    });
     let seeds = vec![0.0; model.info.num_classes()];
-    let (outputs, run_times) = run(model, inputs.into(), 2 * targets.len(), &seeds, 1).await?;
-    spent.add(run_times, cpu);
+    let (outputs, run_times) = run(model, inputs.into(), 2 * targets.len(), &seeds, 1, ticket)?;
+    spent.add(run_times);
     for (target, pair) in targets.iter_mut().zip(outputs.chunks_exact(2)) {
         target.trust = Some(Trust {
             probability: probabilities[target.class],

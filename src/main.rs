@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 use camserve::config::{Config, DEFAULT_CONFIG_PATH};
+use camserve::engine::Caller;
 use camserve::explain::{self, ExplainOptions, Targets};
 use camserve::http::{self, AppState};
 use camserve::registry::Registry;
@@ -312,11 +313,8 @@ fn explain_file(
         targets,
         ..ExplainOptions::default()
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let explanation =
-        runtime.block_on(explain::explain(&model, bytes, &config.limits, &options))?;
+    let caller = Caller::default();
+    let explanation = explain::explain(&model, &bytes, &config.limits, &options, &caller.ticket())?;
     let target = &explanation.targets[0];
     let (width, height) = explanation.image.dimensions();
     let heat = target.heat_at(width as usize, height as usize);

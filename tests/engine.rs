@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use camserve::engine::{Batching, RunTimes, Runner};
+use camserve::engine::{Batching, Caller, EngineError, RunTimes, Runner};
 use camserve::model::RunOutput;
 use common::{model_config, root, runtime};
 
@@ -14,7 +14,7 @@ const SIZE: [usize; 2] = [224, 224];
 
 /// The default model with one session of `threads` threads, its runner (batches of up to 8 images), and a
 /// made-up image with the seeds of its top-1.
-fn runner(threads: usize, split_under_load: bool) -> (Arc<Runner>, Arc<[f32]>, Vec<f32>) {
+fn runner(threads: usize, split_under_load: bool) -> (Runner, Arc<[f32]>, Vec<f32>) {
     let mut config = model_config("default", &root().join("models/efficientnet_lite0.onnx"));
     config.threads = threads;
     config.split_under_load = split_under_load;
@@ -27,30 +27,30 @@ fn runner(threads: usize, split_under_load: bool) -> (Arc<Runner>, Arc<[f32]>, V
     let image: Arc<[f32]> = (0..3 * SIZE[0] * SIZE[1])
         .map(|i| ((i % 251) as f32 / 125.0) - 1.0)
         .collect();
-    (Arc::new(runner), image, vec![0.0; info.num_classes()])
+    (runner, image, vec![0.0; info.num_classes()])
 }
 
-async fn explain(runner: &Runner, image: &Arc<[f32]>, seeds: &[f32]) -> (RunOutput, RunTimes) {
+fn explain(runner: &Runner, image: &Arc<[f32]>, seeds: &[f32]) -> (RunOutput, RunTimes) {
+    let caller = Caller::default();
     let (mut outputs, times) = runner
-        .run(image.clone(), 1, seeds.to_vec(), 1)
-        .await
+        .run(image.clone(), 1, seeds.to_vec(), 1, &caller.ticket())
         .unwrap();
     (outputs.remove(0), times)
 }
 
-/// `n` requests at once, each on a task of its own.
-async fn concurrently(
-    runner: &Arc<Runner>,
+/// `n` requests at once, each on a thread of its own.
+fn concurrently(
+    runner: &Runner,
     image: &Arc<[f32]>,
     seeds: &[f32],
     n: usize,
 ) -> Vec<(RunOutput, RunTimes)> {
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..n {
-        let (runner, image, seeds) = (runner.clone(), image.clone(), seeds.to_vec());
-        tasks.spawn(async move { explain(&runner, &image, &seeds).await });
-    }
-    tasks.join_all().await
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..n)
+            .map(|_| scope.spawn(|| explain(runner, image, seeds)))
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    })
 }
 
 fn max_relative_difference(a: &[f32], b: &[f32]) -> f32 {
@@ -61,16 +61,16 @@ fn max_relative_difference(a: &[f32], b: &[f32]) -> f32 {
         / scale
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_lone_request_gets_every_thread_and_load_one_thread_per_run() {
+#[test]
+fn a_lone_request_gets_every_thread_and_load_one_thread_per_run() {
     let (runner, image, seeds) = runner(2, true);
-    let (alone, times) = explain(&runner, &image, &seeds).await;
+    let (alone, times) = explain(&runner, &image, &seeds);
     assert_eq!(
         times.threads, 2,
         "a request that arrives alone runs across both threads"
     );
 
-    let answers = concurrently(&runner, &image, &seeds, 16).await;
+    let answers = concurrently(&runner, &image, &seeds, 16);
     let narrow = answers.iter().filter(|(_, t)| t.threads == 1).count();
     // Only the last one or two may find the queue drained and the cores free.
     assert!(
@@ -89,11 +89,27 @@ async fn a_lone_request_gets_every_thread_and_load_one_thread_per_run() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn without_the_split_every_run_uses_every_thread() {
+#[test]
+fn without_the_split_every_run_uses_every_thread() {
     let (runner, image, seeds) = runner(2, false);
-    let answers = concurrently(&runner, &image, &seeds, 16).await;
+    let answers = concurrently(&runner, &image, &seeds, 16);
     assert!(answers.iter().all(|(_, times)| times.threads == 2));
     // Requests that waited for the first Run went together into later ones.
     assert!(answers.iter().any(|(_, times)| times.batch_size > 1));
+}
+
+#[test]
+fn a_job_whose_caller_went_away_costs_no_run() {
+    let (runner, image, seeds) = runner(2, true);
+    // The caller is dropped at once, as when a client disconnects or its request times out.
+    let ticket = Caller::default().ticket();
+    let answer = runner.run(image.clone(), 1, seeds.clone(), 1, &ticket);
+    assert!(
+        matches!(answer, Err(EngineError::Abandoned)),
+        "{:?}",
+        answer.err()
+    );
+    // The sessions serve the next caller as usual.
+    let (output, _) = explain(&runner, &image, &seeds);
+    assert_eq!(output.logits.len(), 1000);
 }

@@ -216,13 +216,9 @@ fn the_default_model_recognises_a_cat() {
     let model = registry.get("efficientnet_lite0").unwrap().clone();
     assert_eq!(model.info.num_classes(), 1000);
     let bytes = std::fs::read(fixture("images/chelsea_224.png")).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (logits, _) = rt
-        .block_on(camserve::explain::predict(&model, bytes, &config.limits))
-        .unwrap();
+    let caller = camserve::engine::Caller::default();
+    let (logits, _) =
+        camserve::explain::predict(&model, &bytes, &config.limits, &caller.ticket()).unwrap();
     let top3: Vec<&str> = camserve::explain::ranked(&logits)[..3]
         .iter()
         .map(|&c| model.info.labels[c].as_str())

@@ -195,6 +195,8 @@ impl From<EngineError> for ApiError {
             EngineError::Overloaded => {
                 Self::new(ErrorCode::Overloaded, "the model is busy; retry shortly")
             }
+            // Nobody reads this answer: the request's handler was dropped, by the timeout or a client gone.
+            EngineError::Abandoned => Self::new(ErrorCode::Timeout, e.to_string()),
             EngineError::Failed(detail) => {
                 // The detail is for operators, not clients.
                 tracing::error!(error = %detail, "inference failed");
@@ -209,10 +211,6 @@ impl From<ExplainError> for ApiError {
         match e {
             ExplainError::Decode(e) => e.into(),
             ExplainError::Engine(e) => e.into(),
-            ExplainError::Panicked(stage) => {
-                tracing::error!(stage, "a pipeline stage panicked");
-                Self::new(ErrorCode::Internal, "the explanation failed")
-            }
         }
     }
 }

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::boxes::Region;
 use crate::cam::{CamMethod, Map};
+use crate::engine::{Caller, Ticket};
 use crate::explain::{self, Explanation, TargetMap, Timings, Trust};
 use crate::http::SharedState;
 use crate::http::error::{ApiError, ErrorCode};
@@ -184,7 +185,11 @@ pub async fn predict(
     let model = find_model(&state, &name)?;
     let top_k = params::predict_top_k(query.as_deref(), &model.info)?;
     let ImageBody(bytes) = ImageBody::from_request(request, &()).await?;
-    let (logits, timings) = explain::predict(&model, bytes, &state.limits).await?;
+    let (logits, timings) = {
+        let (model, limits) = (model.clone(), state.limits.clone());
+        on_blocking_thread(move |ticket| Ok(explain::predict(&model, &bytes, &limits, ticket)?))
+            .await?
+    };
     let probabilities = explain::softmax(&logits);
     let body = serde_json::json!({
         "model": model.info.name,
@@ -205,14 +210,14 @@ pub async fn explain(
     let model = find_model(&state, &name)?;
     let params = params::explain(query.as_deref(), &model.info, &state.limits)?;
     let ImageBody(bytes) = ImageBody::from_request(request, &()).await?;
-    let explanation = explain::explain(&model, bytes, &state.limits, &params.options).await?;
-    let (mut response, timings, encoding) = tokio::task::spawn_blocking(move || {
+    let limits = state.limits.clone();
+    let (mut response, timings, encoding) = on_blocking_thread(move |ticket| {
+        let explanation = explain::explain(&model, &bytes, &limits, &params.options, ticket)?;
         let encoding = Instant::now();
         let response = encode(&model.info, &explanation, &params);
-        (response, explanation.timings, encoding.elapsed())
+        Ok((response, explanation.timings, encoding.elapsed()))
     })
-    .await
-    .map_err(|_| ApiError::new(ErrorCode::Internal, "encoding the answer failed"))?;
+    .await?;
     add_timing_headers(
         &mut response,
         &timings,
@@ -220,6 +225,22 @@ pub async fn explain(
         started.elapsed(),
     );
     Ok(response)
+}
+
+/// Runs a request's pipeline (decoding, Runs, maps, encoding) on one blocking thread: one hand-off there and one
+/// back, instead of one around each stage. The [`Caller`] stays with this future: if it is dropped (the client
+/// went away, the request timed out), the request's Runs still queued are skipped.
+pub(crate) async fn on_blocking_thread<T: Send + 'static>(
+    work: impl FnOnce(&Ticket) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let caller = Caller::default();
+    let ticket = caller.ticket();
+    let result = tokio::task::spawn_blocking(move || work(&ticket)).await;
+    drop(caller);
+    result.unwrap_or_else(|_| {
+        tracing::error!("a request's pipeline panicked");
+        Err(ApiError::new(ErrorCode::Internal, "the explanation failed"))
+    })
 }
 
 /// Per-stage times in milliseconds, so clients and load tests see where the time goes.

@@ -22,6 +22,7 @@ use crate::explain::{self, ExplainOptions, Targets};
 use crate::http::SharedState;
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::formats::{self, FormatOptions, LabelStudioNames};
+use crate::http::handlers::on_blocking_thread;
 
 /// Adds the backend's routes when `[label_studio]` is configured.
 pub fn routes(
@@ -108,7 +109,13 @@ async fn predict(State(state): State<SharedState>, body: Bytes) -> Result<Respon
             )
         })?;
         let bytes = fetch_image(url, config).await?;
-        let explanation = explain::explain(&model, bytes, &state.limits, &options).await?;
+        let explanation = {
+            let (model, limits, options) = (model.clone(), state.limits.clone(), options.clone());
+            on_blocking_thread(move |ticket| {
+                Ok(explain::explain(&model, &bytes, &limits, &options, ticket)?)
+            })
+            .await?
+        };
         let format_options = FormatOptions {
             threshold: config.threshold,
             model_version: &version,
