@@ -70,12 +70,12 @@ class Server:
     `sessions` sessions of `threads // sessions` intra-op threads each, so the thread count stays the same."""
 
     def __init__(self, threads: int, workdir: Path, sessions: int = 1, binary: Path = RELEASE / "camserve",
-                 split_under_load: bool = True):
+                 split_under_load: bool = True, model: Path = MODEL):
         self.port = free_port()
         config = workdir / f"bench-{self.port}.toml"
         config.write_text(
             f'[runtime]\nlibrary = "{ORT_LIBRARY}"\n[limits]\nmax_classes_per_request = 32\n'
-            f'[[models]]\nname = "default"\nfile = "{MODEL}"\nsessions = {sessions}\nthreads = {threads // sessions}\n'
+            f'[[models]]\nname = "default"\nfile = "{model}"\nsessions = {sessions}\nthreads = {threads // sessions}\n'
             f'split_under_load = {str(split_under_load).lower()}\nqueue_capacity = 256\nmax_batch = 8\n')
         self.process = subprocess.Popen(
             [binary, "serve", "--config", config, "--bind", f"127.0.0.1:{self.port}"],
@@ -102,29 +102,31 @@ def bare_ort(threads: int, iterations: int) -> list[dict]:
     return [json.loads(line) for line in out.splitlines()]
 
 
-def bare_runs(sessions: int, threads: int, batch: int, seconds: float) -> list[dict]:
+def bare_runs(sessions: int, threads: int, batch: int, seconds: float, model: Path = MODEL) -> list[dict]:
     """`sessions` bare sessions of `threads` threads each, running Runs of `batch` side by side: each one's
     images/s and median Run time."""
-    command = [RELEASE / "examples/bench_ort", "throughput", ORT_LIBRARY, MODEL, str(threads), str(batch),
+    command = [RELEASE / "examples/bench_ort", "throughput", ORT_LIBRARY, model, str(threads), str(batch),
                str(seconds)]
     runs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(sessions)]
     return [json.loads(run.communicate()[0]) for run in runs]
 
 
-def bare_throughput(sessions: int, threads: int, batch: int, seconds: float) -> float:
-    return sum(run["images_per_s"] for run in bare_runs(sessions, threads, batch, seconds))
+def bare_throughput(sessions: int, threads: int, batch: int, seconds: float, model: Path = MODEL) -> float:
+    return sum(run["images_per_s"] for run in bare_runs(sessions, threads, batch, seconds, model))
 
 
-def alone(server: Server, body: Path, threads: int, rounds: int, requests: int, seconds: float) -> dict:
+def alone(server: Server, body: Path, threads: int, rounds: int, requests: int, seconds: float,
+          model: Path = MODEL) -> dict:
     """One client against the bare Run of one image, in interleaved rounds (see `under_load`)."""
     result: dict = {"bare_ms": [], "camserve": []}
     for _ in range(rounds):
-        result["bare_ms"].append(bare_runs(1, threads, 1, seconds)[0]["median_ms"])
+        result["bare_ms"].append(bare_runs(1, threads, 1, seconds, model)[0]["median_ms"])
         result["camserve"].append(oha(server.url("/v1/models/default/explain?output=overlay"), body, requests, 1))
     return result
 
 
-def under_load(servers: dict, body: Path, threads: int, rounds: int, requests: int, seconds: float) -> dict:
+def under_load(servers: dict, body: Path, threads: int, rounds: int, requests: int, seconds: float,
+               model: Path = MODEL) -> dict:
     """16 clients on each server against the bare Run's best throughput, in interleaved rounds: this machine's
     speed drifts by tens of percent within minutes, so each round's ratio is taken against that round's bare
     numbers. The bare Run gets every layout of the same threads (one session of all of them, or one-thread
@@ -132,7 +134,8 @@ def under_load(servers: dict, body: Path, threads: int, rounds: int, requests: i
     layouts = [(1, threads)] + ([(threads, 1)] if threads > 1 else [])
     result: dict = {"bare": [], **{name: [] for name in servers}}
     for _ in range(rounds):
-        bare = {f"{sessions}x{per_session} batch {batch}": bare_throughput(sessions, per_session, batch, seconds)
+        bare = {f"{sessions}x{per_session} batch {batch}": bare_throughput(sessions, per_session, batch, seconds,
+                                                                             model)
                 for sessions, per_session in layouts for batch in (1, 4, 8)}
         result["bare"].append(bare)
         for name, server in servers.items():
@@ -140,10 +143,14 @@ def under_load(servers: dict, body: Path, threads: int, rounds: int, requests: i
     return result
 
 
+def venv_has(modules: str) -> bool:
+    """Whether `make venv` has installed these Python modules (comma-separated)."""
+    return VENV_PYTHON.exists() and subprocess.run([VENV_PYTHON, "-c", f"import {modules}"],
+                                                   capture_output=True).returncode == 0
+
+
 def pytorch_grad_cam(photo: Path, threads: int, iterations: int) -> dict | None:
-    probe = subprocess.run([VENV_PYTHON, "-c", "import torch, pytorch_grad_cam, camserve_export"],
-                           capture_output=True) if VENV_PYTHON.exists() else None
-    if probe is None or probe.returncode != 0:
+    if not venv_has("torch, pytorch_grad_cam, camserve_export"):
         return None
     out = subprocess.run([VENV_PYTHON, ROOT / "bench/pytorch_grad_cam_bench.py", photo, str(threads), str(iterations)],
                          check=True, capture_output=True, text=True).stdout
@@ -152,9 +159,7 @@ def pytorch_grad_cam(photo: Path, threads: int, iterations: int) -> dict | None:
 
 def plain_classifiers(workdir: Path, threads: int, iterations: int) -> list[dict] | None:
     """Augmenting plain classifiers (camserve's own head autodiff): the augmented Run against the plain one."""
-    probe = subprocess.run([VENV_PYTHON, "-c", "import torch, torchvision, camserve_export"],
-                           capture_output=True) if VENV_PYTHON.exists() else None
-    if probe is None or probe.returncode != 0:
+    if not venv_has("torch, torchvision, camserve_export"):
         return None
     exported = subprocess.run([VENV_PYTHON, ROOT / "bench/plain_models.py", workdir], check=True,
                               capture_output=True, text=True).stdout
@@ -165,6 +170,26 @@ def plain_classifiers(workdir: Path, threads: int, iterations: int) -> list[dict
                               str(threads), str(iterations)], check=True, capture_output=True, text=True).stdout
         results.append({"arch": model["arch"], **json.loads(out)})
     return results
+
+
+def heavier_model(workdir: Path, body: Path, threads: int, rounds: int, requests: int,
+                  seconds: float) -> dict | None:
+    """The two headline ratios again on ResNet-18 (random weights, exported here by camserve-export). Its Run costs
+    several times the default model's while what camserve adds to each request (HTTP, decoding, maps, the PNG)
+    stays the same, so the pair shows how much of each ratio is that fixed cost."""
+    if not venv_has("torch, torchvision, camserve_export"):
+        return None
+    model = workdir / "resnet18.onnx"
+    subprocess.run([VENV_PYTHON, "-m", "camserve_export.cli", "--arch", "resnet18", "--seed", "0", "-o", model, "-q"],
+                   check=True, capture_output=True)
+    (workdir / "resnet18").mkdir()
+    server = Server(threads, workdir / "resnet18", model=model)
+    try:
+        oha(server.url("/v1/models/default/explain?output=overlay"), body, max(10, requests // 10), 16)  # warm-up
+        return {"alone": alone(server, body, threads, rounds, requests, seconds, model),
+                "load": under_load({"split": server}, body, threads, rounds, requests, seconds, model)}
+    finally:
+        server.stop()
 
 
 def main() -> None:
@@ -227,6 +252,8 @@ def main() -> None:
         finally:
             for server in servers.values():
                 server.stop()
+        results["resnet18"] = heavier_model(workdir, small, args.threads, rounds=1 if args.quick else 3,
+                                            requests=n(300), seconds=0.5 if args.quick else 3)
         results["pytorch_grad_cam"] = pytorch_grad_cam(small, args.threads, n(100))
         results["plain"] = plain_classifiers(workdir, args.threads, n(200))
 
@@ -243,26 +270,29 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
-def single_row(alone: dict) -> tuple[str, str, str, str]:
+def single_row(alone: dict, model: str = "") -> tuple[str, str, str, str]:
     """Medians over the rounds; each ratio against its own round's bare Run."""
     median = statistics.median
     ratios = [run["p50_ms"] / bare for run, bare in zip(alone["camserve"], alone["bare_ms"])]
-    return (f"camserve, 1 client, 224 px JPEG -> overlay PNG ({len(ratios)} rounds beside the bare Run of 1 image)",
+    return (f"{model}camserve, 1 client, 224 px JPEG -> overlay PNG ({len(ratios)} rounds beside the bare Run of 1 "
+            "image)",
             f"{median(run['p50_ms'] for run in alone['camserve']):.2f} ms median against "
             f"{median(alone['bare_ms']):.2f} ms", f"{median(ratios):.2f}x the bare Run (rounds "
             f"{', '.join(f'{x:.2f}' for x in ratios)})", "<= 1.3x")
 
 
-def load_rows(load: dict, threads: int) -> list[tuple[str, str, str, str]]:
+def load_rows(load: dict, threads: int, model: str = "") -> list[tuple[str, str, str, str]]:
     """Medians over the rounds; each ratio against its own round's best bare throughput."""
     median = statistics.median
     best = [max(bare.items(), key=lambda item: item[1]) for bare in load["bare"]]
     whole = [max(v for k, v in bare.items() if k.startswith(f"1x{threads} ")) for bare in load["bare"]]
     rounds = ", ".join(f"{name} {value:.0f}" for name, value in best)
-    rows = [(f"bare Run, best throughput ({len(best)} rounds: the best layout and batch of each)",
+    rows = [(f"{model}bare Run, best throughput ({len(best)} rounds: the best layout and batch of each)",
              f"{median(v for _, v in best):.0f} images/s ({rounds})", "1.00 (baseline)", "")]
-    for name, label in (("split", "camserve, 16 clients (default: split_under_load)"),
-                        ("whole", "camserve, 16 clients, split_under_load = false")):
+    for name, label in (("split", f"{model}camserve, 16 clients (default: split_under_load)"),
+                        ("whole", f"{model}camserve, 16 clients, split_under_load = false")):
+        if name not in load:
+            continue
         runs = load[name]
         ratios = [run["rps"] / b for run, (_, b) in zip(runs, best)]
         ratios_whole = [run["rps"] / b for run, b in zip(runs, whole)]
@@ -297,6 +327,11 @@ def table(r: dict) -> str:
     rows.append(("resident memory after 1,000 / 10,000 requests",
                  f"{m['after_1k_mib']:.0f} / {m['after_10k_mib']:.0f} MiB",
                  f"{m['after_10k_mib'] / m['after_1k_mib']:.2f}x", "<= 1.10x"))
+    if r["resnet18"]:
+        rows += [single_row(r["resnet18"]["alone"], "ResNet-18: "), *load_rows(r["resnet18"]["load"], r["threads"],
+                                                                             "ResNet-18: ")]
+    else:
+        rows.append(("ResNet-18", "not measured: run `make venv` first", "", ""))
     pgc = r["pytorch_grad_cam"]
     if pgc:
         rows.append(("pytorch-grad-cam, same model, photo, threads", f"{pgc['median_ms']:.1f} ms median",
