@@ -26,6 +26,8 @@ MODEL = ROOT / "models/efficientnet_lite0.onnx"
 PHOTO = ROOT / "tests/fixtures/images/chelsea_224.png"
 OHA = os.environ.get("OHA", str(ROOT / ".tools/bin/oha"))
 VENV_PYTHON = ROOT / ".venv/bin/python"
+# The headline request of the ratios: a photo in, its overlay PNG out.
+OVERLAY = "/v1/models/default/explain?output=overlay"
 
 
 def free_port() -> int:
@@ -121,7 +123,7 @@ def alone(server: Server, body: Path, threads: int, rounds: int, requests: int, 
     result: dict = {"bare_ms": [], "camserve": []}
     for _ in range(rounds):
         result["bare_ms"].append(bare_runs(1, threads, 1, seconds, model)[0]["median_ms"])
-        result["camserve"].append(oha(server.url("/v1/models/default/explain?output=overlay"), body, requests, 1))
+        result["camserve"].append(oha(server.url(OVERLAY), body, requests, 1))
     return result
 
 
@@ -139,7 +141,7 @@ def under_load(servers: dict, body: Path, threads: int, rounds: int, requests: i
                 for sessions, per_session in layouts for batch in (1, 4, 8)}
         result["bare"].append(bare)
         for name, server in servers.items():
-            result[name].append(oha(server.url("/v1/models/default/explain?output=overlay"), body, requests, 16))
+            result[name].append(oha(server.url(OVERLAY), body, requests, 16))
     return result
 
 
@@ -185,7 +187,7 @@ def heavier_model(workdir: Path, body: Path, threads: int, rounds: int, requests
     (workdir / "resnet18").mkdir()
     server = Server(threads, workdir / "resnet18", model=model)
     try:
-        oha(server.url("/v1/models/default/explain?output=overlay"), body, max(10, requests // 10), 16)  # warm-up
+        oha(server.url(OVERLAY), body, max(10, requests // 10), 16)  # warm-up
         return {"alone": alone(server, body, threads, rounds, requests, seconds, model),
                 "load": under_load({"split": server}, body, threads, rounds, requests, seconds, model)}
     finally:
@@ -246,7 +248,7 @@ def main() -> None:
                    "whole": Server(args.threads, workdir / "whole", split_under_load=False)}
         try:
             for server in servers.values():
-                oha(server.url("/v1/models/default/explain?output=overlay"), small, n(100), 16)  # warm-up
+                oha(server.url(OVERLAY), small, n(100), 16)  # warm-up
             results["load"] = under_load(servers, small, args.threads, rounds=1 if args.quick else 5,
                                          requests=n(1000), seconds=0.5 if args.quick else 3)
         finally:
