@@ -54,7 +54,7 @@ fn models_that_break_the_contract_are_refused_with_the_reason() {
 
 #[test]
 fn metadata_can_be_supplied_by_the_config() {
-    let labels = std::env::temp_dir().join(format!("camserve-labels-{}.txt", std::process::id()));
+    let labels = TempFile::new("labels.txt");
     let tiny = Registry::load(
         runtime(),
         &[model_config("tiny", &fixture("tiny_cnn.onnx"))],
@@ -62,7 +62,7 @@ fn metadata_can_be_supplied_by_the_config() {
     .unwrap();
     let info = &tiny.get("tiny").unwrap().info;
     std::fs::write(
-        &labels,
+        &*labels,
         (0..info.num_classes())
             .map(|i| format!("thing {i}\n"))
             .collect::<String>(),
@@ -70,7 +70,7 @@ fn metadata_can_be_supplied_by_the_config() {
     .unwrap();
 
     let mut config = model_config("bare", &fixture("broken_no_metadata.onnx"));
-    config.overrides.labels_file = Some(labels.clone());
+    config.overrides.labels_file = Some(labels.to_path_buf());
     config.overrides.input_size = Some([info.preprocess.height, info.preprocess.width]);
     config.overrides.mean = Some([0.5; 3]);
     config.overrides.std = Some([0.25; 3]);
@@ -79,7 +79,6 @@ fn metadata_can_be_supplied_by_the_config() {
     let bare = &registry.get("bare").unwrap().info;
     assert_eq!(bare.labels[3], "thing 3");
     assert_eq!(bare.preprocess.std, [0.25; 3]);
-    std::fs::remove_file(labels).unwrap();
 }
 
 fn camserve(args: &[&str]) -> std::process::Output {
@@ -90,14 +89,36 @@ fn camserve(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn write_config(name: &str, library: &Path, model: &Path) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("camserve-{name}-{}.toml", std::process::id()));
+/// A file in the temporary folder that this test removes when done with it.
+struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    fn new(name: &str) -> Self {
+        TempFile(std::env::temp_dir().join(format!("camserve-{}-{name}", std::process::id())))
+    }
+}
+
+impl std::ops::Deref for TempFile {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn write_config(name: &str, library: &Path, model: &Path) -> TempFile {
+    let path = TempFile::new(&format!("{name}.toml"));
     let text = format!(
         "[runtime]\nlibrary = \"{}\"\n[[models]]\nname = \"tiny\"\nfile = \"{}\"\n",
         library.display(),
         model.display()
     );
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&*path, text).unwrap();
     path
 }
 
@@ -174,7 +195,7 @@ fn explain_on_the_command_line_writes_the_overlay() {
             .unwrap();
     let case = &cases[0];
     let image = fixture(case["image"].as_str().unwrap());
-    let out_png = std::env::temp_dir().join(format!("camserve-cli-{}.png", std::process::id()));
+    let out_png = TempFile::new("cli.png");
     let class = case["class"].to_string();
     let out = camserve(&[
         "explain",
@@ -195,7 +216,7 @@ fn explain_on_the_command_line_writes_the_overlay() {
     );
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["explanations"][0]["class"].to_string(), class);
-    let written = image::open(&out_png).unwrap();
+    let written = image::open(&*out_png).unwrap();
     let input = image::open(&image).unwrap();
     assert_eq!(
         (written.width(), written.height()),

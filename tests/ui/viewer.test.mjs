@@ -2,7 +2,7 @@
 // Uploads the fixture image with its red square at rows 32-63, cols 16-47 (tests/fixtures/README.md), waits
 // for the overlay, checks the box drawn over it, and saves a screenshot under tests/artifacts/.
 import { spawn } from "node:child_process";
-import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -36,14 +36,14 @@ file = "${path.join(fixtures, "tiny_cnn.onnx")}"
       const found = /serving.*?address\W+(127\.0\.0\.1:\d+)/.exec(log);
       if (found) {
         clearTimeout(timer);
-        resolve({ child, base: `http://${found[1]}` });
+        resolve({ child, base: `http://${found[1]}`, dir });
       }
     });
     child.on("exit", (code) => reject(new Error(`camserve exited with ${code}:\n${log}`)));
   });
 }
 
-const { child, base } = await startServer();
+const { child, base, dir } = await startServer();
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -167,5 +167,6 @@ try {
 } finally {
   await browser.close();
   child.kill("SIGTERM");
+  rmSync(dir, { recursive: true, force: true });
 }
 process.exit(failed ? 1 : 0);
