@@ -9,13 +9,21 @@
 //! bench_ort plain ORT_LIBRARY PLAIN_MODEL TARGET THREADS ITERATIONS
 //!     a plain classifier (`camserve::plain`): how long augmenting takes, and its Run against the augmented
 //!     model's (batch 1, top-1), in alternating blocks: one JSON object
+//! bench_ort conditions ORT_LIBRARY MODEL PHOTO.jpg THREADS ITERATIONS
+//!     whether what camserve does around a Run slows the Run. Runs go to a session thread through a channel, as
+//!     in camserve, and each follows one of four conditions, taken in turn Run by Run so that the machine's
+//!     drift hits them alike: back to back; after 2.5 ms idle; after the caller decoded the photo and encoded two
+//!     PNGs of it; on the photo's tensor instead of made-up values. One JSON object per condition
+//!     {"condition", "median_ms", "p25_ms", "p75_ms"}
 //! bench_ort inputs PHOTO.png DIR
 //!     writes the benchmark's request bodies: photo_224.jpg and photo_4000x3000.jpg
 
 use std::path::Path;
-use std::time::Instant;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use camserve::config::Config;
+use camserve::preprocess::{DecodeLimits, Preprocess};
 use ort::session::Session;
 use ort::value::TensorRef;
 
@@ -39,11 +47,19 @@ fn main() -> anyhow::Result<()> {
             threads.parse()?,
             iterations.parse()?,
         ),
+        ["conditions", library, model, photo, threads, iterations] => conditions(
+            library,
+            model,
+            Path::new(photo),
+            threads.parse()?,
+            iterations.parse()?,
+        ),
         ["inputs", photo, dir] => write_inputs(Path::new(photo), Path::new(dir)),
         _ => anyhow::bail!(
             "usage: bench_ort run ORT_LIBRARY MODEL THREADS ITERATIONS | \
              throughput ORT_LIBRARY MODEL THREADS BATCH SECONDS | \
-             plain ORT_LIBRARY PLAIN_MODEL TARGET THREADS ITERATIONS | inputs PHOTO.png DIR"
+             plain ORT_LIBRARY PLAIN_MODEL TARGET THREADS ITERATIONS | \
+             conditions ORT_LIBRARY MODEL PHOTO.jpg THREADS ITERATIONS | inputs PHOTO.png DIR"
         ),
     }
 }
@@ -64,6 +80,15 @@ fn write_inputs(photo: &Path, dir: &Path) -> anyhow::Result<()> {
 
 /// The model's session as camserve opens it, and its input height, width and class count.
 fn open(library: &str, model: &str, threads: usize) -> anyhow::Result<(Session, [usize; 3])> {
+    let (session, dims, _) = open_with_preprocess(library, model, threads)?;
+    Ok((session, dims))
+}
+
+fn open_with_preprocess(
+    library: &str,
+    model: &str,
+    threads: usize,
+) -> anyhow::Result<(Session, [usize; 3], Preprocess)> {
     let runtime = camserve::runtime::init(Path::new(library))?;
     let toml = format!(
         "[runtime]\nlibrary = \"{library}\"\n[[models]]\nname = \"m\"\nfile = \"{model}\"\nthreads = {threads}\n\
@@ -78,7 +103,7 @@ fn open(library: &str, model: &str, threads: usize) -> anyhow::Result<(Session, 
         info.preprocess.width,
         info.num_classes(),
     ];
-    Ok((sessions.remove(0).session, dims))
+    Ok((sessions.remove(0).session, dims, info.preprocess))
 }
 
 /// The inputs of one Run: `batch` made-up images with `k` all-zero seed rows each (the top-k classes).
@@ -162,6 +187,80 @@ fn bare_runs(library: &str, model: &str, threads: usize, iterations: usize) -> a
                 "batch": batch, "k": k, "median_ms": median, "p99_ms": p99,
                 "images_per_s": batch as f64 * 1e3 / median,
             })
+        );
+    }
+    Ok(())
+}
+
+fn conditions(
+    library: &str,
+    model: &str,
+    photo: &Path,
+    threads: usize,
+    iterations: usize,
+) -> anyhow::Result<()> {
+    const CONDITIONS: [&str; 4] = [
+        "back to back",
+        "after 2.5 ms idle",
+        "after decode and encode",
+        "photo",
+    ];
+    let (mut session, dims, preprocess) = open_with_preprocess(library, model, threads)?;
+    let jpeg = std::fs::read(photo)?;
+    let decode = || camserve::preprocess::decode(&jpeg, &DecodeLimits::default());
+    let made_up = Inputs::new(dims, 1, 1);
+    let mut photo_input = Inputs::new(dims, 1, 1);
+    preprocess.write_tensor(&decode()?, &mut photo_input.input);
+    let (jobs, received) = mpsc::channel::<(&Inputs, mpsc::Sender<f64>)>();
+    let mut times = vec![Vec::with_capacity(iterations); CONDITIONS.len()];
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        scope.spawn(move || {
+            for (inputs, reply) in received {
+                let started = Instant::now();
+                let ran = inputs.run(&mut session);
+                let _ =
+                    reply.send(ran.map_or(f64::NAN, |()| started.elapsed().as_secs_f64() * 1e3));
+            }
+        });
+        let run = |inputs| -> anyhow::Result<f64> {
+            let (reply, answer) = mpsc::channel();
+            jobs.send((inputs, reply))
+                .map_err(|_| anyhow::anyhow!("the session thread stopped"))?;
+            let ms = answer.recv()?;
+            anyhow::ensure!(ms.is_finite(), "a Run failed");
+            Ok(ms)
+        };
+        for _ in 0..5 {
+            run(&made_up)?;
+        }
+        for i in 0..iterations * CONDITIONS.len() {
+            let condition = i % CONDITIONS.len();
+            match condition {
+                1 => std::thread::sleep(Duration::from_micros(2500)),
+                2 => {
+                    let image = decode()?;
+                    for _ in 0..2 {
+                        camserve::render::encode_png(&image)?;
+                    }
+                }
+                _ => {}
+            }
+            let inputs = if condition == 3 {
+                &photo_input
+            } else {
+                &made_up
+            };
+            times[condition].push(run(inputs)?);
+        }
+        drop(jobs);
+        Ok(())
+    })?;
+    for (condition, mut times) in CONDITIONS.into_iter().zip(times) {
+        times.sort_by(f64::total_cmp);
+        let at = |q: usize| times[times.len() * q / 4];
+        println!(
+            "{}",
+            serde_json::json!({"condition": condition, "median_ms": at(2), "p25_ms": at(1), "p75_ms": at(3)})
         );
     }
     Ok(())

@@ -131,6 +131,11 @@ fn main() {
             CompressionType::Fast,
             FilterType::NoFilter,
         ),
+        (
+            "Uncompressed",
+            CompressionType::Uncompressed,
+            FilterType::NoFilter,
+        ),
         ("Fast, Sub", CompressionType::Fast, FilterType::Sub),
         ("Fast, Up", CompressionType::Fast, FilterType::Up),
         ("Fast, Paeth", CompressionType::Fast, FilterType::Paeth),

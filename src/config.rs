@@ -234,7 +234,8 @@ pub struct ModelConfig {
     /// Requests that may wait for a session; past it the service answers 503 at once.
     #[serde(default = "default_queue")]
     pub queue_capacity: usize,
-    /// Most images in one Run. Requests already waiting are batched together.
+    /// Most images in one Run. Requests already waiting are batched together, except on the one-thread sessions
+    /// of `split_under_load`, which run one request each.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
     /// How long a session waits for more requests to fill a batch (0: take only what is waiting).

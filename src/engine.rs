@@ -7,7 +7,7 @@
 //! augmented copies for `aug_smooth`; masked copies for Score-CAM and the trust score). Batching: a session
 //! thread that takes a job also takes the jobs already waiting with the same number of targets while the Run
 //! stays within `max_batch` images, optionally waiting `max_batch_wait` for more, and runs them in one Run. A job
-//! larger than `max_batch` runs alone, in one Run.
+//! larger than `max_batch` runs alone, in one Run. One-thread [`Role::UnderLoad`] sessions run one job per Run.
 //!
 //! Cores: every session's Runs keep some threads busy, and a session starts a Run only while the model's threads
 //! have room for it. That lets one model hold both a session of several threads, for a request that arrives
@@ -253,8 +253,8 @@ impl Queue {
             state.busy_under_load += threads;
         }
         let first = state.jobs.pop_front().expect("may_start saw a job");
-        // One-thread Runs take one job each: batching gains them nothing (the bare one-thread Run of the default
-        // model: 208-214 images/s at batch 1, 170-218 at 4 and 8), and every batched image grows their arena.
+        // One-thread Runs take one job each: batching them gained neither EfficientNet-Lite0 nor ResNet-18 any
+        // throughput under 16 clients, and cost 28-36% more p99 and 146-235 MiB of arena (docs/performance.md).
         let max_batch = match role {
             Role::UnderLoad => first.images,
             Role::Always | Role::Alone => self.batching.max_batch,
