@@ -5,6 +5,7 @@ use image::codecs::png::{CompressionType, FilterType, PngEncoder};
 use image::{
     EncodableLayout, GrayImage, ImageBuffer, ImageError, Luma, PixelWithColorType, RgbImage,
 };
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// A 16-bit grayscale image.
 pub type Gray16Image = ImageBuffer<Luma<u16>, Vec<u16>>;
@@ -54,20 +55,51 @@ fn level(value: f32) -> u8 {
 /// If `heat` and `image` differ in size.
 pub fn overlay(image: &RgbImage, heat: &Map, alpha: f32) -> RgbImage {
     assert_same_size(image, heat);
-    let alpha = alpha.clamp(0.0, 1.0);
-    // Both terms of the blend take only 256 values each: tables of them make a pixel three lookups and three
-    // additions, with the same products (and so the same bytes) as computing them per pixel.
-    let photo_part: [f32; 256] = std::array::from_fn(|v| (1.0 - alpha) * v as f32);
-    let heat_part: [[f32; 3]; 256] = JET.map(|color| color.map(|v| alpha * f32::from(v)));
+    let blend = Blend::for_alpha(alpha.clamp(0.0, 1.0));
     let mut out = image.clone();
     for (pixel, &value) in out.chunks_exact_mut(3).zip(&heat.data) {
-        let heat = &heat_part[usize::from(level(value))];
-        for (channel, heat_channel) in pixel.iter_mut().zip(heat) {
-            // + 0.5 then truncation rounds these non-negative values, without a call to `round`.
-            *channel = (photo_part[usize::from(*channel)] + heat_channel + 0.5) as u8;
+        let channels = &blend.values[usize::from(level(value))];
+        for (channel, values) in pixel.iter_mut().zip(channels) {
+            *channel = values[usize::from(*channel)];
         }
     }
     out
+}
+
+/// Every result of the blend for one alpha, `values[heat level][channel][photo value]`: a channel's blend depends
+/// only on those two bytes, so a pixel is three lookups (twice as fast as the arithmetic) with the same f32
+/// arithmetic, and so the same bytes, as computing each pixel.
+struct Blend {
+    alpha: f32,
+    values: Vec<[[u8; 256]; 3]>,
+}
+
+impl Blend {
+    /// The table of the last alpha asked for, shared: nearly every request uses the default one, and building a
+    /// table (192 KiB) costs about as much as blending a 224 px image.
+    fn for_alpha(alpha: f32) -> Arc<Blend> {
+        static LAST: Mutex<Option<Arc<Blend>>> = Mutex::new(None);
+        let mut last = LAST.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*last {
+            Some(blend) if blend.alpha.to_bits() == alpha.to_bits() => blend.clone(),
+            _ => last.insert(Arc::new(Blend::new(alpha))).clone(),
+        }
+    }
+
+    fn new(alpha: f32) -> Blend {
+        let photo_part: [f32; 256] = std::array::from_fn(|v| (1.0 - alpha) * v as f32);
+        let mut values = vec![[[0u8; 256]; 3]; 256];
+        for (channels, color) in values.iter_mut().zip(&JET) {
+            for (table, &heat) in channels.iter_mut().zip(color) {
+                let heat_part = alpha * f32::from(heat);
+                for (value, photo) in table.iter_mut().zip(photo_part) {
+                    // + 0.5 then truncation rounds these non-negative values, without a call to `round`.
+                    *value = (photo + heat_part + 0.5) as u8;
+                }
+            }
+        }
+        Blend { alpha, values }
+    }
 }
 
 fn assert_same_size(image: &RgbImage, heat: &Map) {
@@ -269,7 +301,7 @@ mod tests {
     }
 
     #[test]
-    fn overlay_tables_give_the_per_pixel_blend() {
+    fn overlay_table_gives_the_per_pixel_blend() {
         // Every photo value (x) against every heat level (y), computed here one pixel at a time.
         let image = RgbImage::from_fn(256, 256, |x, y| {
             Rgb([x as u8, (x as u8) ^ (y as u8), 255 - x as u8])
