@@ -78,13 +78,8 @@ fn write_inputs(photo: &Path, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The model's session as camserve opens it, and its input height, width and class count.
-fn open(library: &str, model: &str, threads: usize) -> anyhow::Result<(Session, [usize; 3])> {
-    let (session, dims, _) = open_with_preprocess(library, model, threads)?;
-    Ok((session, dims))
-}
-
-fn open_with_preprocess(
+/// The model's session as camserve opens it, its input height, width and class count, and its preprocessing.
+fn open(
     library: &str,
     model: &str,
     threads: usize,
@@ -143,7 +138,7 @@ fn throughput(
     batch: usize,
     seconds: f64,
 ) -> anyhow::Result<()> {
-    let (mut session, dims) = open(library, model, threads)?;
+    let (mut session, dims, _) = open(library, model, threads)?;
     let inputs = Inputs::new(dims, batch, 1);
     for _ in 0..3 {
         inputs.run(&mut session)?;
@@ -166,7 +161,7 @@ fn throughput(
 }
 
 fn bare_runs(library: &str, model: &str, threads: usize, iterations: usize) -> anyhow::Result<()> {
-    let (mut session, dims) = open(library, model, threads)?;
+    let (mut session, dims, _) = open(library, model, threads)?;
     // Top-1 against top-5 for one image; throughput over batch sizes is `throughput`'s.
     for (batch, k) in [(1, 1), (1, 5)] {
         let inputs = Inputs::new(dims, batch, k);
@@ -205,7 +200,7 @@ fn conditions(
         "after decode and encode",
         "photo",
     ];
-    let (mut session, dims, preprocess) = open_with_preprocess(library, model, threads)?;
+    let (mut session, dims, preprocess) = open(library, model, threads)?;
     let jpeg = std::fs::read(photo)?;
     let decode = || camserve::preprocess::decode(&jpeg, &DecodeLimits::default());
     let made_up = Inputs::new(dims, 1, 1);

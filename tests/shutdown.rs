@@ -5,7 +5,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fixture, ort_library, png_bytes};
+use common::{TempFile, fixture, ort_library, png_bytes};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_turns_readiness_false_then_drains_and_exits_zero() {
@@ -14,10 +14,9 @@ async fn sigterm_turns_readiness_false_then_drains_and_exits_zero() {
         .local_addr()
         .unwrap()
         .port();
-    let config =
-        std::env::temp_dir().join(format!("camserve-shutdown-{}.toml", std::process::id()));
+    let config = TempFile::new("shutdown.toml");
     std::fs::write(
-        &config,
+        &*config,
         format!(
             "[server]\nshutdown_delay_secs = 1\nshutdown_grace_secs = 20\n[runtime]\nlibrary = \"{}\"\n\
              [[models]]\nname = \"tiny\"\nfile = \"{}\"\n",
@@ -93,5 +92,4 @@ async fn sigterm_turns_readiness_false_then_drains_and_exits_zero() {
         client.get(format!("{base}/healthz")).send().await.is_err(),
         "the listener must be closed"
     );
-    std::fs::remove_file(config).unwrap();
 }

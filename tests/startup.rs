@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use camserve::registry::Registry;
-use common::{fixture, model_config, root, runtime};
+use common::{TempFile, fixture, model_config, root, runtime};
 
 fn refusal(file: &str) -> String {
     let config = model_config("broken", &fixture(file));
@@ -87,28 +87,6 @@ fn camserve(args: &[&str]) -> std::process::Output {
         .env_remove("CAMSERVE_ORT_LIBRARY")
         .output()
         .unwrap()
-}
-
-/// A file in the temporary folder that this test removes when done with it.
-struct TempFile(std::path::PathBuf);
-
-impl TempFile {
-    fn new(name: &str) -> Self {
-        TempFile(std::env::temp_dir().join(format!("camserve-{}-{name}", std::process::id())))
-    }
-}
-
-impl std::ops::Deref for TempFile {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 fn write_config(name: &str, library: &Path, model: &Path) -> TempFile {

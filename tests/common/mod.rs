@@ -18,6 +18,28 @@ pub fn fixture(relative: &str) -> PathBuf {
     root().join("tests/fixtures").join(relative)
 }
 
+/// A file in the temporary folder, named after this test process, removed when dropped.
+pub struct TempFile(PathBuf);
+
+impl TempFile {
+    pub fn new(name: &str) -> Self {
+        TempFile(std::env::temp_dir().join(format!("camserve-{}-{name}", std::process::id())))
+    }
+}
+
+impl std::ops::Deref for TempFile {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 pub fn ort_library() -> PathBuf {
     std::env::var_os("CAMSERVE_ORT_LIBRARY")
         .map(PathBuf::from)
