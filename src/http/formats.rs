@@ -18,6 +18,7 @@ use crate::explain::{Explanation, TargetMap};
 use crate::http::handlers::Canvas;
 use crate::http::params::HeatmapEncoding;
 use crate::model::ModelInfo;
+use crate::render::ImageFormat;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -82,13 +83,6 @@ pub fn encode(
     }
 }
 
-fn image_size(explanation: &Explanation) -> (usize, usize) {
-    (
-        explanation.image.width() as usize,
-        explanation.image.height() as usize,
-    )
-}
-
 /// A target's binarized map at image size, read from the analysis-size map by nearest neighbour: for photos
 /// up to `explain::ANALYSIS_SIDE` that is the map the boxes were found on, pixel for pixel, and larger photos
 /// cost no full-size map.
@@ -119,7 +113,7 @@ impl<'a> Mask<'a> {
 }
 
 fn mask_of<'a>(target: &'a TargetMap, threshold: Threshold, explanation: &Explanation) -> Mask<'a> {
-    let (width, height) = image_size(explanation);
+    let (width, height) = explanation.photo_size;
     Mask::new(&target.heat, threshold, width, height)
 }
 
@@ -143,7 +137,7 @@ pub fn label_studio(
     options: &FormatOptions,
     names: &LabelStudioNames,
 ) -> Value {
-    let (width, height) = image_size(explanation);
+    let (width, height) = explanation.photo_size;
     let mut result = Vec::new();
     for (t, target) in explanation.targets.iter().enumerate() {
         let score = probability(explanation, target);
@@ -220,7 +214,7 @@ pub fn cvat(info: &ModelInfo, explanation: &Explanation) -> Value {
 /// COCO results for one image: an annotation per box, with the mask pixels inside that box as its segmentation.
 /// Category ids are class index + 1 (COCO keeps 0 for "no category").
 pub fn coco(info: &ModelInfo, explanation: &Explanation, options: &FormatOptions) -> Value {
-    let (width, height) = image_size(explanation);
+    let (width, height) = explanation.photo_size;
     let mut annotations = Vec::new();
     for target in &explanation.targets {
         let mask = mask_of(target, options.threshold, explanation);
@@ -254,10 +248,10 @@ pub fn coco(info: &ModelInfo, explanation: &Explanation, options: &FormatOptions
 /// FiftyOne `Detections` as `fo.Detections.from_dict` reads them, and one grayscale heatmap per class:
 /// `png` spans `range` (FiftyOne's `Heatmap.range`), `map_range` is the raw map's [min, max] after ReLU.
 pub fn fiftyone(info: &ModelInfo, explanation: &Explanation, options: &FormatOptions) -> Value {
-    let (width, height) = image_size(explanation);
+    let (width, height) = explanation.photo_size;
     let mut detections = Vec::new();
     let mut heatmaps = Vec::new();
-    let canvas = Canvas::new(&explanation.image, options.max_side);
+    let canvas = Canvas::new(explanation, options.max_side);
     for target in &explanation.targets {
         for r in &target.boxes {
             detections.push(json!({
@@ -277,7 +271,7 @@ pub fn fiftyone(info: &ModelInfo, explanation: &Explanation, options: &FormatOpt
         } else {
             (HeatmapEncoding::Gray16, 65535)
         };
-        let png = canvas.heatmap(target, encoding);
+        let png = canvas.heatmap(target, encoding, ImageFormat::Png);
         let (min, max) = target.cam_range();
         heatmaps.push(json!({
             "class": target.class,
