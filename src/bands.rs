@@ -58,3 +58,18 @@ pub fn map<T: Sync, R: Send>(
             .collect()
     })
 }
+
+/// `(first(), second())`, side by side when a picture of `len` values makes it worth a thread.
+pub fn both<A: Send, B: Send>(
+    len: usize,
+    first: impl FnOnce() -> A + Send,
+    second: impl FnOnce() -> B + Send,
+) -> (A, B) {
+    if len < PARALLEL_FROM {
+        return (first(), second());
+    }
+    std::thread::scope(|scope| {
+        let second = scope.spawn(second);
+        (first(), second.join().expect("the work does not panic"))
+    })
+}

@@ -105,11 +105,43 @@ impl<'a> Mask<'a> {
         }
     }
 
-    pub fn get(&self, x: usize, y: usize) -> bool {
-        let mx = x * self.heat.width / self.width;
-        let my = y * self.heat.height / self.height;
+    /// Whether the map's pixel `(mx, my)` is set.
+    fn at(&self, mx: usize, my: usize) -> bool {
         self.heat.data[my * self.heat.width + mx] >= self.cut
     }
+
+    /// Row `y` as runs `(set, length)`, one per map pixel it reads (runs of equal values may follow each other):
+    /// a photo-sized row costs the map's width, not the photo's.
+    fn row_runs(&self, y: usize) -> impl Iterator<Item = (bool, usize)> + '_ {
+        let my = y * self.heat.height / self.height;
+        spans(self.heat.width, self.width).map(move |(mx, length)| (self.at(mx, my), length))
+    }
+
+    /// A column that reads map column `mx`, from row `from` up to row `to`, as runs `(set, length)`, as
+    /// [`Self::row_runs`].
+    fn column_runs(
+        &self,
+        mx: usize,
+        from: usize,
+        to: usize,
+    ) -> impl Iterator<Item = (bool, usize)> + '_ {
+        let mut start = 0;
+        spans(self.heat.height, self.height).filter_map(move |(my, length)| {
+            let (first, end) = (start.max(from), (start + length).min(to));
+            start += length;
+            (first < end).then(|| (self.at(mx, my), end - first))
+        })
+    }
+}
+
+/// Nearest-neighbour reading of `source` values over `target` pixels (pixel `t` reads `t * source / target`), as
+/// `(source index, how many pixels in a row read it)`, leaving out the indices no pixel reads.
+fn spans(source: usize, target: usize) -> impl Iterator<Item = (usize, usize)> {
+    // The first pixel that reads index i is ceil(i * target / source).
+    let first = move |i: usize| (i * target).div_ceil(source);
+    (0..source)
+        .map(move |i| (i, first(i + 1) - first(i)))
+        .filter(|&(_, length)| length > 0)
 }
 
 fn mask_of<'a>(target: &'a TargetMap, threshold: Threshold, explanation: &Explanation) -> Mask<'a> {
@@ -291,24 +323,57 @@ pub fn fiftyone(info: &ModelInfo, explanation: &Explanation, options: &FormatOpt
 /// pycocotools' uncompressed counts of the mask inside `region`, column-major, starting with a run of zeros;
 /// and the number of pixels set.
 pub fn coco_counts(mask: &Mask, region: &Region) -> (Vec<u32>, usize) {
-    let mut counts = Vec::new();
-    let (mut current, mut run, mut area) = (false, 0u32, 0);
-    for x in 0..mask.width {
-        for y in 0..mask.height {
-            let inside = (region.x_min..region.x_max).contains(&x)
-                && (region.y_min..region.y_max).contains(&y);
-            let on = inside && mask.get(x, y);
-            area += usize::from(on);
-            if on != current {
-                counts.push(run);
-                run = 0;
-                current = on;
+    let mut runs = Runs::default();
+    let mut area = 0;
+    let mut x = 0;
+    // The columns that read one map column are equal: each map column is read once, whatever the photo's width.
+    for (mx, count) in spans(mask.heat.width, mask.width) {
+        let before = (x + count).min(region.x_min).saturating_sub(x);
+        let within = (x + count)
+            .min(region.x_max)
+            .saturating_sub(x.max(region.x_min));
+        runs.push(false, before * mask.height);
+        if within > 0 {
+            let column: Vec<_> = mask.column_runs(mx, region.y_min, region.y_max).collect();
+            for _ in 0..within {
+                runs.push(false, region.y_min);
+                for &(on, length) in &column {
+                    runs.push(on, length);
+                    area += if on { length } else { 0 };
+                }
+                runs.push(false, mask.height - region.y_max);
             }
-            run += 1;
+        }
+        runs.push(false, (count - before - within) * mask.height);
+        x += count;
+    }
+    let counts = runs.finish().into_iter().map(|(_, n)| n as u32).collect();
+    (counts, area)
+}
+
+/// Run lengths of a sequence of bits, given in pieces: equal neighbours merge, and the first run counts the
+/// leading zeros (possibly none).
+#[derive(Default)]
+struct Runs {
+    runs: Vec<(bool, usize)>,
+}
+
+impl Runs {
+    fn push(&mut self, on: bool, length: usize) {
+        match self.runs.last_mut() {
+            _ if length == 0 => {}
+            Some((last, n)) if *last == on => *n += length,
+            None if on => self.runs.extend([(false, 0), (true, length)]),
+            _ => self.runs.push((on, length)),
         }
     }
-    counts.push(run);
-    (counts, area)
+
+    fn finish(mut self) -> Vec<(bool, usize)> {
+        if self.runs.is_empty() {
+            self.runs.push((false, 0));
+        }
+        self.runs
+    }
 }
 
 /// pycocotools' compressed RLE string (`rleToString` in maskApi.c): each count, from the third on, as the
@@ -361,19 +426,15 @@ pub fn brush_rle(mask: &Mask) -> Vec<u8> {
             length -= take;
         }
     };
-    let (mut current, mut run) = (false, 0usize);
+    let mut runs = Runs::default();
     for y in 0..mask.height {
-        for x in 0..mask.width {
-            let on = mask.get(x, y);
-            if on != current && run > 0 {
-                emit(current, run * 4);
-                run = 0;
-            }
-            current = on;
-            run += 1;
+        for (on, length) in mask.row_runs(y) {
+            runs.push(on, length);
         }
     }
-    emit(current, run * 4);
+    for (on, length) in runs.finish() {
+        emit(on, length * 4);
+    }
     bits.finish()
 }
 
@@ -410,6 +471,62 @@ mod tests {
 
     fn map(width: usize, height: usize, data: &[f32]) -> Map {
         Map::new(width, height, data.to_vec())
+    }
+
+    #[test]
+    fn runs_read_by_span_equal_runs_read_pixel_by_pixel() {
+        // A 7 x 5 map read over 23 x 17 pixels (enlarged) and over 5 x 3 (shrunk), each pixel reading map pixel
+        // (x * 7 / width, y * 5 / height).
+        let heat = map(
+            7,
+            5,
+            &(0..35).map(|i| ((i * 13) % 7) as f32).collect::<Vec<_>>(),
+        );
+        for (width, height) in [(23, 17), (5, 3), (7, 5)] {
+            let mask = Mask::new(&heat, Threshold::Fraction(0.5), width, height);
+            let pixel = |x: usize, y: usize| mask.at(x * 7 / width, y * 5 / height);
+            let mut rows = Runs::default();
+            let mut by_pixel = Runs::default();
+            for y in 0..height {
+                for (on, length) in mask.row_runs(y) {
+                    rows.push(on, length);
+                }
+                for x in 0..width {
+                    by_pixel.push(pixel(x, y), 1);
+                }
+            }
+            assert_eq!(rows.finish(), by_pixel.finish(), "{width} x {height}");
+
+            let region = Region {
+                x_min: 1,
+                y_min: 1,
+                x_max: width - 1,
+                y_max: height - 1,
+                area: 0,
+                mean: 0.0,
+                peak: 0.0,
+            };
+            let mut counts = Vec::new();
+            let (mut current, mut run, mut area) = (false, 0u32, 0);
+            for x in 0..width {
+                for y in 0..height {
+                    let on =
+                        (1..width - 1).contains(&x) && (1..height - 1).contains(&y) && pixel(x, y);
+                    area += usize::from(on);
+                    if on != current {
+                        counts.push(run);
+                        (run, current) = (0, on);
+                    }
+                    run += 1;
+                }
+            }
+            counts.push(run);
+            assert_eq!(
+                coco_counts(&mask, &region),
+                (counts, area),
+                "{width} x {height}"
+            );
+        }
     }
 
     #[test]

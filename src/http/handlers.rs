@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::Serialize;
 
+use crate::bands;
 use crate::boxes::Region;
 use crate::cam::{CamMethod, Map};
 use crate::engine::{Caller, Ticket};
@@ -399,7 +400,7 @@ pub(crate) struct Canvas<'a> {
     width: usize,
     height: usize,
     image: &'a image::RgbImage,
-    resized: std::cell::OnceCell<image::RgbImage>,
+    resized: std::sync::OnceLock<image::RgbImage>,
 }
 
 impl<'a> Canvas<'a> {
@@ -410,7 +411,7 @@ impl<'a> Canvas<'a> {
             width,
             height,
             image: &explanation.image,
-            resized: std::cell::OnceCell::new(),
+            resized: std::sync::OnceLock::new(),
         }
     }
 
@@ -520,26 +521,36 @@ fn json_body<'a>(
     let explanations = explanation
         .targets
         .iter()
-        .map(|target| TargetBody {
-            class: target.class,
-            label: &info.labels[target.class],
-            probability: explanation.probabilities[target.class],
-            boxes: with_boxes.then(|| target.boxes.iter().map(BoxBody::from).collect()),
-            map: with_map.then(|| {
-                let (map, (min, max)) = cam_map(target, params, info, canvas);
-                MapBody {
-                    shape: [map.height, map.width],
-                    min,
-                    max,
-                    data: map.data,
-                }
-            }),
-            overlay_png: with_images
-                .then(|| base64_png(canvas.overlay(target, params.alpha, ImageFormat::Png))),
-            heatmap_png: with_images.then(|| {
-                base64_png(canvas.heatmap(target, HeatmapEncoding::Color, ImageFormat::Png))
-            }),
-            trust: target.trust.as_ref().map(TrustBody::from),
+        .map(|target| {
+            // A large photo's two pictures are encoded side by side.
+            let (overlay_png, heatmap_png) = if with_images {
+                let (overlay, heatmap) = bands::both(
+                    canvas.width * canvas.height,
+                    || base64_png(canvas.overlay(target, params.alpha, ImageFormat::Png)),
+                    || base64_png(canvas.heatmap(target, HeatmapEncoding::Color, ImageFormat::Png)),
+                );
+                (Some(overlay), Some(heatmap))
+            } else {
+                (None, None)
+            };
+            TargetBody {
+                class: target.class,
+                label: &info.labels[target.class],
+                probability: explanation.probabilities[target.class],
+                boxes: with_boxes.then(|| target.boxes.iter().map(BoxBody::from).collect()),
+                map: with_map.then(|| {
+                    let (map, (min, max)) = cam_map(target, params, info, canvas);
+                    MapBody {
+                        shape: [map.height, map.width],
+                        min,
+                        max,
+                        data: map.data,
+                    }
+                }),
+                overlay_png,
+                heatmap_png,
+                trust: target.trust.as_ref().map(TrustBody::from),
+            }
         })
         .collect();
     ExplainBody {
