@@ -121,6 +121,16 @@ fn undecodable(error: impl fmt::Display) -> DecodeError {
     DecodeError::Undecodable(error.to_string())
 }
 
+/// The message libjpeg's error handler unwound with (the mozjpeg crate's errors are unwinds, not `Err`s).
+pub(crate) fn unwound_message(unwound: Box<dyn std::any::Any + Send>) -> String {
+    match unwound.downcast::<String>() {
+        Ok(message) => *message,
+        Err(unwound) => unwound
+            .downcast_ref::<&str>()
+            .map_or_else(|| "libjpeg failed".to_owned(), |m| (*m).to_owned()),
+    }
+}
+
 impl DecodeLimits {
     fn check(&self, width: usize, height: usize) -> Result<(), DecodeError> {
         let pixels = width as u64 * height as u64;
@@ -147,6 +157,18 @@ mod jpeg {
 
     /// `Ok(None)`: a colour space libjpeg-turbo does not convert to RGB (CMYK, YCCK), for the `image` crate.
     pub(super) fn decode(
+        bytes: &[u8],
+        limits: &DecodeLimits,
+        needed: impl FnOnce(usize, usize) -> (usize, usize),
+    ) -> Result<Option<Decoded>, DecodeError> {
+        // The mozjpeg crate reports libjpeg's fatal errors (a corrupt stream) by unwinding, without the panic hook.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decode_or_unwind(bytes, limits, needed)
+        }))
+        .unwrap_or_else(|unwound| Err(undecodable(super::unwound_message(unwound))))
+    }
+
+    fn decode_or_unwind(
         bytes: &[u8],
         limits: &DecodeLimits,
         needed: impl FnOnce(usize, usize) -> (usize, usize),
@@ -400,7 +422,7 @@ mod tests {
         assert_eq!(decode(&png, &DecodeLimits::default()), Ok(image));
     }
 
-    /// A baseline JPEG of `image` by libjpeg-turbo, with an EXIF orientation tag when `orientation` is given.
+    /// A JPEG of `image` by mozjpeg (progressive), with an EXIF orientation tag when `orientation` is given.
     fn jpeg(image: &RgbImage, orientation: Option<u16>) -> Vec<u8> {
         let mut compress = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
         compress.set_size(image.width() as usize, image.height() as usize);
@@ -430,6 +452,22 @@ mod tests {
 
     fn is_red(pixel: &Rgb<u8>) -> bool {
         pixel[0] > 200 && pixel[2] < 60
+    }
+
+    #[test]
+    fn a_corrupt_jpeg_is_undecodable_not_a_panic() {
+        // libjpeg's fatal errors reach the mozjpeg crate as unwinds: a frame of 9-bit samples is one.
+        let mut bytes = jpeg(&red_left_blue_right(), None);
+        let frame = bytes
+            .windows(2)
+            .position(|w| w[0] == 0xFF && matches!(w[1], 0xC0 | 0xC2))
+            .unwrap();
+        bytes[frame + 4] = 9;
+        let refused = decode(&bytes, &DecodeLimits::default());
+        assert!(
+            matches!(&refused, Err(DecodeError::Undecodable(m)) if m.contains("precision")),
+            "{refused:?}"
+        );
     }
 
     #[test]

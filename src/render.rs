@@ -267,16 +267,24 @@ where
             ));
         }
     };
-    let mut compress = mozjpeg::Compress::new(color_space);
-    // libjpeg-turbo's own settings (baseline, no trellis search): mozjpeg's defaults spend seconds on a photo.
-    compress.set_fastest_defaults();
-    compress.set_size(image.width() as usize, image.height() as usize);
-    compress.set_quality(f32::from(quality));
-    let encoded = (|| {
+    // The mozjpeg crate reports libjpeg's fatal errors by unwinding.
+    let pixels = image.as_raw().as_slice();
+    let (width, height) = (image.width() as usize, image.height() as usize);
+    let encoded = std::panic::catch_unwind(|| {
+        let mut compress = mozjpeg::Compress::new(color_space);
+        // libjpeg-turbo's own settings (baseline, no trellis search): mozjpeg's defaults spend seconds on a photo.
+        compress.set_fastest_defaults();
+        compress.set_size(width, height);
+        compress.set_quality(f32::from(quality));
         let mut started = compress.start_compress(Vec::new())?;
-        started.write_scanlines(image.as_raw())?;
+        started.write_scanlines(pixels)?;
         started.finish()
-    })();
+    })
+    .unwrap_or_else(|unwound| {
+        Err(std::io::Error::other(crate::preprocess::unwound_message(
+            unwound,
+        )))
+    });
     encoded.map_err(ImageError::IoError)
 }
 
