@@ -275,7 +275,13 @@ async fn predict_all(
             let task = &tasks[i]["id"];
             tracing::warn!(%task, code = %error.code, message = %error.message, "task not predicted");
             state.metrics.label_studio_task_failed(&error.code.to_string());
-            json!({ "model_version": backend.model_version(), "score": 0.0, "result": [] })
+            // Label Studio stores `result`, `score` and `model_version` only; `error` is for other callers.
+            json!({
+                "model_version": backend.model_version(),
+                "score": 0.0,
+                "result": [],
+                "error": { "code": error.code, "message": error.message },
+            })
         });
     }
     answers
