@@ -128,6 +128,8 @@ class LabelStudio:
             SSRF_PROTECTION_ENABLED="false",
             # The token it sends to /setup, with which camserve fetches uploads, is the legacy kind.
             LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN="true",
+            # It waits 100 s for a predict by default; the big batch takes longer on a debug build.
+            ML_TIMEOUT_PREDICT="600",
             LABEL_STUDIO_HOST=self.url,
             LABEL_STUDIO_USERNAME="camserve@example.com",
             LABEL_STUDIO_PASSWORD="camserve-test-password",
@@ -354,6 +356,7 @@ def test_a_big_batch_is_stored_in_full(label_studio, camserve, hosts):
     started = time.monotonic()
     label_studio.retrieve_predictions(project)
     elapsed = time.monotonic() - started
+    served = [line for line in camserve.log if "route=/label-studio/predict" in line and "served" in line]
     tasks = label_studio.tasks(project)
     assert len(tasks) == BIG_BATCH
     counts = [len(t["predictions"]) for t in tasks]
@@ -361,4 +364,4 @@ def test_a_big_batch_is_stored_in_full(label_studio, camserve, hosts):
     labels = {r["value"]["rectanglelabels"][0] for t in tasks for r in t["predictions"][0]["result"]
               if r["type"] == "rectanglelabels"}
     assert labels == {"Egyptian cat"}, labels
-    print(f"{BIG_BATCH} tasks predicted and stored in {elapsed:.1f} s")
+    print(f"\n{BIG_BATCH} tasks predicted and stored in {elapsed:.1f} s; camserve: {served[-1].strip()}")
