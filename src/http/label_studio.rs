@@ -273,7 +273,7 @@ async fn predict_all(
         let (i, answer) = joined.expect("a task's prediction panicked");
         answers[i] = answer.unwrap_or_else(|error| {
             let task = &tasks[i]["id"];
-            tracing::warn!(%task, code = %error.code, message = %error.message, "task not predicted");
+            tracing::warn!(%task, code = %error.code, reason = %error.message, "task not predicted");
             state.metrics.label_studio_task_failed(&error.code.to_string());
             // Label Studio stores `result`, `score` and `model_version` only; `error` is for other callers.
             json!({

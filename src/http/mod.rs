@@ -235,7 +235,7 @@ async fn request_context(
     let status = response.status().as_u16();
     span.in_scope(|| match &error {
         Some(e) => {
-            tracing::info!(status, elapsed_ms, code = %e.code, message = %e.message, "served")
+            tracing::info!(status, elapsed_ms, code = %e.code, reason = %e.message, "served")
         }
         None => tracing::info!(status, elapsed_ms, "served"),
     });
