@@ -69,8 +69,7 @@ pub struct LabelStudioConfig {
     /// bound by `server.request_timeout_secs`).
     #[serde(default = "default_task_timeout_secs")]
     pub task_timeout_secs: u64,
-    /// The most tasks one `/predict` may carry; a larger batch is refused whole, with a message Label Studio
-    /// shows.
+    /// The most tasks one `/predict` may carry; a larger batch is refused whole (413 `too_many_tasks`).
     #[serde(default = "default_max_batch_tasks")]
     pub max_batch_tasks: usize,
     /// Project label -> model class names, for labels whose name (or `predicted_values` / `alias`) is no class
@@ -580,10 +579,40 @@ mod tests {
             assert_eq!(config.label_studio.unwrap().threshold, threshold);
         }
 
+        // Label Studio's address, a CA file relative to the config's folder, the label table.
+        let full = format!(
+            "{with}url = \"https://ls.test:8443\"\nca_file = \"certs/ca.pem\"\n\
+             [label_studio.labels]\nCat = [\"tabby\", \"Egyptian cat\"]\n"
+        );
+        let ls = Config::from_toml(&full, Path::new("/etc/camserve"))
+            .unwrap()
+            .label_studio
+            .unwrap();
+        assert_eq!(ls.url.as_deref(), Some("https://ls.test:8443"));
+        assert_eq!(ls.ca_file.unwrap(), Path::new("/etc/camserve/certs/ca.pem"));
+        assert_eq!(ls.labels["Cat"], ["tabby", "Egyptian cat"]);
+        assert_eq!((ls.task_timeout_secs, ls.max_batch_tasks), (2, 5000));
+
         for (bad, message) in [
             (
                 "[cors]\nallowed_origins = [\"http://a.test/\"]",
                 "not an origin",
+            ),
+            (
+                "[label_studio]\nmodel = \"m\"\nurl = \"localhost:8081\"",
+                "not an address such as `http://host:port`",
+            ),
+            (
+                "[label_studio]\nmodel = \"m\"\nurl = \"http://ls.test/app\"",
+                "not an address",
+            ),
+            (
+                "[label_studio]\nmodel = \"m\"\nmax_batch_tasks = 0",
+                "max_batch_tasks must be >= 1",
+            ),
+            (
+                "[label_studio]\nmodel = \"m\"\n[label_studio.labels]\nCat = \"tabby\"",
+                "invalid type",
             ),
             ("[label_studio]\nmodel = \"other\"", "not one of [[models]]"),
             (

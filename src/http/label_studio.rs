@@ -659,7 +659,7 @@ async fn fetch_image(url: &str, backend: &LabelStudio) -> Result<Vec<u8>, ApiErr
     }) = &link
         && same_origin(base, &parsed)
     {
-        request = request.header("authorization", format!("Token {token}"));
+        request = request.header("authorization", authorization(token));
     }
     let timeout = Duration::from_secs(config.fetch_timeout_secs);
     let timed_out = || {
@@ -705,6 +705,20 @@ async fn fetch_image(url: &str, backend: &LabelStudio) -> Result<Vec<u8>, ApiErr
     tokio::time::timeout(timeout, fetch)
         .await
         .map_err(|_| timed_out())?
+}
+
+/// Label Studio's scheme for a token, as its SDK sends it: `Bearer` for a JWT, `Token` for a legacy API token.
+fn authorization(token: &str) -> String {
+    let header = token.split('.').next().unwrap_or("");
+    let jwt = token.split('.').count() == 3
+        && base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header.trim_end_matches('='))
+            .is_ok_and(|json| json.starts_with(b"{"));
+    if jwt {
+        format!("Bearer {token}")
+    } else {
+        format!("Token {token}")
+    }
 }
 
 fn decode_data_uri(rest: &str, limit: usize) -> Result<Vec<u8>, ApiError> {
@@ -856,6 +870,15 @@ mod tests {
         )
         .plan(&model, &BTreeMap::new());
         assert!(none.classes.is_empty());
+    }
+
+    #[test]
+    fn tokens_are_sent_as_label_studio_expects_them() {
+        assert_eq!(authorization("0123abcd"), "Token 0123abcd");
+        // `{"alg":"HS256","typ":"JWT"}`, a payload and a signature.
+        let jwt = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.c2ln";
+        assert_eq!(authorization(jwt), format!("Bearer {jwt}"));
+        assert_eq!(authorization("a.b.c"), "Token a.b.c");
     }
 
     #[test]
