@@ -451,6 +451,18 @@ async fn label_studio_backend_fetches_only_from_allowed_hosts() {
             .unwrap()
             .contains("data.image")
     );
+    // A task that is not `{"data": {...}}` makes the request malformed.
+    for body in [
+        json!({"tasks": [{"id": 1}]}),
+        json!({"tasks": [{"data": [null]}]}),
+    ] {
+        let (status, body) = ls_predict(&server, body).await;
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (400, &json!("malformed_body")),
+            "{body}"
+        );
+    }
     // A labeling config that is not a string is refused, even with no tasks to predict.
     for label_config in [json!(5), json!(null)] {
         let body = json!({"tasks": [], "label_config": label_config});

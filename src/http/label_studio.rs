@@ -189,6 +189,15 @@ async fn predict(State(state): State<SharedState>, body: Bytes) -> Result<Json<V
     let tasks = request["tasks"]
         .as_array()
         .ok_or_else(|| ApiError::new(ErrorCode::MalformedBody, "the body has no `tasks` list"))?;
+    // A task that is not `{"id": integer, "data": {...}}` is not from Label Studio: the request is malformed.
+    let malformed =
+        |t: &Value| !t["data"].is_object() || t.get("id").is_some_and(|id| !id.is_i64());
+    if let Some(i) = tasks.iter().position(malformed) {
+        return Err(ApiError::new(
+            ErrorCode::MalformedBody,
+            format!("task {i} is not an object with a `data` object and an integer `id`"),
+        ));
+    }
     if tasks.len() > config.max_batch_tasks {
         return Err(ApiError::new(
             ErrorCode::TooManyTasks,

@@ -157,8 +157,8 @@ class LabelStudio:
             time.sleep(1)
         pytest.fail("Label Studio did not start in 240 s")
 
-    def api(self, method, path, **kwargs):
-        response = self.session.request(method, f"{self.url}{path}", timeout=300, **kwargs)
+    def api(self, method, path, timeout=300, **kwargs):
+        response = self.session.request(method, f"{self.url}{path}", timeout=timeout, **kwargs)
         assert response.status_code < 300, f"{method} {path}: {response.status_code} {response.text[:2000]}"
         return response.json() if response.content else None
 
@@ -174,6 +174,7 @@ class LabelStudio:
             "POST",
             f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
             json={"selectedItems": {"all": True, "excluded": []}},
+            timeout=900,
         )
 
     def tasks(self, project):
