@@ -200,6 +200,10 @@ async fn format_mistakes_are_named() {
 }
 
 const LS_TOKEN: &str = "ls-token-0123";
+/// A personal access token: a JWT refresh token (`{"alg":"HS256"}.{"token_type":"refresh"}.signature`), which
+/// Label Studio exchanges for an access token.
+const LS_PAT: &str = "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.c2ln";
+const LS_ACCESS: &str = "ls-access-4567";
 
 /// A loopback server standing in for where Label Studio keeps task images: its uploads need its token, which no
 /// other host may receive.
@@ -220,12 +224,20 @@ async fn image_host() -> (String, tokio::task::JoinHandle<()>) {
         .route(
             "/data/upload/1/red_blue.png",
             get(move |headers: axum::http::HeaderMap| async move {
-                let expected = format!("Token {LS_TOKEN}");
-                if headers
-                    .get("authorization")
-                    .is_some_and(|v| v == expected.as_str())
-                {
+                let accepted = [format!("Token {LS_TOKEN}"), format!("Bearer {LS_ACCESS}")];
+                let given = headers.get("authorization").and_then(|v| v.to_str().ok());
+                if given.is_some_and(|v| accepted.iter().any(|a| a == v)) {
                     Ok(upload.clone())
+                } else {
+                    Err(axum::http::StatusCode::UNAUTHORIZED)
+                }
+            }),
+        )
+        .route(
+            "/api/token/refresh/",
+            axum::routing::post(|body: axum::Json<Value>| async move {
+                if body["refresh"] == LS_PAT {
+                    Ok(axum::Json(json!({ "access": LS_ACCESS })))
                 } else {
                     Err(axum::http::StatusCode::UNAUTHORIZED)
                 }
@@ -516,6 +528,21 @@ async fn label_studio_uploads_are_fetched_from_label_studio_with_its_token() {
     for prediction in body["results"].as_array().unwrap() {
         assert_eq!(prediction["result"].as_array().unwrap().len(), 2, "{body}");
     }
+
+    // Label Studio with legacy tokens off (its default) refuses the token it sent to `/setup`; a personal access
+    // token as `api_key` is exchanged for an access token and used instead.
+    let mut config = label_studio_config("red", &[]);
+    config.url = Some(format!("http://{host}"));
+    config.api_key = Some(LS_PAT.into());
+    let with_pat = red_server(CorsConfig::default(), Some(config)).await;
+    let setup = json!({"hostname": format!("http://{host}"), "access_token": "legacy-but-off"});
+    assert_eq!(ls_post(&with_pat, "setup", setup).await.0, 200);
+    let (_, body) = ls_predict(&with_pat, upload.clone()).await;
+    assert_eq!(
+        body["results"][0]["result"].as_array().unwrap().len(),
+        2,
+        "{body}"
+    );
 
     // A `/setup` naming some other host does not move where Label Studio paths are fetched from.
     let elsewhere = json!({"hostname": "http://192.0.2.1:8080", "access_token": LS_TOKEN});

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
@@ -38,6 +38,15 @@ pub struct LabelStudio {
     client: reqwest::Client,
     /// Label Studio's address and token, as its last `/setup` sent them.
     link: Mutex<Option<Link>>,
+    /// The access token last obtained for a personal access token.
+    access: Mutex<Option<Access>>,
+}
+
+#[derive(Debug)]
+struct Access {
+    refresh: String,
+    access: String,
+    obtained: Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -70,8 +79,53 @@ impl LabelStudio {
         Ok(Self {
             client: builder.build()?,
             link: Mutex::new(link),
+            access: Mutex::new(None),
             config,
         })
+    }
+
+    /// The Authorization header for a Label Studio token, as its SDK sends them: `Token` for a legacy token,
+    /// `Bearer` for a JWT; a personal access token (a JWT refresh token) is first exchanged at
+    /// `/api/token/refresh/` for an access token, which is kept for a while (Label Studio's live 5 minutes).
+    async fn authorization(&self, token: &str, base: &Url) -> Result<String, ApiError> {
+        const KEEP: Duration = Duration::from_secs(240);
+        match jwt_type(token).as_deref() {
+            None => return Ok(format!("Token {token}")),
+            Some("refresh") => {}
+            Some(_) => return Ok(format!("Bearer {token}")),
+        }
+        if let Some(kept) = &*self.access.lock().expect("access lock")
+            && kept.refresh == token
+            && kept.obtained.elapsed() < KEEP
+        {
+            return Ok(format!("Bearer {}", kept.access));
+        }
+        let failed = |detail: String| {
+            fetch_failed(format!(
+                "Label Studio did not exchange its personal access token at /api/token/refresh/: {detail}"
+            ))
+        };
+        let url = base.join("/api/token/refresh/").expect("a path joins");
+        let answer = (self.client.post(url))
+            .header("content-type", "application/json")
+            .body(json!({ "refresh": token }).to_string())
+            .send()
+            .await
+            .map_err(|e| failed(error_chain(&e)))?;
+        if !answer.status().is_success() {
+            return Err(failed(format!("it answered {}", answer.status())));
+        }
+        let body = answer.bytes().await.map_err(|e| failed(error_chain(&e)))?;
+        let access = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v["access"].as_str().map(str::to_owned));
+        let access = access.ok_or_else(|| failed("no `access` in its answer".into()))?;
+        *self.access.lock().expect("access lock") = Some(Access {
+            refresh: token.to_owned(),
+            access: access.clone(),
+            obtained: Instant::now(),
+        });
+        Ok(format!("Bearer {access}"))
     }
 
     /// The route whose requests set their own time budget (see `predict`).
@@ -660,16 +714,18 @@ async fn fetch_image(url: &str, backend: &LabelStudio) -> Result<Vec<u8>, ApiErr
             "host `{host}:{port}` is neither label_studio.url nor in label_studio.allowed_hosts"
         )));
     }
-    let mut request = backend.client.get(parsed.clone());
-    // Label Studio's token goes to Label Studio only.
-    if let Some(Link {
-        base,
-        token: Some(token),
-    }) = &link
-        && same_origin(base, &parsed)
-    {
-        request = request.header("authorization", authorization(token));
-    }
+    // Label Studio's tokens go to Label Studio only: the one `/setup` sent, then `api_key` if that is refused.
+    let tokens: Vec<&str> = match &link {
+        Some(link) if same_origin(&link.base, &parsed) => {
+            let mut tokens: Vec<&str> = [link.token.as_deref(), config.api_key.as_deref()]
+                .into_iter()
+                .flatten()
+                .collect();
+            tokens.dedup();
+            tokens
+        }
+        _ => Vec::new(),
+    };
     let timeout = Duration::from_secs(config.fetch_timeout_secs);
     let timed_out = || {
         fetch_failed(format!(
@@ -688,7 +744,25 @@ async fn fetch_image(url: &str, backend: &LabelStudio) -> Result<Vec<u8>, ApiErr
         }
     };
     let fetch = async {
-        let mut response = request.send().await.map_err(describe)?;
+        let mut response = None;
+        for (i, token) in tokens.iter().enumerate() {
+            let base = &link.as_ref().expect("tokens come with a link").base;
+            let header = backend.authorization(token, base).await?;
+            let answer = (backend.client.get(parsed.clone()))
+                .header("authorization", header)
+                .send()
+                .await
+                .map_err(describe)?;
+            // A token Label Studio refuses (a legacy token where those are off): try the next.
+            if !matches!(answer.status().as_u16(), 401 | 403) || i + 1 == tokens.len() {
+                response = Some(answer);
+                break;
+            }
+        }
+        let mut response = match response {
+            Some(response) => response,
+            None => (backend.client.get(parsed.clone()).send().await).map_err(describe)?,
+        };
         if !response.status().is_success() {
             return Err(fetch_failed(format!(
                 "the task image's host answered {}",
@@ -716,18 +790,20 @@ async fn fetch_image(url: &str, backend: &LabelStudio) -> Result<Vec<u8>, ApiErr
         .map_err(|_| timed_out())?
 }
 
-/// Label Studio's scheme for a token, as its SDK sends it: `Bearer` for a JWT, `Token` for a legacy API token.
-fn authorization(token: &str) -> String {
-    let header = token.split('.').next().unwrap_or("");
-    let jwt = token.split('.').count() == 3
-        && base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(header.trim_end_matches('='))
-            .is_ok_and(|json| json.starts_with(b"{"));
-    if jwt {
-        format!("Bearer {token}")
-    } else {
-        format!("Token {token}")
-    }
+/// A JWT's `token_type` (`"access"` when it names none); `None` for a legacy Label Studio token.
+fn jwt_type(token: &str) -> Option<String> {
+    let decode = |part: &str| {
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part.trim_end_matches('='))
+            .ok()?;
+        serde_json::from_slice::<Value>(&bytes).ok()
+    };
+    let [header, payload, _] = token.split('.').collect::<Vec<_>>()[..] else {
+        return None;
+    };
+    decode(header)?;
+    let kind = decode(payload)?["token_type"].as_str().map(str::to_owned);
+    Some(kind.unwrap_or_else(|| "access".into()))
 }
 
 fn decode_data_uri(rest: &str, limit: usize) -> Result<Vec<u8>, ApiError> {
@@ -882,12 +958,17 @@ mod tests {
     }
 
     #[test]
-    fn tokens_are_sent_as_label_studio_expects_them() {
-        assert_eq!(authorization("0123abcd"), "Token 0123abcd");
-        // `{"alg":"HS256","typ":"JWT"}`, a payload and a signature.
-        let jwt = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.c2ln";
-        assert_eq!(authorization(jwt), format!("Bearer {jwt}"));
-        assert_eq!(authorization("a.b.c"), "Token a.b.c");
+    fn tokens_are_told_apart_as_label_studio_sends_them() {
+        assert_eq!(jwt_type("0123abcd"), None);
+        assert_eq!(jwt_type("a.b.c"), None);
+        // `{"alg":"HS256","typ":"JWT"}` . `{"token_type":"refresh"}` . a signature.
+        let refresh = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.c2ln";
+        assert_eq!(jwt_type(refresh).as_deref(), Some("refresh"));
+        // `{"sub":"1"}`: no type, an access token.
+        assert_eq!(
+            jwt_type("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2ln").as_deref(),
+            Some("access")
+        );
     }
 
     #[test]
