@@ -52,8 +52,9 @@ pub struct LabelStudioConfig {
     /// Label Studio's own address (`http://host:port`): uploads (`/data/upload/...`) and its storage proxy are
     /// fetched from there when `/setup` gave no address on an allowed host. Its host is allowed implicitly.
     pub url: Option<String>,
-    /// Label Studio's API token, sent to its host only, when `/setup` gave none. Also from
-    /// CAMSERVE_LABEL_STUDIO_API_KEY; prefer the environment: config files get shared.
+    /// Label Studio's API token (a personal access token, or a legacy token), sent to its host only, when the
+    /// token `/setup` gave is missing or refused. Also from CAMSERVE_LABEL_STUDIO_API_KEY; prefer the
+    /// environment: config files get shared.
     pub api_key: Option<String>,
     /// More hosts (`name` or `name:port`) that task image URLs may point to, over http or https. Nothing else
     /// is fetched, so camserve is no open proxy; `data:` URIs need no host.

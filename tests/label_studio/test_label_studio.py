@@ -221,10 +221,9 @@ def hosts(folder):
         yield {"http": http_host, "https": https_host, "ca_file": ca_file}
 
 
-@pytest.fixture(scope="module")
-def camserve(folder, label_studio, hosts):
-    # The config sits in a folder of its own and names the CA by a relative path: resolved against that folder.
-    config_dir = folder / "camserve"
+def camserve_config(folder: Path, label_studio, hosts, name):
+    """A config in a folder of its own that names the test CA by a relative path: resolved against that folder."""
+    config_dir = folder / name
     config_dir.mkdir()
     shutil.copy(hosts["ca_file"], config_dir / "test-ca.pem")
     config = f"""
@@ -245,7 +244,12 @@ ca_file = "test-ca.pem"
 Coffee = ["espresso"]
 """
     (config_dir / "camserve.toml").write_text(config)
-    with start(config_dir / "camserve.toml") as server:
+    return config_dir / "camserve.toml"
+
+
+@pytest.fixture(scope="module")
+def camserve(folder, label_studio, hosts):
+    with start(camserve_config(folder, label_studio, hosts, "camserve")) as server:
         yield server
 
 
@@ -366,3 +370,26 @@ def test_a_big_batch_is_stored_in_full(label_studio, camserve, hosts):
               if r["type"] == "rectanglelabels"}
     assert labels == {"Egyptian cat"}, labels
     print(f"\n{BIG_BATCH} tasks predicted and stored in {elapsed:.1f} s; camserve: {served[-1].strip()}")
+
+
+def test_uploads_with_a_personal_access_token_when_legacy_tokens_are_off(label_studio, folder, hosts):
+    """Label Studio's default: legacy tokens off, so the token it sends to /setup is refused; camserve fetches
+    uploads with a personal access token given as CAMSERVE_LABEL_STUDIO_API_KEY. Runs last: it turns the test's own
+    legacy token off."""
+    pat = label_studio.api("POST", "/api/token/")["token"]
+    access = label_studio.api("POST", "/api/token/refresh/", json={"refresh": pat})["access"]
+    label_studio.session.headers["Authorization"] = f"Bearer {access}"
+    label_studio.api("POST", "/api/jwt/settings", json={"api_tokens_enabled": True, "legacy_api_tokens_enabled": False})
+    project = label_studio.project("camserve: personal access token")
+    name = "cat_plain_0.55.jpg"
+    with open(LOCALIZATION / name, "rb") as f:
+        label_studio.api("POST", f"/api/projects/{project}/import", files={name: (name, f, "image/jpeg")})
+    config = camserve_config(folder, label_studio, hosts, "camserve-pat")
+    with start(config, env={"CAMSERVE_LABEL_STUDIO_API_KEY": pat}) as camserve:
+        label_studio.connect(project, f"{camserve.url}/label-studio")
+        label_studio.retrieve_predictions(project)
+        [task] = label_studio.tasks(project)
+        assert task["data"]["picture"].startswith("/data/upload/")
+        [prediction] = label_studio.predictions(task["id"])
+        labels = {r["value"]["rectanglelabels"][0] for r in prediction["result"] if r["type"] == "rectanglelabels"}
+        assert labels == {"Egyptian cat"}, prediction

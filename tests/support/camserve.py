@@ -54,12 +54,14 @@ class Camserve:
 
 
 @contextlib.contextmanager
-def start(config_path: Path):
-    """Starts `camserve serve` with the config file on a free loopback port; stops it (SIGTERM) on exit."""
+def start(config_path: Path, env=None):
+    """Starts `camserve serve` with the config file (and `env` added to the environment) on a free loopback port;
+    stops it (SIGTERM) on exit."""
     process = subprocess.Popen(
         [str(binary()), "serve", "--config", str(config_path), "--bind", "127.0.0.1:0"],
         stderr=subprocess.PIPE,
         text=True,
+        env=dict(os.environ, **(env or {})),
     )
     log = []
     address = None
