@@ -74,7 +74,7 @@ impl LabelStudio {
         }
         let link = config.url.as_deref().map(|url| Link {
             base: Url::parse(url).expect("validated with the config"),
-            token: config.api_key.clone(),
+            token: None,
         });
         Ok(Self {
             client: builder.build()?,
@@ -135,6 +135,11 @@ impl LabelStudio {
 
     fn model_version(&self) -> String {
         format!("camserve-{}", self.config.model)
+    }
+
+    /// A prediction with no region: Label Studio stores it, so that the other tasks' predictions are stored too.
+    fn empty_prediction(&self) -> Value {
+        json!({ "model_version": self.model_version(), "score": 0.0, "result": [] })
     }
 
     fn link(&self) -> Option<Link> {
@@ -203,10 +208,7 @@ async fn setup(State(state): State<SharedState>, body: Bytes) -> Result<Json<Val
         .filter(|url| backend.is_allowed(url));
     let mut link = backend.link.lock().expect("link lock");
     match (base, link.as_mut()) {
-        (Some(base), _) => {
-            let token = token.or_else(|| backend.config.api_key.clone());
-            *link = Some(Link { base, token });
-        }
+        (Some(base), _) => *link = Some(Link { base, token }),
         (None, Some(known)) if token.is_some() => known.token = token,
         _ => {}
     }
@@ -339,12 +341,9 @@ async fn predict_all(
             tracing::warn!(%task, code = %error.code, reason = %error.message, "task not predicted");
             state.metrics.label_studio_task_failed(&error.code.to_string());
             // Label Studio stores `result`, `score` and `model_version` only; `error` is for other callers.
-            json!({
-                "model_version": backend.model_version(),
-                "score": 0.0,
-                "result": [],
-                "error": { "code": error.code, "message": error.message },
-            })
+            let mut empty = backend.empty_prediction();
+            empty["error"] = json!({ "code": error.code, "message": error.message });
+            empty
         });
     }
     answers
@@ -358,9 +357,8 @@ async fn predict_task(
 ) -> Result<Value, ApiError> {
     let backend = backend(state);
     let config = &backend.config;
-    let empty = || json!({ "model_version": backend.model_version(), "score": 0.0, "result": [] });
     if plan.classes.is_empty() {
-        return Ok(empty());
+        return Ok(backend.empty_prediction());
     }
     let url = task["data"][&plan.data_key].as_str().ok_or_else(|| {
         ApiError::new(
