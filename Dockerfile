@@ -9,6 +9,10 @@ RUN scripts/build-release.sh ort /opt/camserve cpu
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /build
+# nasm builds libjpeg-turbo's SIMD (the mozjpeg crate): JPEG decoding and encoding 3-4x faster.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends nasm=2.16.01-1 \
+    && rm -rf /var/lib/apt/lists/*
 # Dependencies first, against a stub crate: this layer is rebuilt only when Cargo.toml or Cargo.lock change.
 COPY Cargo.toml Cargo.lock ./
 COPY scripts/build-release.sh scripts/

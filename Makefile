@@ -131,14 +131,22 @@ test-ui: $(ORT_LIB)
 	CAMSERVE_BIN=target/debug/camserve node tests/ui/viewer.test.mjs
 
 ## The performance table: bare ONNX Runtime vs camserve (oha over loopback) vs pytorch-grad-cam (if `make venv` ran).
-bench: ort $(OHA)
+bench: ort $(OHA) $(BENCH_STAMP)
 	cargo build --release --locked --bin camserve --example bench_ort
 	$(PYTHON) bench/bench.py
 
 ## The same, a few requests of each kind: keeps the benchmark working; its numbers mean nothing.
-bench-quick: ort $(OHA)
+bench-quick: ort $(OHA) $(BENCH_STAMP)
 	cargo build --release --locked --bin camserve --example bench_ort
 	$(PYTHON) bench/bench.py --quick
+
+# Pillow (libjpeg-turbo, zlib): the reference for the photo rows' decoding and encoding.
+BENCH_VENV := .tools/bench-venv
+BENCH_STAMP := $(BENCH_VENV)/.installed
+$(BENCH_STAMP):
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet pillow==12.0.0
+	touch $@
 
 ## The localization study (docs/localization.md): the set regenerated from scikit-image's photos, then every
 ## case through the release binary per method and threshold; prints the table. LOCALIZATION_ARGS passes options

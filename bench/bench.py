@@ -26,6 +26,8 @@ MODEL = ROOT / "models/efficientnet_lite0.onnx"
 PHOTO = ROOT / "tests/fixtures/images/chelsea_224.png"
 OHA = os.environ.get("OHA", str(ROOT / ".tools/bin/oha"))
 VENV_PYTHON = ROOT / ".venv/bin/python"
+# Pillow, the reference for what libjpeg-turbo and zlib cost (installed by `make bench`).
+BENCH_PYTHON = ROOT / ".tools/bench-venv/bin/python"
 # The headline request of the ratios: a photo in, its overlay PNG out.
 OVERLAY = "/v1/models/default/explain?output=overlay"
 
@@ -145,6 +147,79 @@ def under_load(servers: dict, body: Path, threads: int, rounds: int, requests: i
     return result
 
 
+# The photo rows: (what, photo, route and query, reference, target). A reference adds up Pillow's costs (see
+# bench/pillow_reference.py) and the bare Run of one image.
+PHOTO_ROWS = [
+    ("12 MP JPEG, output=boxes", "large", "explain?output=boxes", ("draft_decode_ms",), 1.3),
+    ("12 MP JPEG, predict", "large", "predict", ("draft_decode_ms",), 1.3),
+    ("12 MP JPEG, output=raw", "large", "explain?output=raw", ("draft_decode_ms",), 1.3),
+    ("12 MP JPEG, format=labelstudio", "large", "explain?format=labelstudio", ("draft_decode_ms",), 1.3),
+    ("12 MP JPEG, format=coco", "large", "explain?format=coco", ("draft_decode_ms",), 1.3),
+    ("12 MP JPEG, format=fiftyone (a 16-bit heatmap PNG at full size)", "large", "explain?format=fiftyone",
+     ("draft_decode_ms",), None),
+    ("640x480 JPEG, output=boxes", "medium", "explain?output=boxes", ("full_decode_ms",), 1.3),
+    ("640x480 JPEG, output=overlay (PNG)", "medium", "explain?output=overlay", (), 1.5),
+    ("12 MP JPEG, output=overlay&image_format=jpeg (full size)", "large",
+     "explain?output=overlay&image_format=jpeg", ("full_decode_ms", "jpeg_encode_ms"), 1.3),
+    ("12 MP JPEG, output=overlay (PNG, full size)", "large", "explain?output=overlay",
+     ("full_decode_ms", "png_encode_ms"), None),
+    ("12 MP JPEG, output=json (overlay and heatmap PNGs, full size)", "large", "explain?output=json",
+     ("full_decode_ms", "png_encode_ms", "png_encode_ms"), None),
+]
+
+
+def photos(server: Server, bodies: dict, threads: int, rounds: int, requests: int, seconds: float) -> dict:
+    """Camera-sized and dataset-sized photos, one client, against references measured in the same rounds."""
+    result: dict = {"references": [], "bare_ms": [], "rows": {row[0]: [] for row in PHOTO_ROWS}}
+    for _ in range(rounds):
+        out = subprocess.run([BENCH_PYTHON, ROOT / "bench/pillow_reference.py", bodies["medium"], bodies["large"],
+                              str(max(3, requests // 4))], check=True, capture_output=True, text=True).stdout
+        reference = json.loads(out)
+        result["references"].append({name: reference[str(path)] for name, path in bodies.items()})
+        result["bare_ms"].append(bare_runs(1, threads, 1, seconds)[0]["median_ms"])
+        for what, photo, route, _, _ in PHOTO_ROWS:
+            result["rows"][what].append(oha(server.url(f"/v1/models/default/{route}"), bodies[photo], requests, 1))
+    # Under load: 16 clients on the boxes of each photo, against the bare Run's best throughput of the same round.
+    result["load"] = []
+    for _ in range(rounds):
+        layouts = [(1, threads)] + ([(threads, 1)] if threads > 1 else [])
+        bare = max(bare_throughput(sessions, per_session, batch, seconds)
+                   for sessions, per_session in layouts for batch in (1, 8))
+        result["load"].append({"bare": bare, **{photo: oha(server.url("/v1/models/default/explain?output=boxes"),
+                                                           bodies[photo], requests * 2, 16)
+                                               for photo in ("medium", "large")}})
+    return result
+
+
+def photo_rows(r: dict) -> list[tuple[str, str, str, str]]:
+    """Medians over the rounds; each ratio against its own round's reference."""
+    median = statistics.median
+    rows = []
+    for what, photo, _, parts, target in PHOTO_ROWS:
+        runs = r["rows"][what]
+        references = [sum(ref[photo][part] for part in parts) + bare
+                      for ref, bare in zip(r["references"], r["bare_ms"])]
+        ratios = [run["p50_ms"] / reference for run, reference in zip(runs, references)]
+        names = " + ".join([*(f"Pillow {part.removesuffix('_ms').replace('_', ' ')}" for part in parts),
+                            "bare Run"])
+        rows.append((what, f"{median(run['p50_ms'] for run in runs):.1f} ms median against {median(references):.1f}"
+                     f" ms ({names})", f"{median(ratios):.2f}x (rounds {', '.join(f'{x:.2f}' for x in ratios)})",
+                     f"<= {target}x" if target else "reported"))
+    for photo, name in (("medium", "640x480"), ("large", "12 MP")):
+        load = r["load"]
+        ratios = [round_[photo]["rps"] / round_["bare"] for round_ in load]
+        rows.append((f"{name} JPEG, output=boxes, 16 clients", f"{median(x[photo]['rps'] for x in load):.1f} "
+                     f"requests/s, p50 {median(x[photo]['p50_ms'] for x in load):.0f} ms, p99 "
+                     f"{median(x[photo]['p99_ms'] for x in load):.0f} ms", f"{median(ratios):.2f}x the bare Run's best "
+                     f"throughput ({median(x['bare'] for x in load):.0f} images/s)", "reported"))
+    ref = r["references"][0]
+    rows.append(("Pillow (libjpeg-turbo) on the 12 MP JPEG, first round", f"decode {ref['large']['full_decode_ms']:.1f}"
+                 f" ms, draft {ref['large']['draft_size']} {ref['large']['draft_decode_ms']:.1f} ms, JPEG q90 encode "
+                 f"{ref['large']['jpeg_encode_ms']:.1f} ms, PNG level 1 encode {ref['large']['png_encode_ms']:.0f} ms",
+                 "", ""))
+    return rows
+
+
 def venv_has(modules: str) -> bool:
     """Whether `make venv` has installed these Python modules (comma-separated)."""
     return VENV_PYTHON.exists() and subprocess.run([VENV_PYTHON, "-c", f"import {modules}"],
@@ -206,6 +281,7 @@ def main() -> None:
         workdir = Path(tmp)
         subprocess.run([RELEASE / "examples/bench_ort", "inputs", PHOTO, workdir], check=True)
         small, large = workdir / "photo_224.jpg", workdir / "photo_4000x3000.jpg"
+        bodies = {"medium": workdir / "photo_640x480.jpg", "large": large}
 
         bare = bare_ort(args.threads, n(300))
         results["bare"] = bare
@@ -232,6 +308,9 @@ def main() -> None:
                 }
             results["large"] = {"bytes": len(body), "stages": stages,
                                 "peak_rss_mib": rss_mib(server.process.pid, "VmHWM")}
+
+            results["photos"] = photos(server, bodies, args.threads, rounds=1 if args.quick else 3,
+                                       requests=n(40), seconds=0.5 if args.quick else 2)
 
             # Memory after 1,000 and after 10,000 requests of the 224 px photo (the first includes the large ones).
             oha(explain + "?output=overlay", small, n(1000), 4)
@@ -329,6 +408,7 @@ def table(r: dict) -> str:
     for query, s in r["large"]["stages"].items():
         rows.append((f"4000x3000 JPEG {query}", f"{s['client_ms']:.0f} ms: decode {s['x-decode-time']:.0f}, "
                      f"inference {s['x-inference-time']:.1f}, render {s['x-render-time']:.0f}", "", ""))
+    rows += photo_rows(r["photos"])
     rows.append(("peak resident memory (after the large photos)", f"{r['large']['peak_rss_mib']:.0f} MiB", "", ""))
     m = r["memory"]
     rows.append(("resident memory after 1,000 / 10,000 requests",

@@ -16,7 +16,7 @@
 //!     PNGs of it; on the photo's tensor instead of made-up values. One JSON object per condition
 //!     {"condition", "median_ms", "p25_ms", "p75_ms"}
 //! bench_ort inputs PHOTO.png DIR
-//!     writes the benchmark's request bodies: photo_224.jpg and photo_4000x3000.jpg
+//!     writes the benchmark's request bodies: photo_224.jpg, photo_640x480.jpg and photo_4000x3000.jpg
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -64,17 +64,23 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// A 224 px JPEG of the photo, and a 4000 x 3000 one with fine noise so that it encodes like a real photo.
+/// A 224 px JPEG of the photo, and a 640 x 480 (a COCO image's size) and a 4000 x 3000 (12 MP, a phone's) one with
+/// fine noise so that they encode like real photos.
 fn write_inputs(photo: &Path, dir: &Path) -> anyhow::Result<()> {
     let photo = image::open(photo)?.to_rgb8();
     let small = camserve::preprocess::resize(&photo, 224, 224);
     small.save_with_format(dir.join("photo_224.jpg"), image::ImageFormat::Jpeg)?;
-    let mut large = camserve::preprocess::resize(&photo, 4000, 3000);
-    for (i, pixel) in large.pixels_mut().enumerate() {
-        let noise = ((i as u32).wrapping_mul(2_654_435_761) >> 29) as u8;
-        pixel.0 = pixel.0.map(|v| v.saturating_add(noise));
+    for (width, height) in [(640, 480), (4000, 3000)] {
+        let mut large = camserve::preprocess::resize(&photo, width, height);
+        for (i, pixel) in large.pixels_mut().enumerate() {
+            let noise = ((i as u32).wrapping_mul(2_654_435_761) >> 29) as u8;
+            pixel.0 = pixel.0.map(|v| v.saturating_add(noise));
+        }
+        large.save_with_format(
+            dir.join(format!("photo_{width}x{height}.jpg")),
+            image::ImageFormat::Jpeg,
+        )?;
     }
-    large.save_with_format(dir.join("photo_4000x3000.jpg"), image::ImageFormat::Jpeg)?;
     Ok(())
 }
 

@@ -2,6 +2,8 @@
 //!
 //! Formulas follow pytorch-grad-cam (jacobgil/pytorch-grad-cam), so maps can be compared with it.
 
+use crate::bands;
+
 /// A single-channel map, row-major: `data[y * width + x]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Map {
@@ -28,12 +30,18 @@ impl Map {
 
     /// Smallest and largest value, ignoring NaN; `None` when there is no such value.
     pub fn min_max(&self) -> Option<(f32, f32)> {
-        let (min, max) = self
-            .data
-            .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
-                (lo.min(v), hi.max(v))
-            });
+        let fold = |values: &[f32]| {
+            values
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                    (lo.min(v), hi.max(v))
+                })
+        };
+        // min and max ignore NaN and are associative: the bands' results combine to the whole map's.
+        let (min, max) = bands::map(&self.data, 1, fold).into_iter().fold(
+            (f32::INFINITY, f32::NEG_INFINITY),
+            |(lo, hi), (band_lo, band_hi)| (lo.min(band_lo), hi.max(band_hi)),
+        );
         (min <= max).then_some((min, max))
     }
 
@@ -42,7 +50,9 @@ impl Map {
     pub fn normalized(mut self) -> Map {
         if let Some((min, max)) = self.min_max() {
             let scale = 1e-7 + (max - min);
-            self.data.iter_mut().for_each(|v| *v = (*v - min) / scale);
+            bands::for_each_mut(&mut self.data, self.width, |_, band| {
+                band.iter_mut().for_each(|v| *v = (*v - min) / scale);
+            });
         }
         self
     }
@@ -79,17 +89,16 @@ impl Map {
                     .map(|t| row[t.first] * t.first_weight + row[t.second] * t.second_weight),
             );
         }
-        let mut data = Vec::with_capacity(width * height);
-        for t in &ys {
-            let first = &rows[t.first * width..][..width];
-            let second = &rows[t.second * width..][..width];
-            data.extend(
-                first
-                    .iter()
-                    .zip(second)
-                    .map(|(a, b)| a * t.first_weight + b * t.second_weight),
-            );
-        }
+        let mut data = vec![0.0; width * height];
+        bands::for_each_mut(&mut data, width, |first_row, band| {
+            for (out, t) in band.chunks_exact_mut(width).zip(&ys[first_row..]) {
+                let first = &rows[t.first * width..][..width];
+                let second = &rows[t.second * width..][..width];
+                for ((o, a), b) in out.iter_mut().zip(first).zip(second) {
+                    *o = a * t.first_weight + b * t.second_weight;
+                }
+            }
+        });
         Map::new(width, height, data)
     }
 }
@@ -567,12 +576,89 @@ fn top_eigenvector(mut a: Vec<f64>, n: usize) -> (f64, Vec<f64>) {
 /// The map pytorch-grad-cam returns for one target layer, at image size: ReLU, min-max,
 /// bilinear resize, then min-max again (resizing can lower the peak below 1).
 pub fn display_map(raw: &Map, width: usize, height: usize) -> Map {
-    raw.clone()
-        .relu()
-        .normalized()
-        .resize_bilinear(width, height)
-        .relu()
-        .normalized()
+    DisplayRows::new(raw, width, height).map()
+}
+
+/// [`display_map`] a row at a time, with the same f32 arithmetic and so the same values, without holding the
+/// picture: a photo-sized map is 48 MB of f32 for a 12-megapixel photo, which an overlay reads once.
+pub struct DisplayRows {
+    /// The normalized raw map resized across (its height x `width`); a row of the picture mixes two of these.
+    across: Map,
+    ys: Vec<Tap>,
+    /// The resized map's min and `1e-7 + max - min`, as [`Map::normalized`] scales.
+    min: f32,
+    scale: f32,
+}
+
+impl DisplayRows {
+    pub fn new(raw: &Map, width: usize, height: usize) -> DisplayRows {
+        let small = raw.clone().relu().normalized();
+        let across = small.resize_bilinear(width, small.height);
+        let ys = taps(small.height, height);
+        let mut rows = DisplayRows {
+            across,
+            ys,
+            min: 0.0,
+            scale: 1.0,
+        };
+        // pytorch-grad-cam's ReLU after the resize is left out: bilinear weights are non-negative, so the resized
+        // map already is. Its min and max come from a pass that stores nothing.
+        let (min, max) = bands::map(&rows.ys, width, |ys| {
+            let mut row = vec![0.0; width];
+            ys.iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), t| {
+                    rows.resized(t, &mut row);
+                    row.iter()
+                        .fold((lo, hi), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+                })
+        })
+        .into_iter()
+        .fold(
+            (f32::INFINITY, f32::NEG_INFINITY),
+            |(lo, hi), (band_lo, band_hi)| (lo.min(band_lo), hi.max(band_hi)),
+        );
+        if min <= max {
+            (rows.min, rows.scale) = (min, 1e-7 + (max - min));
+        }
+        rows
+    }
+
+    pub fn width(&self) -> usize {
+        self.across.width
+    }
+
+    pub fn height(&self) -> usize {
+        self.ys.len()
+    }
+
+    /// Row `t` of the resized map, before the final min-max.
+    fn resized(&self, t: &Tap, out: &mut [f32]) {
+        let width = self.across.width;
+        let first = &self.across.data[t.first * width..][..width];
+        let second = &self.across.data[t.second * width..][..width];
+        for ((o, a), b) in out.iter_mut().zip(first).zip(second) {
+            *o = a * t.first_weight + b * t.second_weight;
+        }
+    }
+
+    /// Row `y` of the display map into `out` (`width` values).
+    pub fn row(&self, y: usize, out: &mut [f32]) {
+        self.resized(&self.ys[y], out);
+        out.iter_mut()
+            .for_each(|v| *v = (*v - self.min) / self.scale);
+    }
+
+    /// The whole display map.
+    pub fn map(&self) -> Map {
+        let width = self.width();
+        let mut data = vec![0.0; width * self.height()];
+        bands::for_each_mut(&mut data, width, |first_row, band| {
+            for (i, row) in band.chunks_exact_mut(width).enumerate() {
+                self.row(first_row + i, row);
+            }
+        });
+        Map::new(width, self.height(), data)
+    }
 }
 
 /// Several target layers' raw maps combined as pytorch-grad-cam combines several `target_layers`: per layer ReLU,
@@ -933,6 +1019,52 @@ mod tests {
             0.0624999925494194, 0.1741071343421936, 0.3526785373687744, 0.1874999850988388, 0.0357142835855484, 0.3214285373687744, 0.4999999403953552,
         ];
         assert_close(&display_map(&raw, 7, 5).data, &want, 1e-6);
+    }
+
+    #[test]
+    fn large_maps_done_in_bands_equal_one_pass_on_one_thread() {
+        // 1600 x 900 is split into a band per core (src/bands.rs); the reference below is the same arithmetic, a
+        // value at a time, on this thread.
+        let raw = Map::new(
+            7,
+            5,
+            (0..35).map(|i| ((i * 37) % 11) as f32 - 3.0).collect(),
+        );
+        let (width, height) = (1600, 900);
+        let small = raw.clone().relu().normalized();
+        let (xs, ys) = (taps(7, width), taps(5, height));
+        let across = |row: usize, x: usize| {
+            let t = &xs[x];
+            small.data[row * 7 + t.first] * t.first_weight
+                + small.data[row * 7 + t.second] * t.second_weight
+        };
+        let resized: Vec<f32> = ys
+            .iter()
+            .flat_map(|t| {
+                (0..width).map(move |x| {
+                    across(t.first, x) * t.first_weight + across(t.second, x) * t.second_weight
+                })
+            })
+            .collect();
+        let (min, max) = resized
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
+        assert_eq!(small.resize_bilinear(width, height).data, resized);
+        assert_eq!(
+            Map::new(width, height, resized.clone()).min_max(),
+            Some((min, max))
+        );
+        let want: Vec<f32> = resized
+            .iter()
+            .map(|v| (v - min) / (1e-7 + (max - min)))
+            .collect();
+        assert_eq!(display_map(&raw, width, height).data, want);
+        let rows = DisplayRows::new(&raw, width, height);
+        let mut row = vec![0.0; width];
+        rows.row(450, &mut row);
+        assert_eq!(row, want[450 * width..][..width]);
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub struct ExplainOptions {
     pub layers: Vec<usize>,
     /// Also compute Guided Grad-CAM (the model must have `input_gradients`).
     pub guided: bool,
+    /// Where an output draws the photo (an overlay), the longest side it is drawn at; `None` where no output shows
+    /// the photo's pixels. A JPEG is decoded only as finely as this and the model's input need.
+    pub drawn_side: Option<usize>,
 }
 
 /// Score-CAM's default channel budget: on the default model (1280 channels) the smallest tried whose picture is
@@ -66,6 +69,7 @@ impl Default for ExplainOptions {
             max_boxes: 1,
             layers: vec![0],
             guided: false,
+            drawn_side: None,
         }
     }
 }
@@ -118,7 +122,11 @@ pub enum ExplainError {
 
 /// Everything one request computed: the scores, and per target class its map and boxes.
 pub struct Explanation {
+    /// The photo's pixels, upright, decoded at a fraction of its size when no output needs more
+    /// ([`ExplainOptions::drawn_side`]).
     pub image: RgbImage,
+    /// The upright photo's `(width, height)`: boxes and image-sized maps are in its pixels.
+    pub photo_size: (usize, usize),
     pub logits: Vec<f32>,
     pub probabilities: Vec<f32>,
     pub targets: Vec<TargetMap>,
@@ -186,6 +194,32 @@ impl TargetMap {
             std::borrow::Cow::Borrowed(&self.heat)
         } else {
             std::borrow::Cow::Owned(display(&self.raw, &self.variants, width, height))
+        }
+    }
+
+    /// The same values as [`Self::heat_at`], made a row at a time where that saves holding a large map (one
+    /// layer's map without `aug_smooth`, drawn larger than the stored one).
+    pub fn heat_rows(&self, width: usize, height: usize) -> HeatRows<'_> {
+        if self.variants.is_empty() && (self.heat.width, self.heat.height) != (width, height) {
+            HeatRows::Made(cam::DisplayRows::new(&self.raw, width, height))
+        } else {
+            HeatRows::Held(self.heat_at(width, height))
+        }
+    }
+}
+
+/// A display map to be read row by row: held whole, or made a row at a time.
+pub enum HeatRows<'a> {
+    Held(std::borrow::Cow<'a, Map>),
+    Made(cam::DisplayRows),
+}
+
+impl HeatRows<'_> {
+    /// Row `y` into `out` (one value per pixel).
+    pub fn row(&self, y: usize, out: &mut [f32]) {
+        match self {
+            Self::Held(map) => out.copy_from_slice(&map.data[y * map.width..][..map.width]),
+            Self::Made(rows) => rows.row(y, out),
         }
     }
 }
@@ -294,22 +328,27 @@ pub fn softmax(logits: &[f32]) -> Vec<f32> {
     exp.into_iter().map(|e| e / sum).collect()
 }
 
-/// Decodes and preprocesses; returns the image, its tensor and how long that took.
+/// Decodes (no finer than the model's input and `drawn_side` need) and preprocesses; returns the photo, its tensor
+/// and how long that took.
 fn prepare(
     model: &Model,
     bytes: &[u8],
     limits: &Limits,
-) -> Result<(RgbImage, Arc<[f32]>, Duration), ExplainError> {
+    drawn_side: Option<usize>,
+) -> Result<(preprocess::Decoded, Arc<[f32]>, Duration), ExplainError> {
     let started = Instant::now();
-    let image = preprocess::decode(bytes, &limits.decode_limits())?;
     let p = &model.info.preprocess;
+    let photo = preprocess::decode_at_least(bytes, &limits.decode_limits(), |width, height| {
+        let drawn = drawn_side.map_or((0, 0), |side| fit(width, height, side));
+        (p.width.max(drawn.0), p.height.max(drawn.1))
+    })?;
     // Made in place where the Runs read it (an exact-size `collect` allocates once), not copied there afterwards.
     let mut tensor: Arc<[f32]> = std::iter::repeat_n(0.0, p.tensor_len()).collect();
     p.write_tensor(
-        &image,
+        &photo.image,
         Arc::get_mut(&mut tensor).expect("a new tensor has one owner"),
     );
-    Ok((image, tensor, started.elapsed()))
+    Ok((photo, tensor, started.elapsed()))
 }
 
 /// What a request spent after decoding: its Runs (waits and inference, added up) and the CPU work around them.
@@ -359,7 +398,7 @@ pub fn predict(
     limits: &Limits,
     ticket: &Ticket,
 ) -> Result<(Vec<f32>, Timings), ExplainError> {
-    let (_, tensor, decode) = prepare(model, bytes, limits)?;
+    let (_, tensor, decode) = prepare(model, bytes, limits, None)?;
     let seeds = vec![0.0; model.info.num_classes()];
     let (mut outputs, run) = run(model, tensor, 1, &seeds, 1, ticket)?;
     let timings = Timings {
@@ -455,7 +494,7 @@ pub fn explain(
     options: &ExplainOptions,
     ticket: &Ticket,
 ) -> Result<Explanation, ExplainError> {
-    let (image, tensor, decode) = prepare(model, bytes, limits)?;
+    let (photo, tensor, decode) = prepare(model, bytes, limits, options.drawn_side)?;
     let classes = model.info.num_classes();
     let width = model.info.preprocess.width;
     // All targets ride in one Run: one seed row each; an all-zero row k means "the k-th best class".
@@ -502,7 +541,7 @@ pub fn explain(
         }
     }
 
-    let image_size = (image.width() as usize, image.height() as usize);
+    let image_size = photo.size;
     let input_size = (width, model.info.preprocess.height);
     let channel_order = model.info.preprocess.channel_order;
     let mut targets = spent.cpu(|| {
@@ -591,7 +630,8 @@ pub fn explain(
         )?;
     }
     Ok(Explanation {
-        image,
+        image: photo.image,
+        photo_size: photo.size,
         logits: outputs.swap_remove(0).logits,
         probabilities,
         targets,

@@ -3,6 +3,7 @@
 //! Data flows one way: bytes -> `preprocess` -> `engine` (one ONNX Runtime Run) -> `cam` -> `boxes` and `render`,
 //! orchestrated by `explain` and served by `http`.
 
+mod bands;
 pub mod boxes;
 pub mod cam;
 pub mod config;

@@ -323,6 +323,8 @@ fn explain_file(
     let bytes = std::fs::read(image).with_context(|| format!("cannot read {}", image.display()))?;
     let options = ExplainOptions {
         targets,
+        // The overlay is drawn at the photo's full size.
+        drawn_side: Some(usize::MAX),
         ..ExplainOptions::default()
     };
     let caller = Caller::default();

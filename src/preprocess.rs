@@ -51,18 +51,41 @@ pub enum DecodeError {
     },
 }
 
-/// Decodes PNG, JPEG or WebP (told apart by their bytes) to RGB, turned upright by its EXIF
+/// A decoded photo: its pixels, perhaps at a fraction of its size, and the size of the photo itself.
+#[derive(Debug, PartialEq)]
+pub struct Decoded {
+    /// Upright RGB pixels; at least the size asked of [`decode_at_least`], at most the photo's.
+    pub image: RgbImage,
+    /// The upright photo's size, `(width, height)`: what boxes, masks and image outputs are measured in.
+    pub size: (usize, usize),
+}
+
+/// Decodes PNG, JPEG or WebP (told apart by their bytes) to RGB at full size, turned upright by its EXIF
 /// orientation as browsers and `cv2.imread` do. Alpha is dropped, 16-bit samples are scaled to 8.
 pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeError> {
+    decode_at_least(bytes, limits, |width, height| (width, height)).map(|decoded| decoded.image)
+}
+
+/// As [`decode`], but a JPEG is decoded at the smallest scale M/8 (M = 1..8) whose upright size is at least
+/// `needed(photo width, photo height)` in both sides: libjpeg-turbo scales in the DCT domain, so a 12-megapixel
+/// photo wanted at 224 px costs little more than reading its bytes. PNG and WebP are always decoded whole.
+pub fn decode_at_least(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    needed: impl FnOnce(usize, usize) -> (usize, usize),
+) -> Result<Decoded, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .expect("reading from memory cannot fail");
+    let format = image::guess_format(bytes).ok();
     // Bytes of a known format we don't take (GIF, BMP...) are a media type error; unknown bytes are not an image.
-    match reader.format() {
-        Some(ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP) => {}
+    match format {
+        Some(ImageFormat::Jpeg) => {
+            if let Some(decoded) = jpeg::decode(bytes, limits, needed)? {
+                return Ok(decoded);
+            }
+        }
+        Some(ImageFormat::Png | ImageFormat::WebP) => {}
         Some(_) => return Err(DecodeError::UnsupportedFormat),
         None => {
             return Err(DecodeError::Undecodable(
@@ -70,23 +93,113 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeErr
             ));
         }
     }
+    let image = decode_whole(bytes, format.expect("checked above"), limits)?;
+    let size = (image.width() as usize, image.height() as usize);
+    Ok(Decoded { image, size })
+}
+
+/// Any format the `image` crate reads, whole: PNG, WebP, and the JPEGs libjpeg-turbo does not turn into RGB
+/// (CMYK).
+fn decode_whole(
+    bytes: &[u8],
+    format: ImageFormat,
+    limits: &DecodeLimits,
+) -> Result<RgbImage, DecodeError> {
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     // Our own limits are checked below from the header alone, so that the error can give the size.
     reader.no_limits();
-    let undecodable = |e: image::ImageError| DecodeError::Undecodable(e.to_string());
     let mut decoder = reader.into_decoder().map_err(undecodable)?;
     let (width, height) = decoder.dimensions();
-    let pixels = u64::from(width) * u64::from(height);
-    if width > limits.max_width || height > limits.max_height || pixels > limits.max_pixels {
-        return Err(DecodeError::TooLarge {
-            width,
-            height,
-            limit: *limits,
-        });
-    }
+    limits.check(width as usize, height as usize)?;
     let orientation = decoder.orientation().map_err(undecodable)?;
     let mut image = DynamicImage::from_decoder(decoder).map_err(undecodable)?;
     image.apply_orientation(orientation);
     Ok(image.into_rgb8())
+}
+
+fn undecodable(error: impl fmt::Display) -> DecodeError {
+    DecodeError::Undecodable(error.to_string())
+}
+
+impl DecodeLimits {
+    fn check(&self, width: usize, height: usize) -> Result<(), DecodeError> {
+        let pixels = width as u64 * height as u64;
+        if width > self.max_width as usize
+            || height > self.max_height as usize
+            || pixels > self.max_pixels
+        {
+            return Err(DecodeError::TooLarge {
+                width: width as u32,
+                height: height as u32,
+                limit: *self,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// JPEG through libjpeg-turbo (the `mozjpeg` crate builds it from source; with `nasm` installed, with its SIMD).
+mod jpeg {
+    use super::{DecodeError, DecodeLimits, Decoded, undecodable};
+    use image::metadata::Orientation;
+    use image::{DynamicImage, RgbImage};
+    use mozjpeg::{ColorSpace, Decompress, Marker};
+
+    /// `Ok(None)`: a colour space libjpeg-turbo does not convert to RGB (CMYK, YCCK), for the `image` crate.
+    pub(super) fn decode(
+        bytes: &[u8],
+        limits: &DecodeLimits,
+        needed: impl FnOnce(usize, usize) -> (usize, usize),
+    ) -> Result<Option<Decoded>, DecodeError> {
+        let mut decompress = Decompress::with_markers(&[Marker::APP(1)])
+            .from_mem(bytes)
+            .map_err(undecodable)?;
+        if matches!(
+            decompress.color_space(),
+            ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK
+        ) {
+            return Ok(None);
+        }
+        let (width, height) = decompress.size();
+        limits.check(width, height)?;
+        let orientation = decompress
+            .markers()
+            .find_map(|marker| exif_orientation(marker.data))
+            .unwrap_or(Orientation::NoTransforms);
+        let turned = matches!(
+            orientation,
+            Orientation::Rotate90
+                | Orientation::Rotate270
+                | Orientation::Rotate90FlipH
+                | Orientation::Rotate270FlipH
+        );
+        let upright = |(w, h): (usize, usize)| if turned { (h, w) } else { (w, h) };
+        let (photo_width, photo_height) = upright((width, height));
+        let (need_width, need_height) = upright(needed(photo_width, photo_height));
+        // libjpeg-turbo's output side at M/8 is ceil(side * M / 8).
+        let scaled = |side: usize, m: usize| (side * m).div_ceil(8);
+        let m = (1..=8)
+            .find(|&m| scaled(width, m) >= need_width && scaled(height, m) >= need_height)
+            .unwrap_or(8);
+        decompress.scale(m as u8);
+        let mut started = decompress.rgb().map_err(undecodable)?;
+        let (out_width, out_height) = (started.width(), started.height());
+        let pixels = started.read_scanlines::<u8>().map_err(undecodable)?;
+        started.finish().map_err(undecodable)?;
+        let image = RgbImage::from_raw(out_width as u32, out_height as u32, pixels)
+            .ok_or_else(|| undecodable("libjpeg-turbo returned fewer rows than the image has"))?;
+        let mut image = DynamicImage::ImageRgb8(image);
+        image.apply_orientation(orientation);
+        Ok(Some(Decoded {
+            image: image.into_rgb8(),
+            size: upright((width, height)),
+        }))
+    }
+
+    /// The orientation in an APP1 segment (`Exif\0\0` and a TIFF block), if it is one and has the tag.
+    fn exif_orientation(segment: &[u8]) -> Option<Orientation> {
+        Orientation::from_exif_chunk(segment.strip_prefix(b"Exif\0\0")?)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -285,6 +398,112 @@ mod tests {
         let image = RgbImage::from_fn(5, 3, |x, y| Rgb([x as u8 * 40, y as u8 * 80, 7]));
         let png = encode_png(&image).unwrap();
         assert_eq!(decode(&png, &DecodeLimits::default()), Ok(image));
+    }
+
+    /// A baseline JPEG of `image` by libjpeg-turbo, with an EXIF orientation tag when `orientation` is given.
+    fn jpeg(image: &RgbImage, orientation: Option<u16>) -> Vec<u8> {
+        let mut compress = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+        compress.set_size(image.width() as usize, image.height() as usize);
+        compress.set_quality(95.0);
+        let mut started = compress.start_compress(Vec::new()).unwrap();
+        if let Some(orientation) = orientation {
+            // Exif header, a big-endian TIFF header, one IFD entry: tag 0x0112 (Orientation), SHORT, count 1.
+            let mut exif = b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01".to_vec();
+            exif.extend(orientation.to_be_bytes());
+            exif.extend([0, 0, 0, 0, 0, 0]);
+            started.write_marker(mozjpeg::Marker::APP(1), &exif);
+        }
+        started.write_scanlines(image.as_raw()).unwrap();
+        started.finish().unwrap()
+    }
+
+    /// 64 x 32: red on the left half, blue on the right.
+    fn red_left_blue_right() -> RgbImage {
+        RgbImage::from_fn(64, 32, |x, _| {
+            if x < 32 {
+                Rgb([255, 0, 0])
+            } else {
+                Rgb([0, 0, 255])
+            }
+        })
+    }
+
+    fn is_red(pixel: &Rgb<u8>) -> bool {
+        pixel[0] > 200 && pixel[2] < 60
+    }
+
+    #[test]
+    fn exif_orientation_is_applied_at_every_scale() {
+        // Orientation 6: the stored image is shown turned 90 degrees clockwise, so its left half (red) is on top
+        // of a 32 x 64 picture.
+        let bytes = jpeg(&red_left_blue_right(), Some(6));
+        for (needed, stored_scale) in [((32, 64), 8), ((16, 32), 4), ((8, 16), 2), ((4, 8), 1)] {
+            let decoded = decode_at_least(&bytes, &DecodeLimits::default(), |w, h| {
+                assert_eq!((w, h), (32, 64), "the photo's upright size");
+                needed
+            })
+            .unwrap();
+            assert_eq!(decoded.size, (32, 64));
+            let (w, h) = (4 * stored_scale, 8 * stored_scale);
+            assert_eq!(decoded.image.dimensions(), (w as u32, h as u32));
+            let image = &decoded.image;
+            let (top, bottom) = (
+                image.get_pixel(w as u32 / 2, h as u32 / 4),
+                image.get_pixel(w as u32 / 2, 3 * h as u32 / 4),
+            );
+            assert!(
+                is_red(top) && !is_red(bottom),
+                "scale {stored_scale}/8: {top:?} {bottom:?}"
+            );
+        }
+        // Without the tag, the same bytes stay 64 x 32, red on the left.
+        let plain = decode(
+            &jpeg(&red_left_blue_right(), None),
+            &DecodeLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(plain.dimensions(), (64, 32));
+        assert!(is_red(plain.get_pixel(8, 16)) && !is_red(plain.get_pixel(56, 16)));
+    }
+
+    #[test]
+    fn a_scaled_decode_gives_the_tensor_of_the_full_decode() {
+        // A smooth 800 x 600 photo wanted at 224 px: decoded at 3/8 (300 x 225), the smallest scale that covers it.
+        let photo = resize(
+            &decode(
+                &std::fs::read("tests/fixtures/images/chelsea_224.png").unwrap(),
+                &DecodeLimits::default(),
+            )
+            .unwrap(),
+            800,
+            600,
+        );
+        let bytes = jpeg(&photo, None);
+        let scaled = decode_at_least(&bytes, &DecodeLimits::default(), |_, _| (224, 224)).unwrap();
+        assert_eq!(
+            (scaled.image.dimensions(), scaled.size),
+            ((300, 225), (800, 600))
+        );
+        let pre = imagenet(224, 224, ChannelOrder::Rgb);
+        let tensor = |image: &RgbImage| {
+            let mut out = vec![0.0; pre.tensor_len()];
+            pre.write_tensor(image, &mut out);
+            out
+        };
+        let (scaled, full) = (
+            tensor(&scaled.image),
+            tensor(&decode(&bytes, &DecodeLimits::default()).unwrap()),
+        );
+        // In 8-bit levels (a tensor unit is about 57 levels here).
+        let mean_levels = scaled
+            .iter()
+            .zip(&full)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / full.len() as f32
+            * 0.225
+            * 255.0;
+        assert!(mean_levels < 1.5, "{mean_levels} levels apart");
     }
 
     #[test]

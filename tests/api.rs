@@ -616,3 +616,145 @@ async fn large_photos_keep_pixel_coordinates_and_max_side_shrinks_outputs() {
         .await;
     assert_eq!(too_big.status(), 400);
 }
+
+/// red_blue_128.png's red square (x 16..48, y 32..64) blown up ten times to a 1280 x 960 JPEG: x 160..480,
+/// y 320..640.
+fn large_red_blue_jpeg() -> Vec<u8> {
+    let photo = image::open(fixture("images/red_blue_128.png"))
+        .unwrap()
+        .to_rgb8();
+    let large = image::imageops::resize(&photo, 1280, 1280, image::imageops::FilterType::Nearest);
+    let large = image::imageops::crop_imm(&large, 0, 0, 1280, 960).to_image();
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+        .encode_image(&large)
+        .unwrap();
+    jpeg
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_jpeg_decoded_at_the_model_scale_gives_the_boxes_of_the_full_decode() {
+    let server = TestServer::start().await;
+    let jpeg = large_red_blue_jpeg();
+    let explain = |query: &'static str| {
+        let jpeg = jpeg.clone();
+        let server = &server;
+        async move {
+            status_and_json(
+                server
+                    .post_image(
+                        format!("/v1/models/red/explain?{query}"),
+                        "image/jpeg",
+                        jpeg,
+                    )
+                    .await,
+            )
+            .await
+        }
+    };
+    // output=boxes needs the model's 128 px: decoded at 2/8 (320 x 240). output=json draws the overlay at full size.
+    let (status, scaled) = explain("class=red&output=boxes&threshold=0.5").await;
+    assert_eq!(status, 200, "{scaled}");
+    let (status, full) = explain("class=red&output=json&threshold=0.5").await;
+    assert_eq!(status, 200);
+    for answer in [&scaled, &full] {
+        assert_eq!(
+            (&answer["image"]["width"], &answer["image"]["height"]),
+            (&Value::from(1280), &Value::from(960))
+        );
+    }
+    let first_box = |answer: &Value| box_of(&answer["explanations"][0]["boxes"][0]);
+    // One analysis pixel (1024 px across the photo) is 1.25 photo pixels.
+    assert_box_near(first_box(&scaled), first_box(&full), (3.0, 3.0));
+    // And on the square, within one pixel of the model's 128 px input (10 x 7.5 photo pixels).
+    assert_box_near(
+        first_box(&scaled),
+        [160.0, 320.0, 480.0, 640.0],
+        (10.0, 7.5),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_image_format_decodes_to_the_drawn_size() {
+    let server = TestServer::start().await;
+    let jpeg = large_red_blue_jpeg();
+    let fetch = |query: String| {
+        let jpeg = jpeg.clone();
+        let server = &server;
+        async move {
+            let response = server
+                .post_image(
+                    format!("/v1/models/red/explain?class=red&{query}"),
+                    "image/jpeg",
+                    jpeg,
+                )
+                .await;
+            let status = response.status().as_u16();
+            let media_type = response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            (status, media_type, response.bytes().await.unwrap().to_vec())
+        }
+    };
+    let mut overlays = Vec::new();
+    for (format, media_type) in [
+        ("png", "image/png"),
+        ("jpeg", "image/jpeg"),
+        ("webp", "image/webp"),
+    ] {
+        for (max_side, size) in [(4096, (1280, 960)), (400, (400, 300))] {
+            for output in ["overlay", "heatmap"] {
+                let query = format!("output={output}&image_format={format}&max_side={max_side}");
+                let (status, got_type, bytes) = fetch(query.clone()).await;
+                assert_eq!((status, got_type.as_str()), (200, media_type), "{query}");
+                let image = image::load_from_memory(&bytes).unwrap().to_rgb8();
+                assert_eq!(image.dimensions(), size, "{query}");
+                if output == "overlay" && max_side == 400 {
+                    overlays.push(image);
+                }
+            }
+        }
+    }
+    // The lossy JPEG stays close to the lossless pictures; WebP is lossless, so it equals the PNG.
+    assert_eq!(overlays[0], overlays[2]);
+    let mean_difference = overlays[0]
+        .as_raw()
+        .iter()
+        .zip(overlays[1].as_raw())
+        .map(|(a, b)| f64::from(a.abs_diff(*b)))
+        .sum::<f64>()
+        / overlays[0].as_raw().len() as f64;
+    assert!(
+        mean_difference < 2.0,
+        "JPEG is {mean_difference} levels off"
+    );
+
+    // A gray heatmap as an 8-bit gray JPEG; a higher quality is a bigger file.
+    let (status, _, gray) = fetch("output=heatmap&heatmap=gray8&image_format=jpeg".into()).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        image::load_from_memory(&gray).unwrap().color(),
+        image::ColorType::L8
+    );
+    let (_, _, low) = fetch("output=overlay&image_format=jpeg&quality=20".into()).await;
+    let (_, _, high) = fetch("output=overlay&image_format=jpeg&quality=95".into()).await;
+    assert!(low.len() < high.len(), "{} vs {}", low.len(), high.len());
+
+    for query in [
+        "output=overlay&quality=80",
+        "output=overlay&image_format=jpeg&quality=0",
+        "output=overlay&image_format=jpeg&quality=101",
+        "output=json&image_format=jpeg",
+        "output=heatmap&heatmap=gray16&image_format=webp",
+        "output=overlay&image_format=gif",
+    ] {
+        let (status, _, body) = fetch(query.into()).await;
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("invalid_parameter")),
+            "{query}: {body}"
+        );
+    }
+}

@@ -1,7 +1,7 @@
 //! Image decoding on arbitrary bytes: never a panic, never an allocation beyond the configured limits.
 #![no_main]
 
-use camserve::preprocess::{ChannelOrder, DecodeLimits, Preprocess, decode};
+use camserve::preprocess::{ChannelOrder, DecodeLimits, Preprocess, decode_at_least};
 use libfuzzer_sys::fuzz_target;
 
 const LIMITS: DecodeLimits = DecodeLimits {
@@ -10,9 +10,13 @@ const LIMITS: DecodeLimits = DecodeLimits {
     max_pixels: 4_000_000,
 };
 
+// JPEGs are decoded at the smallest DCT scale that covers 32 x 24, as for a model of that size.
 fuzz_target!(|bytes: &[u8]| {
-    if let Ok(image) = decode(bytes, &LIMITS) {
-        assert!(image.width() <= LIMITS.max_width && image.height() <= LIMITS.max_height);
+    if let Ok(decoded) = decode_at_least(bytes, &LIMITS, |w, h| (w.min(32), h.min(24))) {
+        let image = decoded.image;
+        let (width, height) = decoded.size;
+        assert!(width <= LIMITS.max_width as usize && height <= LIMITS.max_height as usize);
+        assert!(image.width() as usize <= width && image.height() as usize <= height);
         let preprocess = Preprocess {
             width: 32,
             height: 24,

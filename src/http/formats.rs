@@ -18,6 +18,7 @@ use crate::explain::{Explanation, TargetMap};
 use crate::http::handlers::Canvas;
 use crate::http::params::HeatmapEncoding;
 use crate::model::ModelInfo;
+use crate::render::ImageFormat;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -98,13 +99,6 @@ pub fn encode(
     }
 }
 
-fn image_size(explanation: &Explanation) -> (usize, usize) {
-    (
-        explanation.image.width() as usize,
-        explanation.image.height() as usize,
-    )
-}
-
 /// A target's binarized map at image size, read from the analysis-size map by nearest neighbour: for photos
 /// up to `explain::ANALYSIS_SIDE` that is the map the boxes were found on, pixel for pixel, and larger photos
 /// cost no full-size map.
@@ -127,15 +121,47 @@ impl<'a> Mask<'a> {
         }
     }
 
-    pub fn get(&self, x: usize, y: usize) -> bool {
-        let mx = x * self.heat.width / self.width;
-        let my = y * self.heat.height / self.height;
+    /// Whether the map's pixel `(mx, my)` is set.
+    fn at(&self, mx: usize, my: usize) -> bool {
         self.heat.data[my * self.heat.width + mx] >= self.cut
+    }
+
+    /// Row `y` as runs `(set, length)`, one per map pixel it reads (runs of equal values may follow each other):
+    /// a photo-sized row costs the map's width, not the photo's.
+    fn row_runs(&self, y: usize) -> impl Iterator<Item = (bool, usize)> + '_ {
+        let my = y * self.heat.height / self.height;
+        spans(self.heat.width, self.width).map(move |(mx, length)| (self.at(mx, my), length))
+    }
+
+    /// A column that reads map column `mx`, from row `from` up to row `to`, as runs `(set, length)`, as
+    /// [`Self::row_runs`].
+    fn column_runs(
+        &self,
+        mx: usize,
+        from: usize,
+        to: usize,
+    ) -> impl Iterator<Item = (bool, usize)> + '_ {
+        let mut start = 0;
+        spans(self.heat.height, self.height).filter_map(move |(my, length)| {
+            let (first, end) = (start.max(from), (start + length).min(to));
+            start += length;
+            (first < end).then(|| (self.at(mx, my), end - first))
+        })
     }
 }
 
+/// Nearest-neighbour reading of `source` values over `target` pixels (pixel `t` reads `t * source / target`), as
+/// `(source index, how many pixels in a row read it)`, leaving out the indices no pixel reads.
+fn spans(source: usize, target: usize) -> impl Iterator<Item = (usize, usize)> {
+    // The first pixel that reads index i is ceil(i * target / source).
+    let first = move |i: usize| (i * target).div_ceil(source);
+    (0..source)
+        .map(move |i| (i, first(i + 1) - first(i)))
+        .filter(|&(_, length)| length > 0)
+}
+
 fn mask_of<'a>(target: &'a TargetMap, threshold: Threshold, explanation: &Explanation) -> Mask<'a> {
-    let (width, height) = image_size(explanation);
+    let (width, height) = explanation.photo_size;
     Mask::new(&target.heat, threshold, width, height)
 }
 
@@ -159,7 +185,7 @@ pub fn label_studio(
     options: &FormatOptions,
     tags: &LabelStudioTags,
 ) -> Value {
-    let (width, height) = image_size(explanation);
+    let (width, height) = explanation.photo_size;
     let mut result = Vec::new();
     let mut best = 0.0f32;
     let mut region = |id: String, from_name: &str, kind: &str, score: f32, value: Value| {
@@ -233,7 +259,7 @@ pub fn cvat(info: &ModelInfo, explanation: &Explanation) -> Value {
 /// COCO results for one image: an annotation per box, with the mask pixels inside that box as its segmentation.
 /// Category ids are class index + 1 (COCO keeps 0 for "no category").
 pub fn coco(info: &ModelInfo, explanation: &Explanation, options: &FormatOptions) -> Value {
-    let (width, height) = image_size(explanation);
+    let (width, height) = explanation.photo_size;
     let mut annotations = Vec::new();
     for target in &explanation.targets {
         let mask = mask_of(target, options.threshold, explanation);
@@ -267,10 +293,10 @@ pub fn coco(info: &ModelInfo, explanation: &Explanation, options: &FormatOptions
 /// FiftyOne `Detections` as `fo.Detections.from_dict` reads them, and one grayscale heatmap per class:
 /// `png` spans `range` (FiftyOne's `Heatmap.range`), `map_range` is the raw map's [min, max] after ReLU.
 pub fn fiftyone(info: &ModelInfo, explanation: &Explanation, options: &FormatOptions) -> Value {
-    let (width, height) = image_size(explanation);
+    let (width, height) = explanation.photo_size;
     let mut detections = Vec::new();
     let mut heatmaps = Vec::new();
-    let canvas = Canvas::new(&explanation.image, options.max_side);
+    let canvas = Canvas::new(explanation, options.max_side);
     for target in &explanation.targets {
         for r in &target.boxes {
             detections.push(json!({
@@ -290,7 +316,7 @@ pub fn fiftyone(info: &ModelInfo, explanation: &Explanation, options: &FormatOpt
         } else {
             (HeatmapEncoding::Gray16, 65535)
         };
-        let png = canvas.heatmap(target, encoding);
+        let png = canvas.heatmap(target, encoding, ImageFormat::Png);
         let (min, max) = target.cam_range();
         heatmaps.push(json!({
             "class": target.class,
@@ -310,24 +336,57 @@ pub fn fiftyone(info: &ModelInfo, explanation: &Explanation, options: &FormatOpt
 /// pycocotools' uncompressed counts of the mask inside `region`, column-major, starting with a run of zeros;
 /// and the number of pixels set.
 pub fn coco_counts(mask: &Mask, region: &Region) -> (Vec<u32>, usize) {
-    let mut counts = Vec::new();
-    let (mut current, mut run, mut area) = (false, 0u32, 0);
-    for x in 0..mask.width {
-        for y in 0..mask.height {
-            let inside = (region.x_min..region.x_max).contains(&x)
-                && (region.y_min..region.y_max).contains(&y);
-            let on = inside && mask.get(x, y);
-            area += usize::from(on);
-            if on != current {
-                counts.push(run);
-                run = 0;
-                current = on;
+    let mut runs = Runs::default();
+    let mut area = 0;
+    let mut x = 0;
+    // The columns that read one map column are equal: each map column is read once, whatever the photo's width.
+    for (mx, count) in spans(mask.heat.width, mask.width) {
+        let before = (x + count).min(region.x_min).saturating_sub(x);
+        let within = (x + count)
+            .min(region.x_max)
+            .saturating_sub(x.max(region.x_min));
+        runs.push(false, before * mask.height);
+        if within > 0 {
+            let column: Vec<_> = mask.column_runs(mx, region.y_min, region.y_max).collect();
+            for _ in 0..within {
+                runs.push(false, region.y_min);
+                for &(on, length) in &column {
+                    runs.push(on, length);
+                    area += if on { length } else { 0 };
+                }
+                runs.push(false, mask.height - region.y_max);
             }
-            run += 1;
+        }
+        runs.push(false, (count - before - within) * mask.height);
+        x += count;
+    }
+    let counts = runs.finish().into_iter().map(|(_, n)| n as u32).collect();
+    (counts, area)
+}
+
+/// Run lengths of a sequence of bits, given in pieces: equal neighbours merge, and the first run counts the
+/// leading zeros (possibly none).
+#[derive(Default)]
+struct Runs {
+    runs: Vec<(bool, usize)>,
+}
+
+impl Runs {
+    fn push(&mut self, on: bool, length: usize) {
+        match self.runs.last_mut() {
+            _ if length == 0 => {}
+            Some((last, n)) if *last == on => *n += length,
+            None if on => self.runs.extend([(false, 0), (true, length)]),
+            _ => self.runs.push((on, length)),
         }
     }
-    counts.push(run);
-    (counts, area)
+
+    fn finish(mut self) -> Vec<(bool, usize)> {
+        if self.runs.is_empty() {
+            self.runs.push((false, 0));
+        }
+        self.runs
+    }
 }
 
 /// pycocotools' compressed RLE string (`rleToString` in maskApi.c): each count, from the third on, as the
@@ -380,19 +439,15 @@ pub fn brush_rle(mask: &Mask) -> Vec<u8> {
             length -= take;
         }
     };
-    let (mut current, mut run) = (false, 0usize);
+    let mut runs = Runs::default();
     for y in 0..mask.height {
-        for x in 0..mask.width {
-            let on = mask.get(x, y);
-            if on != current && run > 0 {
-                emit(current, run * 4);
-                run = 0;
-            }
-            current = on;
-            run += 1;
+        for (on, length) in mask.row_runs(y) {
+            runs.push(on, length);
         }
     }
-    emit(current, run * 4);
+    for (on, length) in runs.finish() {
+        emit(on, length * 4);
+    }
     bits.finish()
 }
 
@@ -429,6 +484,62 @@ mod tests {
 
     fn map(width: usize, height: usize, data: &[f32]) -> Map {
         Map::new(width, height, data.to_vec())
+    }
+
+    #[test]
+    fn runs_read_by_span_equal_runs_read_pixel_by_pixel() {
+        // A 7 x 5 map read over 23 x 17 pixels (enlarged) and over 5 x 3 (shrunk), each pixel reading map pixel
+        // (x * 7 / width, y * 5 / height).
+        let heat = map(
+            7,
+            5,
+            &(0..35).map(|i| ((i * 13) % 7) as f32).collect::<Vec<_>>(),
+        );
+        for (width, height) in [(23, 17), (5, 3), (7, 5)] {
+            let mask = Mask::new(&heat, Threshold::Fraction(0.5), width, height);
+            let pixel = |x: usize, y: usize| mask.at(x * 7 / width, y * 5 / height);
+            let mut rows = Runs::default();
+            let mut by_pixel = Runs::default();
+            for y in 0..height {
+                for (on, length) in mask.row_runs(y) {
+                    rows.push(on, length);
+                }
+                for x in 0..width {
+                    by_pixel.push(pixel(x, y), 1);
+                }
+            }
+            assert_eq!(rows.finish(), by_pixel.finish(), "{width} x {height}");
+
+            let region = Region {
+                x_min: 1,
+                y_min: 1,
+                x_max: width - 1,
+                y_max: height - 1,
+                area: 0,
+                mean: 0.0,
+                peak: 0.0,
+            };
+            let mut counts = Vec::new();
+            let (mut current, mut run, mut area) = (false, 0u32, 0);
+            for x in 0..width {
+                for y in 0..height {
+                    let on =
+                        (1..width - 1).contains(&x) && (1..height - 1).contains(&y) && pixel(x, y);
+                    area += usize::from(on);
+                    if on != current {
+                        counts.push(run);
+                        (run, current) = (0, on);
+                    }
+                    run += 1;
+                }
+            }
+            counts.push(run);
+            assert_eq!(
+                coco_counts(&mask, &region),
+                (counts, area),
+                "{width} x {height}"
+            );
+        }
     }
 
     #[test]

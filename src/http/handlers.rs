@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::Serialize;
 
+use crate::bands;
 use crate::boxes::Region;
 use crate::cam::{CamMethod, Map};
 use crate::engine::{Caller, Ticket};
@@ -22,7 +23,7 @@ use crate::http::params::{self, ExplainParams, HeatmapEncoding, MapSize, Output}
 use crate::metrics::StageTimes;
 use crate::model::ModelInfo;
 use crate::registry::Model;
-use crate::render;
+use crate::render::{self, ImageFormat};
 
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
@@ -389,30 +390,28 @@ fn cam_map(
 }
 
 fn image_size(explanation: &Explanation) -> Size {
-    Size {
-        width: explanation.image.width() as usize,
-        height: explanation.image.height() as usize,
-    }
+    let (width, height) = explanation.photo_size;
+    Size { width, height }
 }
 
-/// What image outputs are drawn on: the photo's size, capped by `max_side`. The photo is resized only once,
-/// and only when an overlay needs it.
+/// What image outputs are drawn on: the photo's size, capped by `max_side`. The decoded photo is resized only once,
+/// and only when an overlay needs it (it was decoded at least this large: `ExplainOptions::drawn_side`).
 pub(crate) struct Canvas<'a> {
     width: usize,
     height: usize,
     image: &'a image::RgbImage,
-    resized: std::cell::OnceCell<image::RgbImage>,
+    resized: std::sync::OnceLock<image::RgbImage>,
 }
 
 impl<'a> Canvas<'a> {
-    pub(crate) fn new(image: &'a image::RgbImage, max_side: usize) -> Self {
+    pub(crate) fn new(explanation: &'a Explanation, max_side: usize) -> Self {
         let (width, height) =
-            explain::fit(image.width() as usize, image.height() as usize, max_side);
+            explain::fit(explanation.photo_size.0, explanation.photo_size.1, max_side);
         Self {
             width,
             height,
-            image,
-            resized: std::cell::OnceCell::new(),
+            image: &explanation.image,
+            resized: std::sync::OnceLock::new(),
         }
     }
 
@@ -425,21 +424,25 @@ impl<'a> Canvas<'a> {
             .get_or_init(|| crate::preprocess::resize(self.image, self.width, self.height))
     }
 
-    fn overlay(&self, target: &TargetMap, alpha: f32) -> Vec<u8> {
-        encode_png(&render::overlay(
-            self.photo(),
-            &target.heat_at(self.width, self.height),
-            alpha,
-        ))
+    fn overlay(&self, target: &TargetMap, alpha: f32, format: ImageFormat) -> Vec<u8> {
+        let heat = target.heat_rows(self.width, self.height);
+        let overlay = render::overlay_rows(self.photo(), alpha, |y, row| heat.row(y, row));
+        encoded(format.encode(&overlay))
     }
 
-    pub(crate) fn heatmap(&self, target: &TargetMap, encoding: HeatmapEncoding) -> Vec<u8> {
+    /// `format` must be PNG for gray16 (params::explain checks).
+    pub(crate) fn heatmap(
+        &self,
+        target: &TargetMap,
+        encoding: HeatmapEncoding,
+        format: ImageFormat,
+    ) -> Vec<u8> {
         let heat = target.heat_at(self.width, self.height);
-        match encoding {
-            HeatmapEncoding::Color => encode_png(&render::colormap(&heat)),
-            HeatmapEncoding::Gray8 => encode_png(&render::gray8(&heat)),
-            HeatmapEncoding::Gray16 => encode_png(&render::gray16(&heat)),
-        }
+        encoded(match encoding {
+            HeatmapEncoding::Color => format.encode(&render::colormap(&heat)),
+            HeatmapEncoding::Gray8 => format.encode(&render::gray8(&heat)),
+            HeatmapEncoding::Gray16 => render::encode_png(&render::gray16(&heat)),
+        })
     }
 }
 
@@ -459,11 +462,18 @@ fn encode(info: &ModelInfo, explanation: &Explanation, params: &ExplainParams) -
         .into_response();
     }
     let png = |bytes: Vec<u8>| ([(header::CONTENT_TYPE, "image/png")], bytes).into_response();
-    let canvas = Canvas::new(&explanation.image, params.max_side);
+    let format = params.image_format;
+    let image =
+        |bytes: Vec<u8>| ([(header::CONTENT_TYPE, format.media_type())], bytes).into_response();
+    let canvas = Canvas::new(explanation, params.max_side);
     let first = &explanation.targets[0];
     match params.output {
-        Output::Overlay => with_map_headers(png(canvas.overlay(first, params.alpha)), first),
-        Output::Heatmap => with_map_headers(png(canvas.heatmap(first, params.heatmap)), first),
+        Output::Overlay => {
+            with_map_headers(image(canvas.overlay(first, params.alpha, format)), first)
+        }
+        Output::Heatmap => {
+            with_map_headers(image(canvas.heatmap(first, params.heatmap, format)), first)
+        }
         Output::Npy => {
             let maps: Vec<Map> = explanation
                 .targets
@@ -478,7 +488,9 @@ fn encode(info: &ModelInfo, explanation: &Explanation, params: &ExplainParams) -
             let p = &info.preprocess;
             let values = guided_values(first);
             with_map_headers(
-                png(encode_png(&render::deprocess(values, p.width, p.height))),
+                png(encoded(render::encode_png(&render::deprocess(
+                    values, p.width, p.height,
+                )))),
                 first,
             )
         }
@@ -509,24 +521,36 @@ fn json_body<'a>(
     let explanations = explanation
         .targets
         .iter()
-        .map(|target| TargetBody {
-            class: target.class,
-            label: &info.labels[target.class],
-            probability: explanation.probabilities[target.class],
-            boxes: with_boxes.then(|| target.boxes.iter().map(BoxBody::from).collect()),
-            map: with_map.then(|| {
-                let (map, (min, max)) = cam_map(target, params, info, canvas);
-                MapBody {
-                    shape: [map.height, map.width],
-                    min,
-                    max,
-                    data: map.data,
-                }
-            }),
-            overlay_png: with_images.then(|| base64_png(canvas.overlay(target, params.alpha))),
-            heatmap_png: with_images
-                .then(|| base64_png(canvas.heatmap(target, HeatmapEncoding::Color))),
-            trust: target.trust.as_ref().map(TrustBody::from),
+        .map(|target| {
+            // A large photo's two pictures are encoded side by side.
+            let (overlay_png, heatmap_png) = if with_images {
+                let (overlay, heatmap) = bands::both(
+                    canvas.width * canvas.height,
+                    || base64_png(canvas.overlay(target, params.alpha, ImageFormat::Png)),
+                    || base64_png(canvas.heatmap(target, HeatmapEncoding::Color, ImageFormat::Png)),
+                );
+                (Some(overlay), Some(heatmap))
+            } else {
+                (None, None)
+            };
+            TargetBody {
+                class: target.class,
+                label: &info.labels[target.class],
+                probability: explanation.probabilities[target.class],
+                boxes: with_boxes.then(|| target.boxes.iter().map(BoxBody::from).collect()),
+                map: with_map.then(|| {
+                    let (map, (min, max)) = cam_map(target, params, info, canvas);
+                    MapBody {
+                        shape: [map.height, map.width],
+                        min,
+                        max,
+                        data: map.data,
+                    }
+                }),
+                overlay_png,
+                heatmap_png,
+                trust: target.trust.as_ref().map(TrustBody::from),
+            }
         })
         .collect();
     ExplainBody {
@@ -540,12 +564,8 @@ fn json_body<'a>(
 }
 
 /// Encoding into memory fails only on an internal bug (a zero-sized image), never on client input.
-fn encode_png<P>(image: &image::ImageBuffer<P, Vec<P::Subpixel>>) -> Vec<u8>
-where
-    P: image::PixelWithColorType,
-    [P::Subpixel]: image::EncodableLayout,
-{
-    render::encode_png(image).expect("encoding a PNG into memory")
+fn encoded(result: Result<Vec<u8>, image::ImageError>) -> Vec<u8> {
+    result.expect("encoding an image into memory")
 }
 
 /// Guided Grad-CAM's values; params::explain asks the pipeline for them whenever the output shows them.

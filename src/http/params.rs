@@ -8,6 +8,7 @@ use crate::explain::{DEFAULT_SCORE_CAM_CHANNELS, ExplainOptions, Targets};
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::formats::Format;
 use crate::model::ModelInfo;
+use crate::render::ImageFormat;
 
 /// What `explain` returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +56,8 @@ pub struct ExplainParams {
     pub max_side: usize,
     /// A labeling tool's format, in place of `output`.
     pub format: Option<Format>,
+    /// How `overlay` and `heatmap` answers are encoded.
+    pub image_format: ImageFormat,
 }
 
 const EXPLAIN_KEYS: &[&str] = &[
@@ -75,7 +78,66 @@ const EXPLAIN_KEYS: &[&str] = &[
     "trust",
     "relu",
     "layers",
+    "image_format",
+    "quality",
 ];
+
+/// JPEG quality when `image_format=jpeg` comes without `quality`: Pillow's and OpenCV's usual choice for photos.
+pub const DEFAULT_JPEG_QUALITY: u8 = 90;
+
+/// `image_format` and `quality`: PNG unless an overlay or heatmap answer asks for JPEG or WebP.
+fn image_format(
+    pairs: &[(String, String)],
+    output: Output,
+    heatmap: HeatmapEncoding,
+) -> Result<ImageFormat, ApiError> {
+    let format = choice(
+        pairs,
+        "image_format",
+        &[
+            ("png", ImageFormat::Png),
+            (
+                "jpeg",
+                ImageFormat::Jpeg {
+                    quality: DEFAULT_JPEG_QUALITY,
+                },
+            ),
+            ("webp", ImageFormat::WebP),
+        ],
+        ImageFormat::Png,
+    )?;
+    let format = match (
+        format,
+        single::<u8>(pairs, "quality", "an integer from 1 to 100")?,
+    ) {
+        (ImageFormat::Jpeg { .. }, Some(quality)) if (1..=100).contains(&quality) => {
+            ImageFormat::Jpeg { quality }
+        }
+        (ImageFormat::Jpeg { .. }, Some(quality)) => {
+            return Err(invalid(format!(
+                "`quality` must be from 1 to 100, got {quality}"
+            )));
+        }
+        (_, Some(_)) => {
+            return Err(invalid(
+                "`quality` applies to image_format=jpeg only".into(),
+            ));
+        }
+        (format, None) => format,
+    };
+    if format != ImageFormat::Png && !matches!(output, Output::Overlay | Output::Heatmap) {
+        return Err(invalid(
+            "`image_format` applies to output=overlay and output=heatmap; JSON answers embed PNGs"
+                .into(),
+        ));
+    }
+    if format != ImageFormat::Png && heatmap == HeatmapEncoding::Gray16 {
+        return Err(invalid(
+            "heatmap=gray16 has 16-bit samples, which only image_format=png holds".into(),
+        ));
+    }
+    Ok(format)
+}
 
 fn pairs(query: Option<&str>, allowed: &[&str]) -> Result<Vec<(String, String)>, ApiError> {
     let pairs: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or("").as_bytes())
@@ -310,6 +372,7 @@ pub fn explain(
             "`trust` figures are part of JSON answers: use output=json, raw or boxes".into(),
         ));
     }
+    let image_format = image_format(&pairs, output, heatmap)?;
     if matches!(output, Output::Overlay | Output::Heatmap | Output::Guided) && count != 1 {
         return Err(ApiError::new(
             ErrorCode::SingleTargetRequired,
@@ -336,6 +399,9 @@ pub fn explain(
             },
             layers,
             guided,
+            // Only overlays draw the photo's pixels; everything else needs the model's input and the photo's size.
+            drawn_side: (format.is_none() && matches!(output, Output::Overlay | Output::Json))
+                .then_some(max_side),
         },
         output,
         alpha,
@@ -344,6 +410,7 @@ pub fn explain(
         relu,
         max_side,
         format,
+        image_format,
     })
 }
 
