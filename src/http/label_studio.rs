@@ -375,9 +375,9 @@ async fn predict_task(
     );
     let (threshold, max_boxes) = (config.threshold, config.max_boxes);
     let explanation = on_blocking_thread(move |ticket| {
-        let classes = plan_for_run.classes_to_explain(&model, &bytes, &limits, top_k, ticket)?;
+        let targets = plan_for_run.targets(&model, &bytes, &limits, top_k, ticket)?;
         let options = ExplainOptions {
-            targets: Targets::Classes(classes),
+            targets,
             method: CamMethod::GradCam,
             threshold,
             max_boxes,
@@ -520,19 +520,31 @@ impl Plan {
         }
     }
 
-    /// The classes to explain for one image: every mapped class, their gradients all from the one Run that
-    /// also scores them (one seed row each); when more classes map than a request may name, a first Run scores
-    /// the image and only each control's `top_k` best are explained.
-    fn classes_to_explain(
+    /// What to explain for one image, in one Run where it can be: every mapped class is scored and gets its
+    /// gradient (a seed row each), and when both controls show the same classes only the `top_k` best get maps
+    /// (when they differ, every mapped class does). When more classes map than a request may name, a first Run
+    /// scores the image and only each control's `top_k` best are explained.
+    fn targets(
         &self,
         model: &Model,
         bytes: &[u8],
         limits: &crate::config::Limits,
         top_k: usize,
         ticket: &crate::engine::Ticket,
-    ) -> Result<Vec<usize>, ApiError> {
+    ) -> Result<Targets, ApiError> {
+        let same = match (&self.rectangles, &self.brush) {
+            (Some((_, a)), Some((_, b))) => a.keys().eq(b.keys()),
+            _ => true,
+        };
+        if same && self.classes.len() == model.info.num_classes() {
+            return Ok(Targets::TopK(top_k));
+        }
         if self.classes.len() <= limits.max_classes_per_request {
-            return Ok(self.classes.clone());
+            return Ok(if same {
+                Targets::BestOf(self.classes.clone(), top_k)
+            } else {
+                Targets::Classes(self.classes.clone())
+            });
         }
         let (logits, _) = explain::predict(model, bytes, limits, ticket)?;
         let mut best: Vec<usize> = [&self.rectangles, &self.brush]
@@ -542,7 +554,7 @@ impl Plan {
             .collect();
         best.sort_unstable();
         best.dedup();
-        Ok(best)
+        Ok(Targets::Classes(best))
     }
 
     /// Per control, its `top_k` best-scoring classes among those explained, with their label names.
