@@ -23,7 +23,7 @@ ST_STAMP := $(ST_VENV)/.installed
 IMAGE_ROOT := target/image-root/opt/camserve
 
 .PHONY: run build ort venv test test-rust test-python test-gateway test-schemathesis test-deploy test-image \
-	image-root test-consumers test-ui fuzz lint bench bench-quick soak localization localization-fixtures \
+	image-root test-consumers test-label-studio test-ui fuzz lint bench bench-quick soak localization localization-fixtures \
 	default-model fixtures plain-fixtures clean
 
 ## Build, install ONNX Runtime, serve the default model on 127.0.0.1:8080.
@@ -49,9 +49,9 @@ $(VENV_STAMP): exporter/pyproject.toml
 	touch $@
 
 ## Every test: Rust unit and integration tests (real ONNX Runtime, real server on port 0), camserve behind a real
-## nginx, the exporter's tests, the labeling formats read by their real consumers, the viewer in headless
-## Chromium, the Dockerfiles and Kubernetes manifests linted, the image's tree built and run.
-test: test-rust test-gateway test-schemathesis test-python test-consumers test-ui test-deploy test-image
+## nginx, the exporter's tests, the labeling formats read by their real consumers, camserve as the ML backend of a
+## real Label Studio, the viewer in headless Chromium, the Dockerfiles and Kubernetes manifests linted, the image's tree built and run.
+test: test-rust test-gateway test-schemathesis test-python test-consumers test-label-studio test-ui test-deploy test-image
 
 test-rust: $(ORT_LIB) $(ORT_OLD_LIB)
 	$(CARGO_TEST) --locked $(NOT_GATEWAY)
@@ -105,6 +105,20 @@ $(CONSUMERS_STAMP): tests/consumers/requirements.txt
 test-consumers: $(ORT_LIB) $(CONSUMERS_STAMP)
 	cargo build --locked --bin camserve
 	CAMSERVE_BIN=target/debug/camserve $(CONSUMERS_VENV)/bin/python -m pytest tests/consumers -q -W ignore::DeprecationWarning
+
+LABEL_STUDIO_VENV := .tools/label-studio-venv
+LABEL_STUDIO_STAMP := $(LABEL_STUDIO_VENV)/.installed
+$(LABEL_STUDIO_STAMP): tests/label_studio/requirements.txt
+	$(PYTHON) -m venv $(LABEL_STUDIO_VENV)
+	$(LABEL_STUDIO_VENV)/bin/pip install --quiet -r tests/label_studio/requirements.txt
+	touch $@
+
+## camserve as the ML backend of a real Label Studio server on loopback: its project's labels, uploaded, http and
+## https images, a task that fails alone, "Start training", 2,000 tasks in one "Retrieve predictions".
+test-label-studio: $(ORT_LIB) $(LABEL_STUDIO_STAMP)
+	cargo build --locked --bin camserve
+	CAMSERVE_BIN=target/debug/camserve $(LABEL_STUDIO_VENV)/bin/python -m pytest tests/label_studio -q -s \
+	  -W ignore::DeprecationWarning
 
 ## The /ui viewer end to end in Debian's headless Chromium (chromium, nodejs and npm installed with apt-get when
 ## missing; CI runs as root). playwright-core stays at 1.61, the last release that runs on Debian 12's Node 18.
@@ -191,4 +205,4 @@ plain-fixtures: $(VENV_STAMP)
 
 clean:
 	cargo clean
-	rm -rf .ort .ort-1.30 $(VENV) $(DEPLOY_VENV) $(ST_VENV) $(CONSUMERS_VENV) node_modules
+	rm -rf .ort .ort-1.30 $(VENV) $(DEPLOY_VENV) $(ST_VENV) $(CONSUMERS_VENV) $(LABEL_STUDIO_VENV) node_modules

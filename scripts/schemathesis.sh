@@ -20,7 +20,7 @@ library = "$PWD/.ort/onnxruntime/capi/libonnxruntime.so.1.31.1"
 models_dir = "$work/models"
 [label_studio]
 model = "tiny"
-allowed_hosts = ["127.0.0.1:1"]   # allowed, refuses connections: task images fail to fetch (502)
+allowed_hosts = ["127.0.0.1:1"]   # allowed, refuses connections: task images fail to fetch (empty predictions)
 fetch_timeout_secs = 2
 [[models]]
 name = "tiny"

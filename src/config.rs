@@ -3,6 +3,7 @@
 //! Relative paths in the file are resolved against the file's own directory, so the service starts the same
 //! from any working directory.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -40,7 +41,7 @@ pub struct CorsConfig {
     pub allowed_origins: Vec<String>,
 }
 
-/// camserve as a Label Studio ML backend: `{prefix}/health`, `{prefix}/setup`, `{prefix}/predict`.
+/// camserve as a Label Studio ML backend: `{prefix}/health`, `/setup`, `/predict`, `/webhook`, `/versions`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LabelStudioConfig {
@@ -48,15 +49,35 @@ pub struct LabelStudioConfig {
     pub prefix: String,
     /// The model that answers; it must be one of `[[models]]`.
     pub model: String,
-    /// Hosts (`name` or `name:port`) that task image URLs may point to. Nothing else is fetched, so
-    /// camserve is no open proxy; `data:` URIs need no host.
+    /// Label Studio's own address (`http://host:port`): uploads (`/data/upload/...`) and its storage proxy are
+    /// fetched from there when `/setup` gave no address on an allowed host. Its host is allowed implicitly.
+    pub url: Option<String>,
+    /// Label Studio's API token (a personal access token, or a legacy token), sent to its host only, when the
+    /// token `/setup` gave is missing or refused. Also from CAMSERVE_LABEL_STUDIO_API_KEY; prefer the
+    /// environment: config files get shared.
+    pub api_key: Option<String>,
+    /// More hosts (`name` or `name:port`) that task image URLs may point to, over http or https. Nothing else
+    /// is fetched, so camserve is no open proxy; `data:` URIs need no host.
     #[serde(default)]
     pub allowed_hosts: Vec<String>,
+    /// A PEM file of certificate authorities trusted for https, besides the public (webpki) roots.
+    pub ca_file: Option<PathBuf>,
     #[serde(default = "default_fetch_max_bytes")]
     pub fetch_max_bytes: usize,
     #[serde(default = "default_fetch_timeout_secs")]
     pub fetch_timeout_secs: u64,
-    /// Classes predicted per task (the model's best ones).
+    /// Time a `/predict` request may take per task; the request's budget is this times its tasks (it is not
+    /// bound by `server.request_timeout_secs`).
+    #[serde(default = "default_task_timeout_secs")]
+    pub task_timeout_secs: u64,
+    /// The most tasks one `/predict` may carry; a larger batch is refused whole (413 `too_many_tasks`).
+    #[serde(default = "default_max_batch_tasks")]
+    pub max_batch_tasks: usize,
+    /// Project label -> model class names, for labels whose name (or `predicted_values` / `alias`) is no class
+    /// of the model: `labels = { Cat = ["tabby", "Egyptian cat"], Coffee = ["espresso"] }`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, Vec<String>>,
+    /// Classes predicted per task: the best-scoring among those the project's labels map to.
     #[serde(default = "one")]
     pub top_k: usize,
     /// Boxes and brush masks: a fraction of the map's maximum, or `"otsu"`.
@@ -74,6 +95,12 @@ fn default_fetch_max_bytes() -> usize {
 }
 fn default_fetch_timeout_secs() -> u64 {
     10
+}
+fn default_task_timeout_secs() -> u64 {
+    2
+}
+fn default_max_batch_tasks() -> usize {
+    5000
 }
 fn default_threshold() -> Threshold {
     Threshold::DEFAULT
@@ -323,6 +350,11 @@ impl Config {
         if let Some(dir) = &config.admin.models_dir {
             config.admin.models_dir = Some(resolve(base, dir));
         }
+        if let Some(ls) = &mut config.label_studio
+            && let Some(ca) = &ls.ca_file
+        {
+            ls.ca_file = Some(resolve(base, ca));
+        }
         for model in &mut config.models {
             model.file = resolve(base, &model.file);
             if let Some(labels) = &model.overrides.labels_file {
@@ -386,11 +418,33 @@ impl Config {
                     ls.model
                 ));
             }
-            if ls.top_k == 0 || ls.fetch_max_bytes == 0 || ls.fetch_timeout_secs == 0 {
+            if [
+                ls.top_k,
+                ls.fetch_max_bytes,
+                ls.fetch_timeout_secs as usize,
+                ls.task_timeout_secs as usize,
+                ls.max_batch_tasks,
+            ]
+            .contains(&0)
+            {
                 return invalid(
-                    "label_studio.top_k, fetch_max_bytes and fetch_timeout_secs must be >= 1"
+                    "label_studio.top_k, fetch_max_bytes, fetch_timeout_secs, task_timeout_secs and \
+                     max_batch_tasks must be >= 1"
                         .into(),
                 );
+            }
+            if let Some(url) = &ls.url {
+                let parsed = reqwest::Url::parse(url).ok();
+                let valid = parsed.as_ref().is_some_and(|u| {
+                    matches!(u.scheme(), "http" | "https")
+                        && u.host_str().is_some()
+                        && u.path() == "/"
+                });
+                if !valid {
+                    return invalid(format!(
+                        "label_studio.url `{url}` is not an address such as `http://host:port`"
+                    ));
+                }
             }
             if let Some(host) = ls
                 .allowed_hosts
@@ -526,10 +580,40 @@ mod tests {
             assert_eq!(config.label_studio.unwrap().threshold, threshold);
         }
 
+        // Label Studio's address, a CA file relative to the config's folder, the label table.
+        let full = format!(
+            "{with}url = \"https://ls.test:8443\"\nca_file = \"certs/ca.pem\"\n\
+             [label_studio.labels]\nCat = [\"tabby\", \"Egyptian cat\"]\n"
+        );
+        let ls = Config::from_toml(&full, Path::new("/etc/camserve"))
+            .unwrap()
+            .label_studio
+            .unwrap();
+        assert_eq!(ls.url.as_deref(), Some("https://ls.test:8443"));
+        assert_eq!(ls.ca_file.unwrap(), Path::new("/etc/camserve/certs/ca.pem"));
+        assert_eq!(ls.labels["Cat"], ["tabby", "Egyptian cat"]);
+        assert_eq!((ls.task_timeout_secs, ls.max_batch_tasks), (2, 5000));
+
         for (bad, message) in [
             (
                 "[cors]\nallowed_origins = [\"http://a.test/\"]",
                 "not an origin",
+            ),
+            (
+                "[label_studio]\nmodel = \"m\"\nurl = \"localhost:8081\"",
+                "not an address such as `http://host:port`",
+            ),
+            (
+                "[label_studio]\nmodel = \"m\"\nurl = \"http://ls.test/app\"",
+                "not an address",
+            ),
+            (
+                "[label_studio]\nmodel = \"m\"\nmax_batch_tasks = 0",
+                "max_batch_tasks must be >= 1",
+            ),
+            (
+                "[label_studio]\nmodel = \"m\"\n[label_studio.labels]\nCat = \"tabby\"",
+                "invalid type",
             ),
             ("[label_studio]\nmodel = \"other\"", "not one of [[models]]"),
             (

@@ -23,6 +23,9 @@ pub enum Targets {
     TopK(usize),
     /// These class indices, in this order.
     Classes(Vec<usize>),
+    /// The `k` best-scoring of these classes, best first: all are scored and get their gradients in the one Run,
+    /// only those `k` get maps (Label Studio: a project's labels).
+    BestOf(Vec<usize>, usize),
 }
 
 #[derive(Debug, Clone)]
@@ -415,7 +418,7 @@ pub fn predict(
 fn seed_rows(targets: &Targets, classes: usize) -> (Vec<f32>, usize) {
     match targets {
         Targets::TopK(k) => (vec![0.0; k * classes], *k),
-        Targets::Classes(list) => {
+        Targets::Classes(list) | Targets::BestOf(list, _) => {
             let mut seeds = vec![0.0; list.len() * classes];
             for (row, &class) in list.iter().enumerate() {
                 seeds[row * classes + class] = 1.0;
@@ -544,11 +547,22 @@ pub fn explain(
     let image_size = photo.size;
     let input_size = (width, model.info.preprocess.height);
     let channel_order = model.info.preprocess.channel_order;
+    // The seed rows that get maps: all, or `BestOf`'s best.
+    let rows: Vec<usize> = match &options.targets {
+        Targets::BestOf(_, best) => {
+            let (logits, resolved) = (&outputs[0].logits, &outputs[0].target_class);
+            let mut rows: Vec<usize> = (0..k).collect();
+            rows.sort_by(|&a, &b| logits[resolved[b]].total_cmp(&logits[resolved[a]]));
+            rows.truncate(*best);
+            rows
+        }
+        _ => (0..k).collect(),
+    };
     let mut targets = spent.cpu(|| {
         let shape = outputs[0].activation_shape;
         let analysis_size = fit(image_size.0, image_size.1, ANALYSIS_SIDE);
-        (0..k)
-            .map(|row| {
+        rows.iter()
+            .map(|&row| {
                 let class = outputs[0].target_class[row];
                 let variants: Vec<Map> = outputs
                     .iter()

@@ -84,6 +84,9 @@ enum Command {
         /// Turns the admin API on; overrides `admin.token` of the config.
         #[arg(long, env = "CAMSERVE_ADMIN_TOKEN", hide_env_values = true)]
         admin_token: Option<String>,
+        /// Label Studio's API token; overrides `label_studio.api_key` of the config.
+        #[arg(long, env = "CAMSERVE_LABEL_STUDIO_API_KEY", hide_env_values = true)]
+        label_studio_api_key: Option<String>,
     },
     /// Explain one image with one model, without HTTP: writes the overlay PNG, prints the JSON summary.
     Explain {
@@ -145,7 +148,8 @@ fn main() -> ExitCode {
             setup,
             bind,
             admin_token,
-        } => serve(setup, bind, admin_token),
+            label_studio_api_key,
+        } => serve(setup, bind, admin_token, label_studio_api_key),
         Command::Explain {
             setup,
             model,
@@ -228,8 +232,9 @@ fn serve(
     setup: Setup,
     bind: Option<SocketAddr>,
     admin_token: Option<String>,
+    label_studio_api_key: Option<String>,
 ) -> anyhow::Result<()> {
-    let (config, runtime, registry) = load(&setup, None)?;
+    let (mut config, runtime, registry) = load(&setup, None)?;
     let bind = bind.unwrap_or(config.server.bind);
     let admin = match (
         admin_token.or(config.admin.token.clone()),
@@ -258,7 +263,14 @@ fn serve(
         admin,
     );
     state.cors = config.cors.clone();
-    state.label_studio = config.label_studio.clone();
+    if let Some(ls) = &mut config.label_studio {
+        ls.api_key = label_studio_api_key.or(ls.api_key.take());
+    }
+    state.label_studio = config
+        .label_studio
+        .clone()
+        .map(http::LabelStudio::new)
+        .transpose()?;
     let state = Arc::new(state);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {

@@ -66,6 +66,8 @@ struct State {
     stages: BTreeMap<(&'static str, String), Histogram>,
     /// model -> images per Run
     batches: BTreeMap<String, Histogram>,
+    /// error code -> Label Studio tasks answered with an empty prediction
+    task_errors: BTreeMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -106,6 +108,12 @@ impl Metrics {
             .observe(&BATCH_SIZES, stages.batch_size as f64);
     }
 
+    /// A Label Studio task that got an empty prediction, by the error code of why.
+    pub fn label_studio_task_failed(&self, code: &str) {
+        let mut state = self.state.lock().expect("metrics lock");
+        *state.task_errors.entry(code.to_owned()).or_default() += 1;
+    }
+
     /// The Prometheus text exposition of everything, with the registry's live gauges.
     pub fn render(&self, registry: &Registry) -> String {
         let mut out = String::new();
@@ -131,6 +139,15 @@ impl Metrics {
         for (model, histogram) in &state.batches {
             let labels = format!("model=\"{}\"", escape(model));
             histogram.render(&mut out, "camserve_batch_size", &labels, &BATCH_SIZES);
+        }
+        out.push_str("# HELP camserve_label_studio_task_errors_total Label Studio tasks answered with an empty prediction, by error code.\n");
+        out.push_str("# TYPE camserve_label_studio_task_errors_total counter\n");
+        for (code, count) in &state.task_errors {
+            let _ = writeln!(
+                out,
+                "camserve_label_studio_task_errors_total{{code=\"{}\"}} {count}",
+                escape(code)
+            );
         }
         drop(state);
         let models = registry.models();

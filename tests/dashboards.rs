@@ -199,11 +199,50 @@ async fn format_mistakes_are_named() {
     }
 }
 
-/// A loopback server standing in for where Label Studio keeps task images.
+const LS_TOKEN: &str = "ls-token-0123";
+/// A personal access token: a JWT refresh token (`{"alg":"HS256"}.{"token_type":"refresh"}.signature`), which
+/// Label Studio exchanges for an access token.
+const LS_PAT: &str = "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.c2ln";
+const LS_ACCESS: &str = "ls-access-4567";
+
+/// A loopback server standing in for where Label Studio keeps task images: its uploads need its token, which no
+/// other host may receive.
 async fn image_host() -> (String, tokio::task::JoinHandle<()>) {
     let png = red_blue();
+    let upload = png.clone();
     let app = Router::new()
-        .route("/red_blue.png", get(move || async move { png.clone() }))
+        .route(
+            "/red_blue.png",
+            get(move |headers: axum::http::HeaderMap| async move {
+                assert!(
+                    headers.get("authorization").is_none(),
+                    "a token sent to another host"
+                );
+                png.clone()
+            }),
+        )
+        .route(
+            "/data/upload/1/red_blue.png",
+            get(move |headers: axum::http::HeaderMap| async move {
+                let accepted = [format!("Token {LS_TOKEN}"), format!("Bearer {LS_ACCESS}")];
+                let given = headers.get("authorization").and_then(|v| v.to_str().ok());
+                if given.is_some_and(|v| accepted.iter().any(|a| a == v)) {
+                    Ok(upload.clone())
+                } else {
+                    Err(axum::http::StatusCode::UNAUTHORIZED)
+                }
+            }),
+        )
+        .route(
+            "/api/token/refresh/",
+            axum::routing::post(|body: axum::Json<Value>| async move {
+                if body["refresh"] == LS_PAT {
+                    Ok(axum::Json(json!({ "access": LS_ACCESS })))
+                } else {
+                    Err(axum::http::StatusCode::UNAUTHORIZED)
+                }
+            }),
+        )
         .route(
             "/moved.png",
             get(|| async {
@@ -232,11 +271,11 @@ async fn image_host() -> (String, tokio::task::JoinHandle<()>) {
     (address, handle)
 }
 
-async fn ls_predict(server: &TestServer, body: Value) -> (u16, Value) {
+async fn ls_post(server: &TestServer, route: &str, body: Value) -> (u16, Value) {
     status_and_json(
         server
             .client
-            .post(server.url("/label-studio/predict"))
+            .post(server.url(&format!("/label-studio/{route}")))
             .json(&body)
             .send()
             .await
@@ -245,8 +284,32 @@ async fn ls_predict(server: &TestServer, body: Value) -> (u16, Value) {
     .await
 }
 
-fn tasks(url: &str) -> Value {
-    json!({"tasks": [{"id": 7, "data": {"image": url}}], "project": "1.1", "params": {}})
+async fn ls_predict(server: &TestServer, body: Value) -> (u16, Value) {
+    ls_post(server, "predict", body).await
+}
+
+fn tasks(urls: &[&str]) -> Value {
+    let tasks: Vec<Value> = (urls.iter().enumerate())
+        .map(|(i, url)| json!({"id": i, "data": {"image": url}}))
+        .collect();
+    json!({"tasks": tasks, "project": "1.1", "params": {}})
+}
+
+/// `camserve_label_studio_task_errors_total{code}` as the server exposes it.
+async fn task_errors(server: &TestServer, code: &str) -> u64 {
+    let text = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = format!("camserve_label_studio_task_errors_total{{code=\"{code}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .map_or(0, |n| n.parse().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -261,16 +324,10 @@ async fn label_studio_backend_fetches_only_from_allowed_hosts() {
 
     let (status, health) = server.get_json("/label-studio/health").await;
     assert_eq!((status, &health["status"]), (200, &json!("UP")));
-    let (status, setup) = status_and_json(
-        server
-            .client
-            .post(server.url("/label-studio/setup"))
-            .json(
-                &json!({"project": "1.1", "schema": "<View/>", "hostname": "", "access_token": ""}),
-            )
-            .send()
-            .await
-            .unwrap(),
+    let (status, setup) = ls_post(
+        &server,
+        "setup",
+        json!({"project": "1.1", "schema": "<View/>", "hostname": "", "access_token": ""}),
     )
     .await;
     assert_eq!(
@@ -280,7 +337,7 @@ async fn label_studio_backend_fetches_only_from_allowed_hosts() {
 
     // Allowed host, the project's own tag names and data key.
     let label_config = r#"<View><Image name="photo" value="$img"/>
-        <RectangleLabels name="where" toName="photo"><Label value="red"/></RectangleLabels></View>"#;
+        <RectangleLabels name="where" toName="photo"><Label value="red"/><Label value="blue"/></RectangleLabels></View>"#;
     let body = json!({
         "tasks": [{"id": 1, "data": {"img": format!("http://{host}/red_blue.png")}}],
         "label_config": label_config,
@@ -312,79 +369,112 @@ async fn label_studio_backend_fetches_only_from_allowed_hosts() {
     }
     assert!(prediction["score"].as_f64().unwrap() > 0.5);
 
-    // A data: URI needs no host.
+    // One request, one answer per task: those that work are predicted, each of the others gets an empty
+    // prediction with its reason, counted by code. Refused before any connection: another host, another port,
+    // a Label Studio path while Label Studio's address is unknown. Allowed, but no redirect is followed, errors
+    // are named, and time and size are bounded: https to a plain http server, 302, 404, a host that stalls.
     let data_uri = format!(
         "data:image/png;base64,{}",
         base64::Engine::encode(&base64::engine::general_purpose::STANDARD, red_blue())
     );
-    let (status, answer) = ls_predict(&server, tasks(&data_uri)).await;
-    assert_eq!(status, 200, "{answer}");
-    assert_eq!(answer["results"].as_array().unwrap().len(), 1);
-
-    // Refused before any connection: another host, another port, https, a relative path.
     let port = host.rsplit(':').next().unwrap();
-    for (url, needle) in [
+    let cases = [
+        (format!("http://{host}/red_blue.png"), None),
+        (data_uri, None),
         (
             format!("http://localhost:{port}/red_blue.png"),
-            format!("host `localhost:{port}` is not in label_studio.allowed_hosts"),
+            Some((
+                "image_url_not_allowed",
+                format!("host `localhost:{port}` is neither"),
+            )),
         ),
         (
-            "http://127.0.0.1:9/red_blue.png".to_owned(),
-            "host `127.0.0.1:9` is not in".to_owned(),
+            "http://127.0.0.1:9/red_blue.png".into(),
+            Some((
+                "image_url_not_allowed",
+                "host `127.0.0.1:9` is neither".into(),
+            )),
+        ),
+        (
+            "/data/upload/1/red_blue.png".into(),
+            Some((
+                "image_url_not_allowed",
+                "Label Studio's address is unknown".into(),
+            )),
         ),
         (
             format!("https://{host}/red_blue.png"),
-            "scheme `https` is not fetched".to_owned(),
+            Some((
+                "image_fetch_failed",
+                "fetching the task image failed".into(),
+            )),
         ),
         (
-            "/data/upload/1/red_blue.png".to_owned(),
-            "relative Label Studio upload paths are not fetched".to_owned(),
+            format!("http://{host}/moved.png"),
+            Some(("image_fetch_failed", "answered 302".into())),
         ),
-    ] {
-        let (status, body) = ls_predict(&server, tasks(&url)).await;
-        assert_eq!(status, 403, "{url}: {body}");
-        assert_eq!(body["error"]["code"], "image_url_not_allowed");
-        let message = body["error"]["message"].as_str().unwrap();
-        assert!(message.contains(&needle), "{url}: {message}");
+        (
+            format!("http://{host}/missing.png"),
+            Some(("image_fetch_failed", "answered 404".into())),
+        ),
+        (
+            format!("http://{host}/slow.png"),
+            Some(("image_fetch_failed", "timed out after 1s".into())),
+        ),
+    ];
+    let urls: Vec<&str> = cases.iter().map(|(url, _)| url.as_str()).collect();
+    let (status, answer) = ls_predict(&server, tasks(&urls)).await;
+    assert_eq!(status, 200, "{answer}");
+    let results = answer["results"].as_array().unwrap();
+    assert_eq!(results.len(), cases.len());
+    for ((url, failure), prediction) in cases.iter().zip(results) {
+        let regions = prediction["result"].as_array().unwrap().len();
+        match failure {
+            None => assert_eq!(regions, 4, "{url}: {prediction}"),
+            Some((code, needle)) => {
+                assert_eq!(regions, 0, "{url}: {prediction}");
+                assert_eq!(prediction["error"]["code"], *code, "{url}");
+                let message = prediction["error"]["message"].as_str().unwrap();
+                assert!(message.contains(needle.as_str()), "{url}: {message}");
+            }
+        }
     }
+    assert_eq!(task_errors(&server, "image_url_not_allowed").await, 3);
+    assert_eq!(task_errors(&server, "image_fetch_failed").await, 4);
 
-    // Allowed host, but no redirect is followed, errors are named, and time and size are bounded.
-    for (path, needle) in [
-        ("moved.png", "answered 302"),
-        ("missing.png", "answered 404"),
-        ("slow.png", "timed out after 1s"),
-    ] {
-        let (status, body) = ls_predict(&server, tasks(&format!("http://{host}/{path}"))).await;
-        assert_eq!(status, 502, "{path}: {body}");
-        assert_eq!(body["error"]["code"], "image_fetch_failed");
-        let message = body["error"]["message"].as_str().unwrap();
-        assert!(message.contains(needle), "{path}: {message}");
-    }
     let mut small = label_studio_config("red", &[&host]);
     small.fetch_max_bytes = 100;
     let tight = red_server(CorsConfig::default(), Some(small)).await;
-    let (status, body) = ls_predict(&tight, tasks(&format!("http://{host}/red_blue.png"))).await;
-    assert_eq!(status, 502);
+    let (status, body) = ls_predict(&tight, tasks(&[&format!("http://{host}/red_blue.png")])).await;
+    assert_eq!(status, 200);
+    let message = body["results"][0]["error"]["message"].as_str().unwrap();
     assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("larger than label_studio.fetch_max_bytes (100 bytes)"),
-        "{body}"
+        message.contains("larger than label_studio.fetch_max_bytes (100 bytes)"),
+        "{message}"
     );
 
-    // Malformed requests.
+    // A task without the image field is that task's failure too.
     let (status, body) = ls_predict(&server, json!({"tasks": [{"id": 1, "data": {}}]})).await;
-    assert_eq!(
-        (status, &body["error"]["code"]),
-        (400, &json!("malformed_body"))
-    );
+    assert_eq!(status, 200);
+    assert_eq!(body["results"][0]["error"]["code"], "malformed_body");
     assert!(
-        body["error"]["message"]
+        body["results"][0]["error"]["message"]
             .as_str()
             .unwrap()
             .contains("data.image")
     );
+    // A task that is not `{"data": {...}}` makes the request malformed.
+    for body in [
+        json!({"tasks": [{"id": 1}]}),
+        json!({"tasks": [{"data": [null]}]}),
+    ] {
+        let (status, body) = ls_predict(&server, body).await;
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (400, &json!("malformed_body")),
+            "{body}"
+        );
+    }
     // A labeling config that is not a string is refused, even with no tasks to predict.
     for label_config in [json!(5), json!(null)] {
         let body = json!({"tasks": [], "label_config": label_config});
@@ -395,6 +485,136 @@ async fn label_studio_backend_fetches_only_from_allowed_hosts() {
             "{body}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn label_studio_uploads_are_fetched_from_label_studio_with_its_token() {
+    let (host, _label_studio) = image_host().await;
+    let (other, _image_server) = image_host().await;
+    let mut config = label_studio_config("red", &[&other]);
+    config.url = Some(format!("http://{host}"));
+    let server = red_server(CorsConfig::default(), Some(config)).await;
+    let upload = tasks(&["/data/upload/1/red_blue.png"]);
+
+    // No token yet: Label Studio refuses, and so that task is empty.
+    let (status, body) = ls_predict(&server, upload.clone()).await;
+    assert_eq!(status, 200);
+    assert!(
+        body["results"][0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("answered 401"),
+        "{body}"
+    );
+
+    // `/setup` brings the token; the hostname it names is kept only when allowed, here Label Studio's own url.
+    let setup =
+        json!({"project": "1.1", "hostname": format!("http://{host}"), "access_token": LS_TOKEN});
+    assert_eq!(ls_post(&server, "setup", setup).await.0, 200);
+    let (status, body) = ls_predict(&server, upload.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["results"][0]["result"].as_array().unwrap().len(),
+        2,
+        "{body}"
+    );
+    // Its own host by absolute URL: allowed implicitly, and the token goes there only (an image host fails the
+    // request if `/red_blue.png` gets one).
+    let both = tasks(&[
+        &format!("http://{host}/data/upload/1/red_blue.png"),
+        &format!("http://{other}/red_blue.png"),
+    ]);
+    let (_, body) = ls_predict(&server, both).await;
+    for prediction in body["results"].as_array().unwrap() {
+        assert_eq!(prediction["result"].as_array().unwrap().len(), 2, "{body}");
+    }
+
+    // Label Studio with legacy tokens off (its default) refuses the token it sent to `/setup`; a personal access
+    // token as `api_key` is exchanged for an access token and used instead.
+    let mut config = label_studio_config("red", &[]);
+    config.url = Some(format!("http://{host}"));
+    config.api_key = Some(LS_PAT.into());
+    let with_pat = red_server(CorsConfig::default(), Some(config)).await;
+    let setup = json!({"hostname": format!("http://{host}"), "access_token": "legacy-but-off"});
+    assert_eq!(ls_post(&with_pat, "setup", setup).await.0, 200);
+    let (_, body) = ls_predict(&with_pat, upload.clone()).await;
+    assert_eq!(
+        body["results"][0]["result"].as_array().unwrap().len(),
+        2,
+        "{body}"
+    );
+
+    // A `/setup` naming some other host does not move where Label Studio paths are fetched from.
+    let elsewhere = json!({"hostname": "http://192.0.2.1:8080", "access_token": LS_TOKEN});
+    assert_eq!(ls_post(&server, "setup", elsewhere).await.0, 200);
+    let (_, body) = ls_predict(&server, upload).await;
+    assert_eq!(
+        body["results"][0]["result"].as_array().unwrap().len(),
+        2,
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn label_studio_batches_have_their_own_budget_and_bound() {
+    let (host, _image_server) = image_host().await;
+    let slow = format!("http://{host}/slow.png");
+    let mut config = label_studio_config("red", &[&host]);
+    config.fetch_timeout_secs = 2;
+    config.task_timeout_secs = 4;
+    config.max_batch_tasks = 3;
+    // The server's request timeout is 1 s; a predict whose task takes 2 s (within its 4) still gets its answer.
+    let server = TestServer::with_integrations(
+        vec![model_config("red", &fixture("red_detector.onnx"))],
+        Limits::default(),
+        Duration::from_secs(1),
+        CorsConfig::default(),
+        Some(config.clone()),
+    )
+    .await;
+    let (status, body) = ls_predict(&server, tasks(&[&slow])).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["error"]["code"], "image_fetch_failed");
+
+    // Over the bound: refused whole, with a message saying what to do.
+    let (status, body) = ls_predict(&server, tasks(&[slow.as_str(); 4])).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (413, &json!("too_many_tasks"))
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most label_studio.max_batch_tasks (3)")
+    );
+
+    // Over the budget (1 s a task, 2 s to give up on an image): nothing is reported as predicted.
+    config.task_timeout_secs = 1;
+    let server = red_server(CorsConfig::default(), Some(config)).await;
+    let (status, body) = ls_predict(&server, tasks(&[&slow, &slow])).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (503, &json!("timeout")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was predicted")
+    );
+
+    // The routes of a backend that does not train.
+    let (status, body) = ls_post(
+        &server,
+        "webhook",
+        json!({"action": "START_TRAINING", "project": {"id": 1}}),
+    )
+    .await;
+    assert_eq!((status, body), (200, json!({"status": "ok"})));
+    let (status, body) = server.get_json("/label-studio/versions").await;
+    assert_eq!((status, body), (200, json!({"versions": ["camserve-red"]})));
 }
 
 #[tokio::test(flavor = "multi_thread")]

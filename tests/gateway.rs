@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{fixture, ort_library, root};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// A child process that is stopped when the test ends, however it ends.
 struct Process {
@@ -300,6 +300,13 @@ async fn camserve_behind_nginx() {
         error["message"].as_str().unwrap().contains("nope"),
         "{error}"
     );
+    // Its access log line says why, as the client was told.
+    let log = served_log(&logs, "gateway-no-model").expect("camserve logged the request");
+    assert_eq!(
+        (&log["status"], &log["code"]),
+        (&json!(404), &json!("model_not_found"))
+    );
+    assert_eq!(log["reason"], error["message"]);
 
     // A request id that is not safe to echo in JSON is replaced, not passed on.
     let response = client

@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
-use camserve::config::{CorsConfig, Limits};
+use camserve::config::{CorsConfig, LabelStudioConfig, Limits};
 use camserve::http::Admin;
 use common::{Options, TestServer, fixture, label_studio_config, model_config, png_bytes};
 use serde_json::Value;
@@ -144,8 +144,11 @@ async fn every_documented_response_is_what_the_server_sends() {
         Options {
             limits: limits.clone(),
             admin: Some(admin),
-            // Port 1 on loopback is allowed but refuses connections: the fetch fails (502).
-            label_studio: Some(label_studio_config("tiny", &["127.0.0.1:1"])),
+            // Port 1 on loopback is allowed but refuses connections: the fetch fails (an empty prediction).
+            label_studio: Some(LabelStudioConfig {
+                max_batch_tasks: 2,
+                ..label_studio_config("tiny", &["127.0.0.1:1"])
+            }),
             cors: CorsConfig::default(),
             ..Options::default()
         },
@@ -288,6 +291,25 @@ async fn every_documented_response_is_what_the_server_sends() {
             task(&data_uri).as_bytes(),
         ),
         post(ls_predict, ls_predict, "application/json", b"{}"),
+        post(
+            ls_predict,
+            ls_predict,
+            "application/json",
+            br#"{"tasks": [{"data": {}}, {"data": {}}, {"data": {}}]}"#,
+        ),
+        post(
+            "/label-studio/webhook",
+            "/label-studio/webhook",
+            "application/json",
+            br#"{"action": "START_TRAINING", "project": {"id": 1}}"#,
+        ),
+        post(
+            "/label-studio/webhook",
+            "/label-studio/webhook",
+            "application/json",
+            b"null",
+        ),
+        get("/label-studio/versions", "/label-studio/versions"),
         post(
             ls_predict,
             ls_predict,

@@ -43,11 +43,12 @@ pub enum ErrorCode {
     ImageFetchFailed,
     MissingInputGradients,
     MissingLayer,
+    TooManyTasks,
 }
 
 impl ErrorCode {
     /// Every code, for the test that keeps openapi.yaml's list equal to this one.
-    pub const ALL: [ErrorCode; 28] = [
+    pub const ALL: [ErrorCode; 29] = [
         Self::RouteNotFound,
         Self::MethodNotAllowed,
         Self::ModelNotFound,
@@ -76,6 +77,7 @@ impl ErrorCode {
         Self::ImageFetchFailed,
         Self::MissingInputGradients,
         Self::MissingLayer,
+        Self::TooManyTasks,
     ];
 
     pub fn status(self) -> StatusCode {
@@ -89,7 +91,9 @@ impl ErrorCode {
             | Self::InvalidParameter
             | Self::UnknownParameter => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::PayloadTooLarge | Self::ImageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::PayloadTooLarge | Self::ImageTooLarge | Self::TooManyTasks => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             Self::ClassOutOfRange
             | Self::TooManyClasses
             | Self::SingleTargetRequired
@@ -116,6 +120,16 @@ impl ErrorCode {
             StatusCode::UNSUPPORTED_MEDIA_TYPE => Self::UnsupportedMediaType,
             s if s.is_client_error() => Self::InvalidParameter,
             _ => Self::Internal,
+        }
+    }
+}
+
+/// The code as clients see it (`image_fetch_failed`), for logs and metric labels.
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::String(code)) => f.write_str(&code),
+            _ => Err(std::fmt::Error),
         }
     }
 }

@@ -37,22 +37,36 @@ impl Format {
     ];
 }
 
-/// The control and object tag names a Label Studio result refers to (`from_name`, `to_name`).
+/// A Label Studio control tag (`from_name`) and what its regions say: per target of the explanation (by index),
+/// the label they carry.
 #[derive(Debug, Clone)]
-pub struct LabelStudioNames {
-    pub rectangles: Option<String>,
-    pub brush: Option<String>,
-    pub image: String,
+pub struct LabelStudioControl {
+    pub name: String,
+    pub labels: Vec<(usize, String)>,
 }
 
-impl Default for LabelStudioNames {
-    /// The names of the labeling config in the README: `<RectangleLabels name="label">`,
-    /// `<BrushLabels name="mask">`, `<Image name="image">`.
-    fn default() -> Self {
+/// The tags a Label Studio prediction refers to: the image (`to_name`) and the two kinds of control.
+#[derive(Debug, Clone)]
+pub struct LabelStudioTags {
+    pub image: String,
+    pub rectangles: Option<LabelStudioControl>,
+    pub brush: Option<LabelStudioControl>,
+}
+
+impl LabelStudioTags {
+    /// The labeling config in the README (`<Image name="image">`, `<RectangleLabels name="label">`,
+    /// `<BrushLabels name="mask">`), every target under the model's own label.
+    fn readme(info: &ModelInfo, explanation: &Explanation) -> Self {
+        let control = |name: &str| LabelStudioControl {
+            name: name.into(),
+            labels: (explanation.targets.iter().enumerate())
+                .map(|(t, target)| (t, label(info, target).to_owned()))
+                .collect(),
+        };
         Self {
-            rectangles: Some("label".into()),
-            brush: Some("mask".into()),
             image: "image".into(),
+            rectangles: Some(control("label")),
+            brush: Some(control("mask")),
         }
     }
 }
@@ -74,9 +88,11 @@ pub fn encode(
     options: &FormatOptions,
 ) -> Value {
     match format {
-        Format::LabelStudio => {
-            label_studio(info, explanation, options, &LabelStudioNames::default())
-        }
+        Format::LabelStudio => label_studio(
+            explanation,
+            options,
+            &LabelStudioTags::readme(info, explanation),
+        ),
         Format::Cvat => cvat(info, explanation),
         Format::Coco => coco(info, explanation, options),
         Format::FiftyOne => fiftyone(info, explanation, options),
@@ -162,66 +178,63 @@ fn percent(part: usize, whole: usize) -> f64 {
     100.0 * part as f64 / whole as f64
 }
 
-/// One Label Studio prediction (`{"model_version", "score", "result": [...]}`) for the image.
+/// One Label Studio prediction (`{"model_version", "score", "result": [...]}`) for the image; its score is the
+/// best of its regions'.
 pub fn label_studio(
-    info: &ModelInfo,
     explanation: &Explanation,
     options: &FormatOptions,
-    names: &LabelStudioNames,
+    tags: &LabelStudioTags,
 ) -> Value {
     let (width, height) = explanation.photo_size;
     let mut result = Vec::new();
-    for (t, target) in explanation.targets.iter().enumerate() {
-        let score = probability(explanation, target);
-        let common = |id: String, from_name: &str, kind: &str, value: Value| {
-            json!({
-                "id": id,
-                "from_name": from_name,
-                "to_name": names.image,
-                "type": kind,
-                "original_width": width,
-                "original_height": height,
-                "image_rotation": 0,
-                "value": value,
-                "score": score,
-            })
-        };
-        if let Some(from_name) = &names.rectangles {
-            for (b, region) in target.boxes.iter().enumerate() {
-                result.push(common(
+    let mut best = 0.0f32;
+    let mut region = |id: String, from_name: &str, kind: &str, score: f32, value: Value| {
+        best = best.max(score);
+        result.push(json!({
+            "id": id,
+            "from_name": from_name,
+            "to_name": tags.image,
+            "type": kind,
+            "original_width": width,
+            "original_height": height,
+            "image_rotation": 0,
+            "value": value,
+            "score": score,
+        }));
+    };
+    if let Some(control) = &tags.rectangles {
+        for (t, name) in &control.labels {
+            let target = &explanation.targets[*t];
+            for (b, r) in target.boxes.iter().enumerate() {
+                let value = json!({
+                    "x": percent(r.x_min, width),
+                    "y": percent(r.y_min, height),
+                    "width": percent(r.x_max - r.x_min, width),
+                    "height": percent(r.y_max - r.y_min, height),
+                    "rotation": 0,
+                    "rectanglelabels": [name],
+                });
+                let score = probability(explanation, target);
+                region(
                     format!("c{t}b{b}"),
-                    from_name,
+                    &control.name,
                     "rectanglelabels",
-                    json!({
-                        "x": percent(region.x_min, width),
-                        "y": percent(region.y_min, height),
-                        "width": percent(region.x_max - region.x_min, width),
-                        "height": percent(region.y_max - region.y_min, height),
-                        "rotation": 0,
-                        "rectanglelabels": [label(info, target)],
-                    }),
-                ));
+                    score,
+                    value,
+                );
             }
         }
-        if let Some(from_name) = &names.brush {
+    }
+    if let Some(control) = &tags.brush {
+        for (t, name) in &control.labels {
+            let target = &explanation.targets[*t];
             let mask = mask_of(target, options.threshold, explanation);
-            result.push(common(
-                format!("c{t}m"),
-                from_name,
-                "brushlabels",
-                json!({
-                    "format": "rle",
-                    "rle": brush_rle(&mask),
-                    "brushlabels": [label(info, target)],
-                }),
-            ));
+            let value = json!({ "format": "rle", "rle": brush_rle(&mask), "brushlabels": [name] });
+            let score = probability(explanation, target);
+            region(format!("c{t}m"), &control.name, "brushlabels", score, value);
         }
     }
-    let score = explanation
-        .targets
-        .first()
-        .map_or(0.0, |t| probability(explanation, t));
-    json!({ "model_version": options.model_version, "score": score, "result": result })
+    json!({ "model_version": options.model_version, "score": best, "result": result })
 }
 
 /// CVAT's serverless detector answer: `[{"label", "confidence", "points": [x1, y1, x2, y2], "type"}]`.

@@ -25,8 +25,9 @@ use tracing::Instrument;
 
 pub use admin::Admin;
 pub use error::{ApiError, ErrorCode};
+pub use label_studio::LabelStudio;
 
-use crate::config::{CorsConfig, LabelStudioConfig, Limits, Shutdown};
+use crate::config::{CorsConfig, Limits, Shutdown};
 use crate::metrics::{Metrics, StageTimes};
 use crate::registry::Registry;
 use crate::runtime::Runtime;
@@ -48,7 +49,7 @@ pub struct AppState {
     /// Origins allowed to call from browsers (none by default).
     pub cors: CorsConfig,
     /// The Label Studio ML backend routes, when configured.
-    pub label_studio: Option<LabelStudioConfig>,
+    pub label_studio: Option<LabelStudio>,
 }
 
 impl AppState {
@@ -186,21 +187,32 @@ async fn request_context(
     let started = Instant::now();
 
     let handled = next.run(request).instrument(span.clone());
-    let mut response = match tokio::time::timeout(state.request_timeout, handled).await {
-        Ok(response) => response,
-        Err(_) => ApiError::new(ErrorCode::Timeout, "the request took too long; retry later")
-            .into_response(),
+    // Label Studio's predict sizes its own budget to its batch of tasks.
+    let own_budget = (state.label_studio.as_ref()).is_some_and(|ls| route == ls.predict_route());
+    let mut response = if own_budget {
+        handled.await
+    } else {
+        match tokio::time::timeout(state.request_timeout, handled).await {
+            Ok(response) => response,
+            Err(_) => ApiError::new(ErrorCode::Timeout, "the request took too long; retry later")
+                .into_response(),
+        }
     };
 
     let status = response.status();
-    if let Some(error) = response.extensions_mut().remove::<ApiError>() {
-        response = error.envelope(&request_id);
-    } else if (status.is_client_error() || status.is_server_error()) && !is_json(&response) {
+    let mut error = response.extensions_mut().remove::<ApiError>();
+    if error.is_none()
+        && (status.is_client_error() || status.is_server_error())
+        && !is_json(&response)
+    {
         // Rejections from axum itself (unknown method, body limit) come as plain text.
         let code = ErrorCode::for_status(status);
         let message = status.canonical_reason().unwrap_or("error").to_lowercase();
+        error = Some(ApiError::new(code, message));
+    }
+    if let Some(error) = &error {
         let headers = std::mem::take(response.headers_mut());
-        response = ApiError::new(code, message).envelope(&request_id);
+        response = error.envelope(&request_id);
         if let Some(allow) = headers.get(header::ALLOW) {
             response.headers_mut().insert(header::ALLOW, allow.clone());
         }
@@ -219,12 +231,13 @@ async fn request_context(
         started.elapsed(),
         stages,
     );
-    span.in_scope(|| {
-        tracing::info!(
-            status = response.status().as_u16(),
-            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-            "served"
-        )
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    let status = response.status().as_u16();
+    span.in_scope(|| match &error {
+        Some(e) => {
+            tracing::info!(status, elapsed_ms, code = %e.code, reason = %e.message, "served")
+        }
+        None => tracing::info!(status, elapsed_ms, "served"),
     });
     response
 }

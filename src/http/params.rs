@@ -237,7 +237,7 @@ pub fn explain(
     };
     let count = match &targets {
         Targets::TopK(k) => *k,
-        Targets::Classes(list) => list.len(),
+        Targets::Classes(list) | Targets::BestOf(list, _) => list.len(),
     };
     if count > model.num_classes() {
         return Err(ApiError::new(

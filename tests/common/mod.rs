@@ -159,7 +159,8 @@ impl TestServer {
         let registry = Registry::load(runtime(), &models).expect("fixture models load");
         let mut state = AppState::new(runtime().clone(), registry, limits, request_timeout, admin);
         state.cors = cors;
-        state.label_studio = label_studio;
+        state.label_studio =
+            label_studio.map(|ls| http::LabelStudio::new(ls).expect("a valid [label_studio]"));
         let state = Arc::new(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
