@@ -107,6 +107,9 @@ pub struct Mask<'a> {
     cut: f32,
     pub width: usize,
     pub height: usize,
+    /// Which map column each run of image columns reads, and how many columns read it ([`spans`]); rows likewise.
+    columns: Vec<(usize, usize)>,
+    rows: Vec<(usize, usize)>,
 }
 
 impl<'a> Mask<'a> {
@@ -118,6 +121,8 @@ impl<'a> Mask<'a> {
             cut,
             width,
             height,
+            columns: spans(heat.width, width),
+            rows: spans(heat.height, height),
         }
     }
 
@@ -126,38 +131,46 @@ impl<'a> Mask<'a> {
         self.heat.data[my * self.heat.width + mx] >= self.cut
     }
 
-    /// Row `y` as runs `(set, length)`, one per map pixel it reads (runs of equal values may follow each other):
-    /// a photo-sized row costs the map's width, not the photo's.
-    fn row_runs(&self, y: usize) -> impl Iterator<Item = (bool, usize)> + '_ {
-        let my = y * self.heat.height / self.height;
-        spans(self.heat.width, self.width).map(move |(mx, length)| (self.at(mx, my), length))
+    /// The mask's rows, top to bottom, as `(runs of the row, how many equal rows in a row)`: the rows that read
+    /// one map row are equal, so a photo-sized mask costs the map's size, not the photo's.
+    fn rows(&self) -> impl Iterator<Item = (Vec<(bool, usize)>, usize)> + '_ {
+        self.rows.iter().map(|&(my, count)| {
+            let mut runs = Runs::default();
+            for &(mx, length) in &self.columns {
+                runs.push(self.at(mx, my), length);
+            }
+            (runs.runs, count)
+        })
     }
 
-    /// A column that reads map column `mx`, from row `from` up to row `to`, as runs `(set, length)`, as
-    /// [`Self::row_runs`].
-    fn column_runs(
-        &self,
-        mx: usize,
-        from: usize,
-        to: usize,
-    ) -> impl Iterator<Item = (bool, usize)> + '_ {
+    /// Every map column's runs `(set, length)` from image row `from` up to row `to`, as the image columns that read
+    /// it see them; read row by row, as the map lies in memory.
+    fn column_runs(&self, from: usize, to: usize) -> Vec<Vec<(bool, usize)>> {
+        let mut columns: Vec<Runs> = (0..self.heat.width).map(|_| Runs::default()).collect();
         let mut start = 0;
-        spans(self.heat.height, self.height).filter_map(move |(my, length)| {
+        for &(my, length) in &self.rows {
             let (first, end) = (start.max(from), (start + length).min(to));
             start += length;
-            (first < end).then(|| (self.at(mx, my), end - first))
-        })
+            if first < end {
+                let row = &self.heat.data[my * self.heat.width..][..self.heat.width];
+                for (runs, &value) in columns.iter_mut().zip(row) {
+                    runs.push(value >= self.cut, end - first);
+                }
+            }
+        }
+        columns.into_iter().map(|runs| runs.runs).collect()
     }
 }
 
 /// Nearest-neighbour reading of `source` values over `target` pixels (pixel `t` reads `t * source / target`), as
 /// `(source index, how many pixels in a row read it)`, leaving out the indices no pixel reads.
-fn spans(source: usize, target: usize) -> impl Iterator<Item = (usize, usize)> {
+fn spans(source: usize, target: usize) -> Vec<(usize, usize)> {
     // The first pixel that reads index i is ceil(i * target / source).
-    let first = move |i: usize| (i * target).div_ceil(source);
+    let first = |i: usize| (i * target).div_ceil(source);
     (0..source)
-        .map(move |i| (i, first(i + 1) - first(i)))
+        .map(|i| (i, first(i + 1) - first(i)))
         .filter(|&(_, length)| length > 0)
+        .collect()
 }
 
 fn mask_of<'a>(target: &'a TargetMap, threshold: Threshold, explanation: &Explanation) -> Mask<'a> {
@@ -339,18 +352,18 @@ pub fn coco_counts(mask: &Mask, region: &Region) -> (Vec<u32>, usize) {
     let mut runs = Runs::default();
     let mut area = 0;
     let mut x = 0;
+    let columns = mask.column_runs(region.y_min, region.y_max);
     // The columns that read one map column are equal: each map column is read once, whatever the photo's width.
-    for (mx, count) in spans(mask.heat.width, mask.width) {
+    for &(mx, count) in &mask.columns {
         let before = (x + count).min(region.x_min).saturating_sub(x);
         let within = (x + count)
             .min(region.x_max)
             .saturating_sub(x.max(region.x_min));
         runs.push(false, before * mask.height);
         if within > 0 {
-            let column: Vec<_> = mask.column_runs(mx, region.y_min, region.y_max).collect();
             for _ in 0..within {
                 runs.push(false, region.y_min);
-                for &(on, length) in &column {
+                for &(on, length) in &columns[mx] {
                     runs.push(on, length);
                     area += if on { length } else { 0 };
                 }
@@ -440,9 +453,11 @@ pub fn brush_rle(mask: &Mask) -> Vec<u8> {
         }
     };
     let mut runs = Runs::default();
-    for y in 0..mask.height {
-        for (on, length) in mask.row_runs(y) {
-            runs.push(on, length);
+    for (row, count) in mask.rows() {
+        for _ in 0..count {
+            for &(on, length) in &row {
+                runs.push(on, length);
+            }
         }
     }
     for (on, length) in runs.finish() {
@@ -499,11 +514,15 @@ mod tests {
             let mask = Mask::new(&heat, Threshold::Fraction(0.5), width, height);
             let pixel = |x: usize, y: usize| mask.at(x * 7 / width, y * 5 / height);
             let mut rows = Runs::default();
+            for (row, count) in mask.rows() {
+                for _ in 0..count {
+                    for &(on, length) in &row {
+                        rows.push(on, length);
+                    }
+                }
+            }
             let mut by_pixel = Runs::default();
             for y in 0..height {
-                for (on, length) in mask.row_runs(y) {
-                    rows.push(on, length);
-                }
                 for x in 0..width {
                     by_pixel.push(pixel(x, y), 1);
                 }
