@@ -19,6 +19,9 @@ DEPLOY_VENV := .tools/deploy-venv
 DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
 ST_VENV := .tools/schemathesis-venv
 ST_STAMP := $(ST_VENV)/.installed
+# Pillow (libjpeg-turbo, zlib), for `make bench`: the reference for the photo rows' decoding and encoding.
+BENCH_VENV := .tools/bench-venv
+BENCH_STAMP := $(BENCH_VENV)/.installed
 # What the CPU image holds in /opt/camserve, built here by the Dockerfile's own steps.
 IMAGE_ROOT := target/image-root/opt/camserve
 
@@ -140,9 +143,6 @@ bench-quick: ort $(OHA) $(BENCH_STAMP)
 	cargo build --release --locked --bin camserve --example bench_ort
 	$(PYTHON) bench/bench.py --quick
 
-# Pillow (libjpeg-turbo, zlib): the reference for the photo rows' decoding and encoding.
-BENCH_VENV := .tools/bench-venv
-BENCH_STAMP := $(BENCH_VENV)/.installed
 $(BENCH_STAMP):
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet pillow==12.0.0
@@ -205,4 +205,4 @@ plain-fixtures: $(VENV_STAMP)
 
 clean:
 	cargo clean
-	rm -rf .ort .ort-1.30 $(VENV) $(DEPLOY_VENV) $(ST_VENV) $(CONSUMERS_VENV) $(LABEL_STUDIO_VENV) node_modules
+	rm -rf .ort .ort-1.30 $(VENV) $(DEPLOY_VENV) $(ST_VENV) $(CONSUMERS_VENV) $(LABEL_STUDIO_VENV) $(BENCH_VENV) node_modules
