@@ -330,9 +330,9 @@ fn explain_file(
     let caller = Caller::default();
     let explanation = explain::explain(&model, &bytes, &config.limits, &options, &caller.ticket())?;
     let target = &explanation.targets[0];
-    let (width, height) = explanation.image.dimensions();
-    let heat = target.heat_at(width as usize, height as usize);
-    let overlay = render::overlay(&explanation.image, &heat, alpha);
+    let (width, height) = explanation.photo_size;
+    let heat = target.heat_rows(width, height);
+    let overlay = render::overlay_rows(&explanation.image, alpha, |y, row| heat.row(y, row));
     std::fs::write(output, render::encode_png(&overlay)?)
         .with_context(|| format!("cannot write {}", output.display()))?;
     let summary: Vec<_> = explanation
