@@ -30,18 +30,10 @@ impl Map {
 
     /// Smallest and largest value, ignoring NaN; `None` when there is no such value.
     pub fn min_max(&self) -> Option<(f32, f32)> {
-        let fold = |values: &[f32]| {
-            values
-                .iter()
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
-                    (lo.min(v), hi.max(v))
-                })
-        };
-        // min and max ignore NaN and are associative: the bands' results combine to the whole map's.
-        let (min, max) = bands::map(&self.data, 1, fold).into_iter().fold(
-            (f32::INFINITY, f32::NEG_INFINITY),
-            |(lo, hi), (band_lo, band_hi)| (lo.min(band_lo), hi.max(band_hi)),
-        );
+        // min and max ignore NaN and are associative: the bands' ranges combine to the whole map's.
+        let (min, max) = bands::map(&self.data, 1, range_of)
+            .into_iter()
+            .fold(EMPTY_RANGE, union);
         (min <= max).then_some((min, max))
     }
 
@@ -92,11 +84,7 @@ impl Map {
         let mut data = vec![0.0; width * height];
         bands::for_each_mut(&mut data, width, |first_row, band| {
             for (out, t) in band.chunks_exact_mut(width).zip(&ys[first_row..]) {
-                let first = &rows[t.first * width..][..width];
-                let second = &rows[t.second * width..][..width];
-                for ((o, a), b) in out.iter_mut().zip(first).zip(second) {
-                    *o = a * t.first_weight + b * t.second_weight;
-                }
+                t.mix_rows(&rows, width, out);
             }
         });
         Map::new(width, height, data)
@@ -184,6 +172,31 @@ struct Tap {
     second: usize,
     first_weight: f32,
     second_weight: f32,
+}
+
+impl Tap {
+    /// Row `out` of a resize down the columns: rows `first` and `second` of `rows` (each `width` long), weighed.
+    fn mix_rows(&self, rows: &[f32], width: usize, out: &mut [f32]) {
+        let first = &rows[self.first * width..][..width];
+        let second = &rows[self.second * width..][..width];
+        for ((o, a), b) in out.iter_mut().zip(first).zip(second) {
+            *o = a * self.first_weight + b * self.second_weight;
+        }
+    }
+}
+
+/// (min, max) of `values`, ignoring NaN; [`EMPTY_RANGE`] for none.
+fn range_of(values: &[f32]) -> (f32, f32) {
+    values
+        .iter()
+        .fold(EMPTY_RANGE, |(lo, hi), &v| (lo.min(v), hi.max(v)))
+}
+
+/// The range of no values: `min > max`.
+const EMPTY_RANGE: (f32, f32) = (f32::INFINITY, f32::NEG_INFINITY);
+
+fn union((lo, hi): (f32, f32), (other_lo, other_hi): (f32, f32)) -> (f32, f32) {
+    (lo.min(other_lo), hi.max(other_hi))
 }
 
 fn taps(src: usize, dst: usize) -> Vec<Tap> {
@@ -605,18 +618,13 @@ impl DisplayRows {
         // map already is. Its min and max come from a pass that stores nothing.
         let (min, max) = bands::map(&rows.ys, width, |ys| {
             let mut row = vec![0.0; width];
-            ys.iter()
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), t| {
-                    rows.resized(t, &mut row);
-                    row.iter()
-                        .fold((lo, hi), |(lo, hi), &v| (lo.min(v), hi.max(v)))
-                })
+            ys.iter().fold(EMPTY_RANGE, |range, t| {
+                t.mix_rows(&rows.across.data, width, &mut row);
+                union(range, range_of(&row))
+            })
         })
         .into_iter()
-        .fold(
-            (f32::INFINITY, f32::NEG_INFINITY),
-            |(lo, hi), (band_lo, band_hi)| (lo.min(band_lo), hi.max(band_hi)),
-        );
+        .fold(EMPTY_RANGE, union);
         if min <= max {
             (rows.min, rows.scale) = (min, 1e-7 + (max - min));
         }
@@ -631,19 +639,9 @@ impl DisplayRows {
         self.ys.len()
     }
 
-    /// Row `t` of the resized map, before the final min-max.
-    fn resized(&self, t: &Tap, out: &mut [f32]) {
-        let width = self.across.width;
-        let first = &self.across.data[t.first * width..][..width];
-        let second = &self.across.data[t.second * width..][..width];
-        for ((o, a), b) in out.iter_mut().zip(first).zip(second) {
-            *o = a * t.first_weight + b * t.second_weight;
-        }
-    }
-
     /// Row `y` of the display map into `out` (`width` values).
     pub fn row(&self, y: usize, out: &mut [f32]) {
-        self.resized(&self.ys[y], out);
+        self.ys[y].mix_rows(&self.across.data, self.width(), out);
         out.iter_mut()
             .for_each(|v| *v = (*v - self.min) / self.scale);
     }

@@ -77,23 +77,21 @@ pub fn decode_at_least(
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
-    let format = image::guess_format(bytes).ok();
     // Bytes of a known format we don't take (GIF, BMP...) are a media type error; unknown bytes are not an image.
-    match format {
-        Some(ImageFormat::Jpeg) => {
-            if let Some(decoded) = jpeg::decode(bytes, limits, needed)? {
-                return Ok(decoded);
-            }
-        }
-        Some(ImageFormat::Png | ImageFormat::WebP) => {}
-        Some(_) => return Err(DecodeError::UnsupportedFormat),
-        None => {
+    let format = match image::guess_format(bytes) {
+        Ok(ImageFormat::Jpeg) => match jpeg::decode(bytes, limits, needed)? {
+            Some(decoded) => return Ok(decoded),
+            None => ImageFormat::Jpeg,
+        },
+        Ok(format @ (ImageFormat::Png | ImageFormat::WebP)) => format,
+        Ok(_) => return Err(DecodeError::UnsupportedFormat),
+        Err(_) => {
             return Err(DecodeError::Undecodable(
                 "the bytes are not a PNG, JPEG or WebP image".into(),
             ));
         }
-    }
-    let image = decode_whole(bytes, format.expect("checked above"), limits)?;
+    };
+    let image = decode_whole(bytes, format, limits)?;
     let size = (image.width() as usize, image.height() as usize);
     Ok(Decoded { image, size })
 }
