@@ -589,8 +589,10 @@ async fn label_studio_batches_have_their_own_budget_and_bound() {
             .contains("at most label_studio.max_batch_tasks (3)")
     );
 
-    // Over the budget (1 s a task, 2 s to give up on an image): nothing is reported as predicted.
+    // Over the budget (1 s a task, 2 s for two) while the images would take 10 s to give up on: nothing is
+    // reported as predicted. (A fetch that gave up at the budget's own end would race it.)
     config.task_timeout_secs = 1;
+    config.fetch_timeout_secs = 10;
     let server = red_server(CorsConfig::default(), Some(config)).await;
     let (status, body) = ls_predict(&server, tasks(&[&slow, &slow])).await;
     assert_eq!(
