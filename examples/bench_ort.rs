@@ -7,7 +7,7 @@
 //!     Runs of BATCH images (top-1) back to back for SECONDS: one JSON object {"batch", "images_per_s",
 //!     "median_ms"}; the benchmark starts several at once to measure sessions side by side
 //! bench_ort plain ORT_LIBRARY PLAIN_MODEL TARGET THREADS ITERATIONS
-//!     a plain classifier (`camserve::plain`): how long augmenting takes, and its Run against the augmented
+//!     a plain classifier (`camserve::onnx::plain`): how long augmenting takes, and its Run against the augmented
 //!     model's (batch 1, top-1), in alternating blocks: one JSON object
 //! bench_ort conditions ORT_LIBRARY MODEL PHOTO.jpg THREADS ITERATIONS
 //!     whether what camserve does around a Run slows the Run. Runs go to a session thread through a channel, as
@@ -23,7 +23,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use camserve::config::Config;
-use camserve::preprocess::{DecodeLimits, Preprocess};
+use camserve::pipeline::preprocess::{DecodeLimits, Preprocess};
 use ort::session::Session;
 use ort::value::TensorRef;
 
@@ -68,10 +68,10 @@ fn main() -> anyhow::Result<()> {
 /// fine noise so that they encode like real photos.
 fn write_inputs(photo: &Path, dir: &Path) -> anyhow::Result<()> {
     let photo = image::open(photo)?.to_rgb8();
-    let small = camserve::preprocess::resize(&photo, 224, 224);
+    let small = camserve::pipeline::preprocess::resize(&photo, 224, 224);
     small.save_with_format(dir.join("photo_224.jpg"), image::ImageFormat::Jpeg)?;
     for (width, height) in [(640, 480), (4000, 3000)] {
-        let mut large = camserve::preprocess::resize(&photo, width, height);
+        let mut large = camserve::pipeline::preprocess::resize(&photo, width, height);
         for (i, pixel) in large.pixels_mut().enumerate() {
             let noise = ((i as u32).wrapping_mul(2_654_435_761) >> 29) as u8;
             pixel.0 = pixel.0.map(|v| v.saturating_add(noise));
@@ -90,7 +90,7 @@ fn open(
     model: &str,
     threads: usize,
 ) -> anyhow::Result<(Session, [usize; 3], Preprocess)> {
-    let runtime = camserve::runtime::init(Path::new(library))?;
+    let runtime = camserve::onnx::runtime::init(Path::new(library))?;
     let toml = format!(
         "[runtime]\nlibrary = \"{library}\"\n[[models]]\nname = \"m\"\nfile = \"{model}\"\nthreads = {threads}\n\
          split_under_load = false\n"
@@ -98,13 +98,14 @@ fn open(
     let config = Config::from_toml(&toml, &std::env::current_dir()?)?
         .models
         .remove(0);
-    let (info, mut sessions) = camserve::model::load(&runtime, &config)?;
+    let model = camserve::onnx::model::CheckedModel::open(&runtime, &config)?;
+    let info = &model.info;
     let dims = [
         info.preprocess.height,
         info.preprocess.width,
         info.num_classes(),
     ];
-    Ok((sessions.remove(0).session, dims, info.preprocess))
+    Ok((model.session, dims, info.preprocess.clone()))
 }
 
 /// The inputs of one Run: `batch` made-up images with `k` all-zero seed rows each (the top-k classes).
@@ -208,7 +209,7 @@ fn conditions(
     ];
     let (mut session, dims, preprocess) = open(library, model, threads)?;
     let jpeg = std::fs::read(photo)?;
-    let decode = || camserve::preprocess::decode(&jpeg, &DecodeLimits::default());
+    let decode = || camserve::pipeline::preprocess::decode(&jpeg, &DecodeLimits::default());
     let made_up = Inputs::new(dims, 1, 1);
     let mut photo_input = Inputs::new(dims, 1, 1);
     preprocess.write_tensor(&decode()?, &mut photo_input.input);
@@ -241,7 +242,7 @@ fn conditions(
                 2 => {
                     let image = decode()?;
                     for _ in 0..2 {
-                        camserve::render::encode_png(&image)?;
+                        camserve::pipeline::render::encode_png(&image)?;
                     }
                 }
                 _ => {}
@@ -274,13 +275,13 @@ fn plain_runs(
     threads: usize,
     iterations: usize,
 ) -> anyhow::Result<()> {
-    let runtime = camserve::runtime::init(Path::new(library))?;
-    let spec = camserve::plain::PlainModel {
+    let runtime = camserve::onnx::runtime::init(Path::new(library))?;
+    let spec = camserve::config::PlainModel {
         target: target.to_owned(),
         ..Default::default()
     };
     let started = Instant::now();
-    let augmented = camserve::plain::augment(&runtime, Path::new(model), &spec, None)
+    let augmented = camserve::onnx::plain::augment(&runtime, Path::new(model), &spec, None)
         .map_err(anyhow::Error::msg)?;
     let augment_ms = started.elapsed().as_secs_f64() * 1e3;
     let session = |from: &[u8]| -> ort::Result<Session> {

@@ -16,8 +16,8 @@ use anyhow::{Context, bail};
 use camserve::config::{Config, ExecutionProvider, Limits, ModelConfig};
 use camserve::engine::Caller;
 use camserve::explain::{self, ExplainOptions, Explanation, Targets};
-use camserve::registry::{Model, Registry};
-use camserve::runtime::{self, Runtime};
+use camserve::onnx::runtime::{self, OnnxRuntime};
+use camserve::registry::{Registry, ServedModel};
 use clap::Parser;
 use image::{Rgb, RgbImage};
 
@@ -163,7 +163,7 @@ fn model_config(
 
 /// Checks one model; returns the failed checks, in words.
 fn check_model(
-    runtime: &Runtime,
+    runtime: &OnnxRuntime,
     args: &Args,
     file: &Path,
     plain_target: Option<&str>,
@@ -232,12 +232,12 @@ fn check_model(
             };
             on_cuda = explain::explain(&cuda, bytes, &limits, &same, &ticket)?;
         }
-        let logits = camserve::cam::relative_difference(&on_cuda.logits, &on_cpu.logits);
+        let logits = camserve::pipeline::cam::relative_difference(&on_cuda.logits, &on_cpu.logits);
         let maps = on_cpu
             .targets
             .iter()
             .zip(&on_cuda.targets)
-            .map(|(c, g)| camserve::cam::relative_difference(&g.raw.data, &c.raw.data))
+            .map(|(c, g)| camserve::pipeline::cam::relative_difference(&g.raw.data, &c.raw.data))
             .fold(0.0f32, f32::max);
         println!(
             "  {label:<24} classes {:?}: map error {maps:.2e}, logits error {logits:.2e}",
@@ -281,7 +281,7 @@ fn check_model(
     Ok(problems)
 }
 
-fn load(runtime: &Runtime, config: &ModelConfig) -> anyhow::Result<Arc<Model>> {
+fn load(runtime: &OnnxRuntime, config: &ModelConfig) -> anyhow::Result<Arc<ServedModel>> {
     let registry = Registry::load(runtime, std::slice::from_ref(config))?;
     Ok(registry
         .get(&config.name)
@@ -291,23 +291,23 @@ fn load(runtime: &Runtime, config: &ModelConfig) -> anyhow::Result<Arc<Model>> {
 
 /// Median of one bare Run (no decoding, no maps) on a session of its own, with an all-zero seed row per target.
 fn bare_run_median(
-    runtime: &Runtime,
+    runtime: &OnnxRuntime,
     config: &ModelConfig,
     png: &[u8],
     args: &Args,
 ) -> anyhow::Result<Duration> {
-    let (info, mut sessions) = camserve::model::load(runtime, config)?;
-    let image = camserve::preprocess::decode(png, &Limits::default().decode_limits())?;
+    let model = camserve::onnx::model::CheckedModel::open(runtime, config)?;
+    let (info, mut session) = (model.info, model.session);
+    let image = camserve::pipeline::preprocess::decode(png, &Limits::default().decode_limits())?;
     let p = &info.preprocess;
     let mut input = vec![0.0f32; 3 * p.height * p.width];
     p.write_tensor(&image, &mut input);
     let seeds = vec![0.0f32; TOP_K * info.num_classes()];
-    let session = &mut sessions[0].session;
     let mut times = Vec::with_capacity(args.runs);
     for i in 0..args.warmup + args.runs {
         let started = Instant::now();
-        std::hint::black_box(camserve::model::run(
-            session,
+        std::hint::black_box(camserve::onnx::session::run(
+            &mut session,
             &input,
             [p.height, p.width],
             &seeds,

@@ -1,9 +1,9 @@
 //! Timings behind the choices in preprocess and render: `cargo run --release --example measure`.
 
-use camserve::boxes::Threshold;
-use camserve::cam::{self, CamMethod, Map, display_map};
-use camserve::preprocess::{ChannelOrder, DecodeLimits, Preprocess, decode};
-use camserve::{boxes, render};
+use camserve::pipeline::boxes::Threshold;
+use camserve::pipeline::cam::{self, CamMethod, Map, display_map};
+use camserve::pipeline::preprocess::{ChannelOrder, DecodeLimits, Preprocess, decode};
+use camserve::pipeline::{boxes, render};
 use image::codecs::jpeg::JpegEncoder;
 use image::codecs::png::{CompressionType, FilterType, PngEncoder};
 use image::{Rgb, RgbImage, imageops};

@@ -4,11 +4,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use camserve::cam::CamMethod;
 use camserve::config::{Config, Limits};
 use camserve::engine::Caller;
 use camserve::explain::{self, ExplainOptions, Targets};
-use camserve::registry::Model;
+use camserve::pipeline::cam::CamMethod;
+use camserve::registry::ServedModel;
 
 const MODEL: &str = "models/efficientnet_lite0.onnx";
 const IMAGE: &str = "tests/fixtures/images/chelsea_224.png";
@@ -21,13 +21,13 @@ fn main() -> anyhow::Result<()> {
             .display()
             .to_string()
     });
-    let runtime = camserve::runtime::init(Path::new(&library))?;
+    let runtime = camserve::onnx::runtime::init(Path::new(&library))?;
     let toml = format!(
         "[runtime]\nlibrary = \"x\"\n[[models]]\nname = \"lite0\"\nfile = \"{}\"\nthreads = 2\n",
         root.join(MODEL).display()
     );
     let config = Config::from_toml(&toml, Path::new("/"))?;
-    let model = std::sync::Arc::new(Model::load(&runtime, &config.models[0])?);
+    let model = std::sync::Arc::new(ServedModel::load(&runtime, &config.models[0])?);
     let bytes = std::fs::read(root.join(IMAGE))?;
     let limits = Limits::default();
     let caller = Caller::default();

@@ -1,7 +1,9 @@
-//! One typed configuration: a TOML file, then command-line and environment overrides, validated at start.
+//! One typed configuration, loaded once: the built-in defaults, else a TOML file, then the environment and the
+//! command line ([`Overrides`]), validated in one place ([`Config::load`]).
 //!
-//! Relative paths in the file are resolved against the file's own directory, so the service starts the same
-//! from any working directory.
+//! Relative paths in a file are resolved against the file's own directory, so the service starts the same from
+//! any working directory. The built-in defaults are `config/default.toml`, compiled in, with its paths resolved
+//! against the checkout the binary was built from: the default model and ONNX Runtime of `make run`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -10,10 +12,26 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::boxes::Threshold;
-use crate::preprocess::DecodeLimits;
+use crate::pipeline::boxes::Threshold;
+use crate::pipeline::preprocess::DecodeLimits;
 
-pub const DEFAULT_CONFIG_PATH: &str = "config/default.toml";
+/// The built-in defaults: the shipped config file, compiled in.
+const DEFAULTS: &str = include_str!("../config/default.toml");
+/// Where the built-in defaults' relative paths point from.
+const DEFAULTS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
+
+/// What the environment and the command line override (the command line wins; clap reads both).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `runtime.library`; CAMSERVE_ORT_LIBRARY.
+    pub ort_library: Option<PathBuf>,
+    /// `server.bind`; CAMSERVE_BIND.
+    pub bind: Option<SocketAddr>,
+    /// `admin.token`; CAMSERVE_ADMIN_TOKEN.
+    pub admin_token: Option<String>,
+    /// `label_studio.api_key`; CAMSERVE_LABEL_STUDIO_API_KEY.
+    pub label_studio_api_key: Option<String>,
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -273,7 +291,21 @@ pub struct ModelConfig {
     pub overrides: ModelOverrides,
     /// A plain ONNX classifier (no gradients in the graph): camserve differentiates its head at load.
     #[serde(default)]
-    pub plain: Option<crate::plain::PlainModel>,
+    pub plain: Option<PlainModel>,
+}
+
+/// A model entry's `plain` table: which tensor to explain, and which scores to differentiate.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlainModel {
+    /// The tensor whose activations and gradients the maps are made of: 4-D [N,C,h,w].
+    pub target: String,
+    /// The class scores; default the graph's first output.
+    #[serde(default)]
+    pub output: Option<String>,
+    /// Differentiate a final Softmax/LogSoftmax instead of the scores before it (Grad-CAM wants the scores).
+    #[serde(default)]
+    pub keep_softmax: bool,
 }
 
 /// Anything here replaces the value from the ONNX file's `camserve.*` metadata.
@@ -325,13 +357,55 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The configuration the service runs with: `file` (else the built-in defaults), then `overrides`, validated.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
+        let mut config = match file {
+            Some(path) => Self::read(path)?,
+            None => Self::parse(DEFAULTS, Path::new(DEFAULTS_DIR))?,
+        };
+        let Overrides {
+            ort_library,
+            bind,
+            admin_token,
+            label_studio_api_key,
+        } = overrides;
+        if let Some(library) = ort_library {
+            config.runtime.library = library;
+        }
+        if let Some(bind) = bind {
+            config.server.bind = bind;
+        }
+        if admin_token.is_some() {
+            config.admin.token = admin_token;
+        }
+        if let Some(ls) = &mut config.label_studio
+            && label_studio_api_key.is_some()
+        {
+            ls.api_key = label_studio_api_key;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// A file alone, validated: what `load` starts from.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        Self::load(Some(path), Overrides::default())
+    }
+
+    /// Parses `text`, resolving relative paths against `base`, and validates the result.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let config = Self::parse(text, base)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn read(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::from_toml(&text, base).map_err(|e| match e {
+        Self::parse(&text, base).map_err(|e| match e {
             ConfigError::Parse { source, .. } => ConfigError::Parse {
                 path: path.to_owned(),
                 source,
@@ -340,8 +414,8 @@ impl Config {
         })
     }
 
-    /// Parses `text`, resolving relative paths against `base`, and validates the result.
-    pub fn from_toml(text: &str, base: &Path) -> Result<Self, ConfigError> {
+    /// Parses `text`, resolving relative paths against `base`; not yet validated.
+    fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: PathBuf::new(),
             source,
@@ -361,7 +435,6 @@ impl Config {
                 model.overrides.labels_file = Some(resolve(base, labels));
             }
         }
-        config.validate()?;
         Ok(config)
     }
 
@@ -393,6 +466,18 @@ impl Config {
         }
         if self.server.request_timeout_secs == 0 {
             return invalid("server.request_timeout_secs must be >= 1".into());
+        }
+        match (&self.admin.token, &self.admin.models_dir) {
+            (None, _) => {}
+            (Some(_), None) => {
+                return invalid(
+                    "an admin token is set but [admin] models_dir is not: say where model files may come from".into(),
+                );
+            }
+            (Some(token), Some(_)) if token.len() < 16 => {
+                return invalid("the admin token must be at least 16 characters".into());
+            }
+            (Some(_), Some(_)) => {}
         }
         for origin in &self.cors.allowed_origins {
             let valid = origin == "*"
@@ -461,6 +546,12 @@ impl Config {
 }
 
 impl ModelConfig {
+    /// A `[[models]]` entry with every setting at its default, as a file that names only these two would give.
+    pub fn new(name: &str, file: PathBuf) -> Self {
+        serde_json::from_value(serde_json::json!({ "name": name, "file": file }))
+            .expect("name and file are the only required fields")
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
         let valid_name = !self.name.is_empty()
@@ -642,12 +733,45 @@ mod tests {
 
     #[test]
     fn the_shipped_default_config_is_valid() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
-        let config = Config::from_file(&path).unwrap();
-        assert!(
-            config.models[0]
-                .file
-                .ends_with("models/efficientnet_lite0.onnx")
+        let path = Path::new(DEFAULTS_DIR).join("default.toml");
+        let from_file = Config::from_file(&path).unwrap();
+        let built_in = Config::load(None, Overrides::default()).unwrap();
+        for config in [from_file, built_in] {
+            assert_eq!(
+                config.models[0].file,
+                Path::new(DEFAULTS_DIR).join("../models/efficientnet_lite0.onnx")
+            );
+        }
+    }
+
+    #[test]
+    fn overrides_win_and_are_validated() {
+        let overrides = Overrides {
+            ort_library: Some("/opt/ort.so".into()),
+            bind: Some("0.0.0.0:9000".parse().unwrap()),
+            admin_token: Some("short".into()),
+            label_studio_api_key: None,
+        };
+        let err = Config::load(None, overrides.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at least 16 characters"), "{err}");
+        let config = Config::load(
+            None,
+            Overrides {
+                admin_token: Some("a-token-of-16-chars".into()),
+                ..overrides
+            },
+        )
+        .unwrap();
+        assert_eq!(config.runtime.library, Path::new("/opt/ort.so"));
+        assert_eq!(config.server.bind.to_string(), "0.0.0.0:9000");
+        assert_eq!(config.admin.token.as_deref(), Some("a-token-of-16-chars"));
+
+        let model = ModelConfig::new("m", "m.onnx".into());
+        assert_eq!(
+            (model.sessions, model.queue_capacity, model.max_batch),
+            (1, 64, 8)
         );
     }
 }

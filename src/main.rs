@@ -6,13 +6,13 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
-use camserve::config::{Config, DEFAULT_CONFIG_PATH};
+use camserve::config::{Config, Overrides, PlainModel};
 use camserve::engine::Caller;
 use camserve::explain::{self, ExplainOptions, Targets};
 use camserve::http::{self, AppState};
+use camserve::onnx::runtime::{self, OnnxRuntime};
+use camserve::pipeline::render;
 use camserve::registry::Registry;
-use camserve::render;
-use camserve::runtime::{self, Runtime};
 
 #[derive(Parser)]
 #[command(
@@ -40,11 +40,22 @@ enum LogFormat {
 
 #[derive(clap::Args)]
 struct Setup {
-    #[arg(long, env = "CAMSERVE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
-    config: PathBuf,
+    /// A config file; without one, the built-in defaults (config/default.toml as shipped).
+    #[arg(long, env = "CAMSERVE_CONFIG")]
+    config: Option<PathBuf>,
     /// Overrides `runtime.library` of the config.
     #[arg(long, env = "CAMSERVE_ORT_LIBRARY")]
     ort_library: Option<PathBuf>,
+}
+
+impl Setup {
+    fn config(&self, overrides: Overrides) -> anyhow::Result<Config> {
+        let overrides = Overrides {
+            ort_library: self.ort_library.clone(),
+            ..overrides
+        };
+        Ok(Config::load(self.config.as_deref(), overrides)?)
+    }
 }
 
 #[derive(clap::Args)]
@@ -149,7 +160,15 @@ fn main() -> ExitCode {
             bind,
             admin_token,
             label_studio_api_key,
-        } => serve(setup, bind, admin_token, label_studio_api_key),
+        } => serve(
+            setup,
+            Overrides {
+                bind,
+                admin_token,
+                label_studio_api_key,
+                ..Overrides::default()
+            },
+        ),
         Command::Explain {
             setup,
             model,
@@ -199,20 +218,15 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Reads the config and loads ONNX Runtime.
-fn load_runtime(setup: &Setup) -> anyhow::Result<(Config, Runtime)> {
-    let mut config = Config::from_file(&setup.config)?;
-    if let Some(library) = &setup.ort_library {
-        config.runtime.library = library.clone();
-    }
+fn load_runtime(config: &Config) -> anyhow::Result<OnnxRuntime> {
     let runtime = runtime::init(&config.runtime.library)?;
     tracing::info!(version = %runtime.version, library = %config.runtime.library.display(), "ONNX Runtime loaded");
-    Ok((config, runtime))
+    Ok(runtime)
 }
 
-/// Reads the config and loads ONNX Runtime and the models (only `only` when given).
-fn load(setup: &Setup, only: Option<&str>) -> anyhow::Result<(Config, Runtime, Registry)> {
-    let (config, runtime) = load_runtime(setup)?;
+/// Loads ONNX Runtime and the config's models (only `only` when given).
+fn load_models(config: &Config, only: Option<&str>) -> anyhow::Result<(OnnxRuntime, Registry)> {
+    let runtime = load_runtime(config)?;
     let models: Vec<_> = config
         .models
         .iter()
@@ -222,58 +236,24 @@ fn load(setup: &Setup, only: Option<&str>) -> anyhow::Result<(Config, Runtime, R
     if let Some(name) = only
         && models.is_empty()
     {
-        bail!("no model named `{name}` in {}", setup.config.display());
+        bail!("no model named `{name}` in the config");
     }
     let registry = Registry::load(&runtime, &models)?;
-    Ok((config, runtime, registry))
+    Ok((runtime, registry))
 }
 
-fn serve(
-    setup: Setup,
-    bind: Option<SocketAddr>,
-    admin_token: Option<String>,
-    label_studio_api_key: Option<String>,
-) -> anyhow::Result<()> {
-    let (mut config, runtime, registry) = load(&setup, None)?;
-    let bind = bind.unwrap_or(config.server.bind);
-    let admin = match (
-        admin_token.or(config.admin.token.clone()),
-        &config.admin.models_dir,
-    ) {
-        (None, _) => None,
-        (Some(_), None) => bail!(
-            "an admin token is set but [admin] models_dir is not: say where model files may come from"
-        ),
-        (Some(token), Some(dir)) if token.len() >= 16 => Some(http::Admin {
-            token,
-            models_dir: dir.clone(),
-        }),
-        (Some(_), Some(_)) => bail!("the admin token must be at least 16 characters"),
-    };
+fn serve(setup: Setup, overrides: Overrides) -> anyhow::Result<()> {
+    let config = setup.config(overrides)?;
+    let (runtime, registry) = load_models(&config, None)?;
+    let state = Arc::new(AppState::new(&config, runtime, registry)?);
     tracing::info!(
-        admin_api = admin.is_some(),
+        admin_api = state.admin.is_some(),
         "admin API {}",
-        if admin.is_some() { "on" } else { "off" }
+        if state.admin.is_some() { "on" } else { "off" }
     );
-    let mut state = AppState::new(
-        runtime,
-        registry,
-        config.limits.clone(),
-        config.server.request_timeout(),
-        admin,
-    );
-    state.cors = config.cors.clone();
-    if let Some(ls) = &mut config.label_studio {
-        ls.api_key = label_studio_api_key.or(ls.api_key.take());
-    }
-    state.label_studio = config
-        .label_studio
-        .clone()
-        .map(http::LabelStudio::new)
-        .transpose()?;
-    let state = Arc::new(state);
-    let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async move {
+    let bind = config.server.bind;
+    let tokio_runtime = tokio::runtime::Runtime::new()?;
+    tokio_runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(bind)
             .await
             .with_context(|| format!("cannot bind {bind}"))?;
@@ -303,7 +283,8 @@ fn explain_file(
     classes: &[String],
     alpha: f32,
 ) -> anyhow::Result<()> {
-    let (config, _, registry) = load(&setup, Some(model_name))?;
+    let config = setup.config(Overrides::default())?;
+    let (_, registry) = load_models(&config, Some(model_name))?;
     let model = registry.get(model_name).expect("loaded above").clone();
     let targets = if classes.is_empty() {
         Targets::TopK(1)
@@ -357,8 +338,8 @@ fn explain_file(
 }
 
 fn list_targets(setup: &Setup, model: &Path, plain: &PlainArgs) -> anyhow::Result<()> {
-    let (_, runtime) = load_runtime(setup)?;
-    let candidates = camserve::plain::candidates(
+    let runtime = load_runtime(&setup.config(Overrides::default())?)?;
+    let candidates = camserve::onnx::plain::candidates(
         &runtime,
         model,
         plain.input_size,
@@ -400,13 +381,13 @@ fn augment_file(
     out: &Path,
     plain: PlainArgs,
 ) -> anyhow::Result<()> {
-    let (_, runtime) = load_runtime(setup)?;
-    let spec = camserve::plain::PlainModel {
+    let runtime = load_runtime(&setup.config(Overrides::default())?)?;
+    let spec = PlainModel {
         target,
         output: plain.output,
         keep_softmax: plain.keep_softmax,
     };
-    let augmented = camserve::plain::augment(&runtime, model, &spec, plain.input_size)
+    let augmented = camserve::onnx::plain::augment(&runtime, model, &spec, plain.input_size)
         .map_err(|e| anyhow::anyhow!("{}: {e}", model.display()))?;
     std::fs::write(out, &augmented.model)
         .with_context(|| format!("cannot write {}", out.display()))?;

@@ -316,7 +316,7 @@ async fn task_errors(server: &TestServer, code: &str) -> u64 {
 async fn label_studio_backend_fetches_only_from_allowed_hosts() {
     let (host, _image_server) = image_host().await;
     let mut config = label_studio_config("red", &[&host]);
-    config.threshold = camserve::boxes::Threshold::Fraction(0.5);
+    config.threshold = camserve::pipeline::boxes::Threshold::Fraction(0.5);
     config.top_k = 2;
     config.fetch_max_bytes = 100_000;
     config.fetch_timeout_secs = 1;

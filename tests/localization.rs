@@ -54,7 +54,7 @@ async fn the_default_threshold_localizes_better_than_the_papers() {
     .await;
     let cases = read_json("localization/cases.json");
     let expected = read_json("localization/expected.json");
-    let default_name = camserve::boxes::Threshold::DEFAULT.to_string();
+    let default_name = camserve::pipeline::boxes::Threshold::DEFAULT.to_string();
     let (mut paper_sum, mut default_sum, mut changed) = (0.0, 0.0, Vec::new());
     let cases = cases.as_array().unwrap();
     assert!(cases.len() >= 5, "the CI subset has {} cases", cases.len());

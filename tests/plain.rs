@@ -5,8 +5,9 @@
 
 mod common;
 
+use camserve::config::PlainModel;
 use camserve::config::{Config, Limits, ModelConfig};
-use camserve::plain::{self, PlainModel};
+use camserve::onnx::plain;
 use common::{TestServer, fixture, read_npy_file, runtime};
 use ort::session::Session;
 use ort::value::TensorRef;
@@ -384,7 +385,7 @@ fn a_plain_entry_with_a_bad_target_is_refused_at_load() {
     let zoo = zoo();
     let mut config = plain_config(&zoo.cases[0], "bad");
     config.plain.as_mut().unwrap().target = "missing".into();
-    let error = camserve::model::load(runtime(), &config)
+    let error = camserve::onnx::model::CheckedModel::open(runtime(), &config)
         .err()
         .unwrap()
         .to_string();
@@ -433,7 +434,9 @@ fn the_augment_command_writes_a_contract_model() {
         "{line}"
     );
     let config = common::model_config("written", &out);
-    let (info, _) = camserve::model::load(runtime(), &config).unwrap();
+    let info = camserve::onnx::model::CheckedModel::open(runtime(), &config)
+        .unwrap()
+        .info;
     assert_eq!(info.target_layer, case.target);
     assert_eq!(info.activation_shape[..], case.target_shape[1..]);
     let written = std::fs::read(&out).unwrap();

@@ -218,7 +218,7 @@ fn the_default_model_recognises_a_cat() {
     let caller = camserve::engine::Caller::default();
     let (logits, _) =
         camserve::explain::predict(&model, &bytes, &config.limits, &caller.ticket()).unwrap();
-    let top3: Vec<&str> = camserve::explain::ranked(&logits)[..3]
+    let top3: Vec<&str> = camserve::onnx::contract::ranked(&logits)[..3]
         .iter()
         .map(|&c| model.info.labels[c].as_str())
         .collect();

@@ -1,7 +1,7 @@
 //! Image decoding on arbitrary bytes: never a panic, never an allocation beyond the configured limits.
 #![no_main]
 
-use camserve::preprocess::{ChannelOrder, DecodeLimits, Preprocess, decode_at_least};
+use camserve::pipeline::preprocess::{ChannelOrder, DecodeLimits, Preprocess, decode_at_least};
 use libfuzzer_sys::fuzz_target;
 
 const LIMITS: DecodeLimits = DecodeLimits {

@@ -2,7 +2,7 @@
 //! panic, and whatever decodes is written back unchanged.
 #![no_main]
 
-use camserve::plain::proto::ModelProto;
+use camserve::onnx::plain::proto::ModelProto;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|bytes: &[u8]| {

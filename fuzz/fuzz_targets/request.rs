@@ -10,8 +10,8 @@ use axum::extract::FromRequest;
 use camserve::config::{ExecutionProvider, Limits};
 use camserve::http::image_body::ImageBody;
 use camserve::http::params;
-use camserve::model::ModelInfo;
-use camserve::preprocess::{ChannelOrder, Preprocess};
+use camserve::onnx::model::ModelInfo;
+use camserve::pipeline::preprocess::{ChannelOrder, Preprocess};
 use libfuzzer_sys::fuzz_target;
 
 fn model() -> &'static ModelInfo {

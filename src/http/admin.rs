@@ -5,6 +5,7 @@
 //! A model that fails to load or to pass the contract check leaves the one it would replace serving.
 
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -16,7 +17,7 @@ use crate::config::ModelConfig;
 use crate::http::SharedState;
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::handlers::ModelView;
-use crate::registry::Model;
+use crate::registry::ServedModel;
 
 /// The admin token and models folder, once the service has checked both are set.
 pub struct Admin {
@@ -96,15 +97,21 @@ fn model_config(name: &str, body: &[u8], models_dir: &Path) -> Result<ModelConfi
     Ok(config)
 }
 
-/// Loads on a blocking thread (sessions, contract check, probe Run) and swaps the model in only on success.
-async fn load_and_swap(state: &SharedState, config: ModelConfig) -> Result<bool, ApiError> {
+/// Loads on a blocking thread (sessions, contract check, probe Run) and swaps the model in only on success;
+/// returns the model now served, and whether it replaced one. The caller answers from the returned model: a
+/// DELETE may remove it from the registry as soon as the admin lock is released.
+async fn load_and_swap(
+    state: &SharedState,
+    config: ModelConfig,
+) -> Result<(Arc<ServedModel>, bool), ApiError> {
     let _one_at_a_time = state.admin_lock.lock().await;
     let runtime = state.runtime.clone();
-    let model = tokio::task::spawn_blocking(move || Model::load(&runtime, &config))
+    let model = tokio::task::spawn_blocking(move || ServedModel::load(&runtime, &config))
         .await
         .map_err(|_| ApiError::new(ErrorCode::Internal, "loading the model panicked"))?
         .map_err(|e| ApiError::new(ErrorCode::ModelRefused, e.to_string()))?;
-    Ok(state.registry.insert(model).is_some())
+    let (model, replaced) = state.registry.insert(model);
+    Ok((model, replaced.is_some()))
 }
 
 pub async fn put_model(
@@ -116,8 +123,7 @@ pub async fn put_model(
     authorize(&state, &headers)?;
     let models_dir = &state.admin.as_ref().expect("authorized").models_dir;
     let config = model_config(&name, &body, models_dir)?;
-    let replaced = load_and_swap(&state, config).await?;
-    let model = state.registry.get(&name).expect("just inserted");
+    let (model, replaced) = load_and_swap(&state, config).await?;
     let status = if replaced {
         StatusCode::OK
     } else {
@@ -135,8 +141,7 @@ pub async fn reload_model(
     let config = crate::http::handlers::find_model(&state, &name)?
         .config
         .clone();
-    load_and_swap(&state, config).await?;
-    let model = state.registry.get(&name).expect("just inserted");
+    let (model, _) = load_and_swap(&state, config).await?;
     Ok(Json(ModelView::from(&model.info)).into_response())
 }
 

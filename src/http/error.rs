@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::engine::EngineError;
 use crate::explain::ExplainError;
-use crate::preprocess::DecodeError;
+use crate::pipeline::preprocess::DecodeError;
 
 /// Stable, machine-readable error codes. Clients act on these; never rename one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -12,13 +12,13 @@
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::boxes::{Region, Threshold};
-use crate::cam::Map;
 use crate::explain::{Explanation, TargetMap};
 use crate::http::handlers::Canvas;
 use crate::http::params::HeatmapEncoding;
-use crate::model::ModelInfo;
-use crate::render::ImageFormat;
+use crate::onnx::model::ModelInfo;
+use crate::pipeline::boxes::{Region, Threshold};
+use crate::pipeline::cam::Map;
+use crate::pipeline::render::ImageFormat;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {

@@ -11,19 +11,19 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::Serialize;
 
-use crate::bands;
-use crate::boxes::Region;
-use crate::cam::{CamMethod, Map};
 use crate::engine::{Caller, Ticket};
 use crate::explain::{self, Explanation, TargetMap, Timings, Trust};
 use crate::http::SharedState;
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::image_body::ImageBody;
+use crate::http::metrics::StageTimes;
 use crate::http::params::{self, ExplainParams, HeatmapEncoding, MapSize, Output};
-use crate::metrics::StageTimes;
-use crate::model::ModelInfo;
-use crate::registry::Model;
-use crate::render::{self, ImageFormat};
+use crate::onnx::model::ModelInfo;
+use crate::pipeline::bands;
+use crate::pipeline::boxes::Region;
+use crate::pipeline::cam::{CamMethod, Map};
+use crate::pipeline::render::{self, ImageFormat};
+use crate::registry::ServedModel;
 
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
@@ -132,7 +132,7 @@ pub async fn list_models(State(state): State<SharedState>) -> Response {
     Json(serde_json::json!({ "models": models })).into_response()
 }
 
-pub(crate) fn find_model(state: &SharedState, name: &str) -> Result<Arc<Model>, ApiError> {
+pub(crate) fn find_model(state: &SharedState, name: &str) -> Result<Arc<ServedModel>, ApiError> {
     state.registry.get(name).ok_or_else(|| {
         ApiError::new(
             ErrorCode::ModelNotFound,
@@ -163,7 +163,7 @@ fn predictions<'a>(
     probabilities: &[f32],
     top_k: usize,
 ) -> Vec<Prediction<'a>> {
-    explain::ranked(logits)
+    crate::onnx::contract::ranked(logits)
         .into_iter()
         .take(top_k)
         .map(|class| Prediction {
@@ -420,8 +420,9 @@ impl<'a> Canvas<'a> {
         {
             return self.image;
         }
-        self.resized
-            .get_or_init(|| crate::preprocess::resize(self.image, self.width, self.height))
+        self.resized.get_or_init(|| {
+            crate::pipeline::preprocess::resize(self.image, self.width, self.height)
+        })
     }
 
     fn overlay(&self, target: &TargetMap, alpha: f32, format: ImageFormat) -> Vec<u8> {

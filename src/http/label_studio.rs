@@ -23,14 +23,14 @@ use base64::Engine as _;
 use reqwest::Url;
 use serde_json::{Value, json};
 
-use crate::cam::CamMethod;
 use crate::config::LabelStudioConfig;
 use crate::explain::{self, ExplainOptions, Targets};
 use crate::http::SharedState;
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::formats::{self, FormatOptions, LabelStudioControl, LabelStudioTags};
 use crate::http::handlers::on_blocking_thread;
-use crate::registry::Model;
+use crate::pipeline::cam::CamMethod;
+use crate::registry::ServedModel;
 
 /// The backend: its config, the client that fetches task images, and where Label Studio said it is.
 pub struct LabelStudio {
@@ -314,7 +314,7 @@ async fn predict(State(state): State<SharedState>, body: Bytes) -> Result<Json<V
 /// plus as many fetching, within the model's queue.
 async fn predict_all(
     state: &SharedState,
-    model: &Arc<Model>,
+    model: &Arc<ServedModel>,
     plan: &Arc<Plan>,
     tasks: &[Value],
 ) -> Vec<Value> {
@@ -351,7 +351,7 @@ async fn predict_all(
 
 async fn predict_task(
     state: &SharedState,
-    model: &Arc<Model>,
+    model: &Arc<ServedModel>,
     plan: &Arc<Plan>,
     task: &Value,
 ) -> Result<Value, ApiError> {
@@ -526,7 +526,7 @@ impl Plan {
     /// scores the image and only each control's `top_k` best are explained.
     fn targets(
         &self,
-        model: &Model,
+        model: &ServedModel,
         bytes: &[u8],
         limits: &crate::config::Limits,
         top_k: usize,

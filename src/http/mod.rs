@@ -7,6 +7,7 @@ mod formats;
 mod handlers;
 pub mod image_body;
 mod label_studio;
+pub mod metrics;
 pub mod params;
 mod ui;
 
@@ -27,10 +28,10 @@ pub use admin::Admin;
 pub use error::{ApiError, ErrorCode};
 pub use label_studio::LabelStudio;
 
-use crate::config::{CorsConfig, Limits, Shutdown};
-use crate::metrics::{Metrics, StageTimes};
+use crate::config::{Config, CorsConfig, Limits, Shutdown};
+use crate::http::metrics::{Metrics, StageTimes};
+use crate::onnx::runtime::OnnxRuntime;
 use crate::registry::Registry;
-use crate::runtime::Runtime;
 
 pub struct AppState {
     pub registry: Registry,
@@ -40,7 +41,7 @@ pub struct AppState {
     /// False once shutdown has begun, so that load balancers stop sending new requests.
     pub ready: AtomicBool,
     /// For models loaded at run time.
-    pub runtime: Runtime,
+    pub runtime: OnnxRuntime,
     /// None: the admin API is off.
     pub admin: Option<Admin>,
     /// Admin changes happen one at a time.
@@ -53,25 +54,31 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(
-        runtime: Runtime,
-        registry: Registry,
-        limits: Limits,
-        request_timeout: Duration,
-        admin: Option<Admin>,
-    ) -> Self {
-        Self {
+    /// Everything the routes share, from the loaded configuration, runtime and models.
+    pub fn new(config: &Config, runtime: OnnxRuntime, registry: Registry) -> anyhow::Result<Self> {
+        // `Config::load` checked that a token comes with a models folder.
+        let admin = config
+            .admin
+            .token
+            .clone()
+            .zip(config.admin.models_dir.clone())
+            .map(|(token, models_dir)| Admin { token, models_dir });
+        Ok(Self {
             registry,
-            limits,
-            request_timeout,
+            limits: config.limits.clone(),
+            request_timeout: config.server.request_timeout(),
             ready: AtomicBool::new(true),
             runtime,
             admin,
             admin_lock: tokio::sync::Mutex::new(()),
             metrics: Metrics::default(),
-            cors: CorsConfig::default(),
-            label_studio: None,
-        }
+            cors: config.cors.clone(),
+            label_studio: config
+                .label_studio
+                .clone()
+                .map(LabelStudio::new)
+                .transpose()?,
+        })
     }
 }
 

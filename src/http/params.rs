@@ -1,14 +1,14 @@
 //! Query parameters of `predict` and `explain`, parsed by hand: `class` repeats, and every mistake gets a message
 //! that names the parameter. Unknown parameters are refused so that a typo never silently falls back to a default.
 
-use crate::boxes::Threshold;
-use crate::cam::CamMethod;
 use crate::config::Limits;
 use crate::explain::{DEFAULT_SCORE_CAM_CHANNELS, ExplainOptions, Targets};
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::formats::Format;
-use crate::model::ModelInfo;
-use crate::render::ImageFormat;
+use crate::onnx::model::ModelInfo;
+use crate::pipeline::boxes::Threshold;
+use crate::pipeline::cam::CamMethod;
+use crate::pipeline::render::ImageFormat;
 
 /// What `explain` returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

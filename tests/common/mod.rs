@@ -5,10 +5,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use camserve::config::{Config, CorsConfig, LabelStudioConfig, Limits, ModelConfig, Shutdown};
+use camserve::config::{
+    AdminConfig, Config, CorsConfig, LabelStudioConfig, Limits, ModelConfig, RuntimeConfig,
+    ServerConfig, Shutdown,
+};
 use camserve::http::{self, Admin, AppState};
+use camserve::onnx::runtime::{self, OnnxRuntime};
 use camserve::registry::Registry;
-use camserve::runtime::{self, Runtime};
 
 pub fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -47,8 +50,8 @@ pub fn ort_library() -> PathBuf {
 }
 
 /// ONNX Runtime is loaded once per process.
-pub fn runtime() -> &'static Runtime {
-    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+pub fn runtime() -> &'static OnnxRuntime {
+    static RUNTIME: OnceLock<OnnxRuntime> = OnceLock::new();
     RUNTIME.get_or_init(|| runtime::init(&ort_library()).expect("run `make ort` first"))
 }
 
@@ -157,10 +160,24 @@ impl TestServer {
             label_studio,
         } = options;
         let registry = Registry::load(runtime(), &models).expect("fixture models load");
-        let mut state = AppState::new(runtime().clone(), registry, limits, request_timeout, admin);
-        state.cors = cors;
-        state.label_studio =
-            label_studio.map(|ls| http::LabelStudio::new(ls).expect("a valid [label_studio]"));
+        let config = Config {
+            server: ServerConfig::default(),
+            runtime: RuntimeConfig {
+                library: ort_library(),
+            },
+            limits,
+            admin: AdminConfig {
+                token: admin.as_ref().map(|a| a.token.clone()),
+                models_dir: admin.map(|a| a.models_dir),
+            },
+            models,
+            cors,
+            label_studio,
+        };
+        let mut state =
+            AppState::new(&config, runtime().clone(), registry).expect("a valid config");
+        // Finer than the config's whole seconds, for the timeout tests.
+        state.request_timeout = request_timeout;
         let state = Arc::new(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -264,7 +281,7 @@ pub fn read_npy_file(path: &Path) -> (Vec<usize>, Vec<f32>) {
 /// Largest absolute difference, relative to the largest absolute expected value.
 pub fn max_relative_error(actual: &[f32], expected: &[f32]) -> f32 {
     assert_eq!(actual.len(), expected.len(), "lengths differ");
-    camserve::cam::relative_difference(actual, expected)
+    camserve::pipeline::cam::relative_difference(actual, expected)
 }
 
 pub fn png_bytes(image: &image::RgbImage) -> Vec<u8> {

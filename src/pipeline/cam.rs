@@ -2,7 +2,7 @@
 //!
 //! Formulas follow pytorch-grad-cam (jacobgil/pytorch-grad-cam), so maps can be compared with it.
 
-use crate::bands;
+use crate::pipeline::bands;
 
 /// A single-channel map, row-major: `data[y * width + x]`.
 #[derive(Clone, Debug, PartialEq)]

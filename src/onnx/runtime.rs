@@ -24,13 +24,13 @@ pub enum RuntimeError {
 
 /// The loaded library: one per process, shared by every session.
 #[derive(Clone)]
-pub struct Runtime {
+pub struct OnnxRuntime {
     pub environment: ort::environment::Environment,
     pub version: String,
 }
 
 /// Loads the library once for the whole process.
-pub fn init(library: &Path) -> Result<Runtime, RuntimeError> {
+pub fn init(library: &Path) -> Result<OnnxRuntime, RuntimeError> {
     if !library.is_file() {
         return Err(RuntimeError::Missing {
             path: library.to_owned(),
@@ -55,7 +55,7 @@ pub fn init(library: &Path) -> Result<Runtime, RuntimeError> {
         .with_name("camserve")
         .with_telemetry(false)
         .build()?;
-    Ok(Runtime {
+    Ok(OnnxRuntime {
         environment,
         version,
     })

@@ -1,7 +1,7 @@
 //! Boxes around the regions of a map: binarize it (at a fraction of its maximum, as the Grad-CAM paper's
 //! localization protocol does with 15%, or at Otsu's threshold), then take connected segments, largest first.
 
-use crate::cam::Map;
+use crate::pipeline::cam::Map;
 
 /// Where a map is binarized: pixels at or above the level are in.
 #[derive(Clone, Copy, Debug, PartialEq)]

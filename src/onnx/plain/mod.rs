@@ -16,28 +16,14 @@ use std::time::{Duration, Instant};
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{TensorElementType, TensorRef, ValueType};
-use serde::Deserialize;
 
-use crate::runtime::Runtime;
+use crate::config::PlainModel;
+use crate::onnx::runtime::OnnxRuntime;
 use emit::{Emitter, Writer};
 use proto::{
     Attr, Dim, GraphProto, ModelProto, NodeProto, StringStringEntryProto, ValueInfoProto, data_type,
 };
 pub use rules::{SUPPORTED, TensorInfo};
-
-/// A model entry's `plain` table: which tensor to explain, and which scores to differentiate.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PlainModel {
-    /// The tensor whose activations and gradients the maps are made of: 4-D [N,C,h,w].
-    pub target: String,
-    /// The class scores; default the graph's first output.
-    #[serde(default)]
-    pub output: Option<String>,
-    /// Differentiate a final Softmax/LogSoftmax instead of the scores before it (Grad-CAM wants the scores).
-    #[serde(default)]
-    pub keep_softmax: bool,
-}
 
 /// The augmented model, and what was done to make it.
 pub struct Augmented {
@@ -363,7 +349,7 @@ fn unsupported(nodes: &[&NodeProto]) -> Vec<String> {
 /// tensors exposed as outputs: as ONNX Runtime infers them when it opens it, or where inference leaves a
 /// dimension open, from Runs at batch sizes 1 and 2 (a dimension that differs between the two follows the batch).
 fn probe(
-    runtime: &Runtime,
+    runtime: &OnnxRuntime,
     plain: &Plain,
     names: &[String],
 ) -> Result<HashMap<String, TensorInfo>, String> {
@@ -540,7 +526,7 @@ fn constants(graph: &GraphProto) -> HashMap<String, Vec<f64>> {
 
 /// Lists the tensors that could be the target: 4-D float tensors larger than 1x1 on the path to the scores.
 pub fn candidates(
-    runtime: &Runtime,
+    runtime: &OnnxRuntime,
     file: &Path,
     input_size: Option<[usize; 2]>,
     output: Option<&str>,
@@ -583,7 +569,7 @@ pub fn candidates(
 /// Augments a plain classifier file so it meets the contract (the file is not modified); `input_size` is needed
 /// when the file leaves it open.
 pub fn augment(
-    runtime: &Runtime,
+    runtime: &OnnxRuntime,
     file: &Path,
     spec: &PlainModel,
     input_size: Option<[usize; 2]>,
@@ -711,7 +697,7 @@ fn claim_contract_names(plain: &mut Plain, target: &str) -> Result<String, Strin
 
 /// Shapes and types of every tensor the head reads or writes: initializers from the file, the rest probed.
 fn head_shapes(
-    runtime: &Runtime,
+    runtime: &OnnxRuntime,
     plain: &Plain,
     head_nodes: &[usize],
 ) -> Result<HashMap<String, TensorInfo>, String> {
@@ -924,7 +910,7 @@ fn write_metadata(plain: &mut Plain, class_count: i64, target: &str, head_ops: &
     let metadata = [
         (
             "contract_version",
-            crate::model::CONTRACT_VERSION.to_owned(),
+            crate::onnx::contract::CONTRACT_VERSION.to_owned(),
         ),
         (
             "labels",

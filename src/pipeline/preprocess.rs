@@ -334,7 +334,7 @@ pub fn resize(image: &RgbImage, width: usize, height: usize) -> RgbImage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::render::encode_png;
+    use crate::pipeline::render::encode_png;
     use image::Rgb;
     use std::time::Instant;
 

@@ -1,7 +1,7 @@
 //! Pictures of maps: the JET colormap, overlays, grayscale heatmaps, and their encodings.
 
-use crate::bands;
-use crate::cam::Map;
+use crate::pipeline::bands;
+use crate::pipeline::cam::Map;
 use image::codecs::png::{CompressionType, FilterType, PngEncoder};
 use image::codecs::webp::WebPEncoder;
 use image::error::{UnsupportedError, UnsupportedErrorKind};
@@ -281,9 +281,9 @@ where
         started.finish()
     })
     .unwrap_or_else(|unwound| {
-        Err(std::io::Error::other(crate::preprocess::unwound_message(
-            unwound,
-        )))
+        Err(std::io::Error::other(
+            crate::pipeline::preprocess::unwound_message(unwound),
+        ))
     });
     encoded.map_err(ImageError::IoError)
 }

@@ -18,9 +18,20 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use ort::session::Session;
+/// What runs a batch of jobs: an ONNX Runtime session in the service (`registry`), a fake in the tests.
+pub trait Backend: Send + 'static {
+    type Output: Send + 'static;
 
-use crate::model::{self, RunOutput};
+    /// Runs `images` images laid out one after the other in `inputs`, each with `k` seed rows in `seeds`, in one
+    /// Run; returns one output per image.
+    fn run(
+        &mut self,
+        inputs: &[f32],
+        images: usize,
+        seeds: &[f32],
+        k: usize,
+    ) -> Result<Vec<Self::Output>, String>;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -56,7 +67,7 @@ impl RunTimes {
     }
 }
 
-type Reply = mpsc::Sender<Result<(Vec<RunOutput>, RunTimes), EngineError>>;
+type Reply<T> = mpsc::Sender<Result<(Vec<T>, RunTimes), EngineError>>;
 
 /// Held by whoever waits for a request's answer (the HTTP handler, across the blocking thread that computes it).
 /// Dropping it, because the client went away or the request timed out, abandons the request: its jobs still
@@ -81,7 +92,7 @@ impl Ticket {
     }
 }
 
-struct Job {
+struct Job<T> {
     /// Shared with the caller, which may reuse the images (Score-CAM's masks, a second Run) without a copy.
     input: Arc<[f32]>,
     seeds: Vec<f32>,
@@ -89,7 +100,7 @@ struct Job {
     k: usize,
     enqueued: Instant,
     ticket: Ticket,
-    reply: Reply,
+    reply: Reply<T>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -112,25 +123,24 @@ pub enum Role {
     UnderLoad,
 }
 
-/// A session, the threads its Runs keep busy (its intra-op threads), and when it runs.
-pub struct Worker {
-    pub session: Session,
+/// A backend, the threads its Runs keep busy (its intra-op threads), and when it runs.
+pub struct Worker<B> {
+    pub backend: B,
     pub threads: usize,
     pub role: Role,
 }
 
 /// The queue in front of a model's sessions. Dropping it lets the session threads serve what waits, then exit.
-pub struct Runner {
-    queue: Arc<Queue>,
+pub struct Runner<B: Backend> {
+    queue: Arc<Queue<B::Output>>,
 }
 
-impl Runner {
+impl<B: Backend> Runner<B> {
     /// Starts one thread per worker. `cores` is how many threads the workers' Runs may keep busy at once.
     pub fn start(
         name: &str,
-        workers: Vec<Worker>,
+        workers: Vec<Worker<B>>,
         cores: usize,
-        input_size: [usize; 2],
         capacity: usize,
         batching: Batching,
     ) -> Self {
@@ -145,13 +155,13 @@ impl Runner {
             let queue = queue.clone();
             std::thread::Builder::new()
                 .name(format!("{name}-session-{i}"))
-                .spawn(move || serve(worker, &queue, input_size))
+                .spawn(move || serve(worker, &queue))
                 .expect("spawning a session thread");
         }
         Self { queue }
     }
 
-    /// Runs `images` preprocessed images [images,3,H,W], each with K seed rows, in one Run; one output per image.
+    /// Runs `images` images, each with `k` seed rows, in one Run; one output per image.
     /// Blocks until the Run is done: call it from a blocking thread, never on the async runtime.
     pub fn run(
         &self,
@@ -160,7 +170,7 @@ impl Runner {
         seeds: Vec<f32>,
         k: usize,
         ticket: &Ticket,
-    ) -> Result<(Vec<RunOutput>, RunTimes), EngineError> {
+    ) -> Result<(Vec<B::Output>, RunTimes), EngineError> {
         let (reply, result) = mpsc::channel();
         let job = Job {
             input,
@@ -190,15 +200,15 @@ impl Runner {
     }
 }
 
-impl Drop for Runner {
+impl<B: Backend> Drop for Runner<B> {
     fn drop(&mut self) {
         self.queue.lock().closed = true;
         self.queue.changed.notify_all();
     }
 }
 
-struct Queue {
-    state: Mutex<State>,
+struct Queue<T> {
+    state: Mutex<State<T>>,
     /// Signalled when a job arrives, a Run ends or the runner is dropped.
     changed: Condvar,
     capacity: usize,
@@ -206,16 +216,26 @@ struct Queue {
     batching: Batching,
 }
 
-#[derive(Default)]
-struct State {
-    jobs: VecDeque<Job>,
+struct State<T> {
+    jobs: VecDeque<Job<T>>,
     /// Threads kept busy by Runs in flight, and those of them in [`Role::UnderLoad`] Runs.
     busy: usize,
     busy_under_load: usize,
     closed: bool,
 }
 
-impl State {
+impl<T> Default for State<T> {
+    fn default() -> Self {
+        Self {
+            jobs: VecDeque::new(),
+            busy: 0,
+            busy_under_load: 0,
+            closed: false,
+        }
+    }
+}
+
+impl<T> State<T> {
     fn may_start(&self, threads: usize, role: Role, cores: usize) -> bool {
         if self.jobs.is_empty() || self.busy + threads > cores {
             return false;
@@ -230,8 +250,8 @@ impl State {
     }
 }
 
-impl Queue {
-    fn lock(&self) -> MutexGuard<'_, State> {
+impl<T> Queue<T> {
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
         // A session thread that panicked holding the lock left the queue consistent: every change is one statement.
         self.state
             .lock()
@@ -240,7 +260,7 @@ impl Queue {
 
     /// Waits until this worker may start a Run, then takes its batch and holds its cores; `None` once the runner
     /// is dropped and nothing waits.
-    fn next_batch(&self, threads: usize, role: Role) -> Option<Vec<Job>> {
+    fn next_batch(&self, threads: usize, role: Role) -> Option<Vec<Job<T>>> {
         let mut state = self.lock();
         while !state.may_start(threads, role, self.cores) {
             if state.closed && state.jobs.is_empty() {
@@ -287,13 +307,13 @@ impl Queue {
 }
 
 /// A worker's cores while its Run is in flight; handed back when dropped, even by a Run that panicked.
-struct Held<'a> {
-    queue: &'a Queue,
+struct Held<'a, T> {
+    queue: &'a Queue<T>,
     threads: usize,
     role: Role,
 }
 
-impl Drop for Held<'_> {
+impl<T> Drop for Held<'_, T> {
     fn drop(&mut self) {
         {
             let mut state = self.queue.lock();
@@ -306,7 +326,7 @@ impl Drop for Held<'_> {
     }
 }
 
-fn serve(mut worker: Worker, queue: &Queue, input_size: [usize; 2]) {
+fn serve<B: Backend>(mut worker: Worker<B>, queue: &Queue<B::Output>) {
     while let Some(batch) = queue.next_batch(worker.threads, worker.role) {
         let _held = Held {
             queue,
@@ -314,13 +334,13 @@ fn serve(mut worker: Worker, queue: &Queue, input_size: [usize; 2]) {
             role: worker.role,
         };
         // Clients that went away while their job waited cost no Run.
-        let (abandoned, batch): (Vec<Job>, Vec<Job>) =
+        let (abandoned, batch): (Vec<_>, Vec<_>) =
             batch.into_iter().partition(|job| job.ticket.abandoned());
         for job in abandoned {
             let _ = job.reply.send(Err(EngineError::Abandoned));
         }
         if !batch.is_empty() {
-            run_batch(&mut worker.session, worker.threads, batch, input_size);
+            run_batch(&mut worker.backend, worker.threads, batch);
         }
     }
     drop(worker);
@@ -338,19 +358,25 @@ fn release_freed_memory() {
     }
 }
 
-fn run_batch(session: &mut Session, threads: usize, batch: Vec<Job>, input_size: [usize; 2]) {
+fn run_batch<B: Backend>(backend: &mut B, threads: usize, batch: Vec<Job<B::Output>>) {
     let started = Instant::now();
     let k = batch[0].k;
+    let batch_size = batch.iter().map(|job| job.images).sum();
     // One job runs from its own buffer; a batch needs the images side by side.
     let result = if let [job] = &batch[..] {
-        model::run(session, &job.input, input_size, &job.seeds, k)
+        backend.run(&job.input, batch_size, &job.seeds, k)
     } else {
         let inputs: Vec<f32> = batch.iter().flat_map(|j| j.input.iter().copied()).collect();
         let seeds: Vec<f32> = batch.iter().flat_map(|j| j.seeds.iter().copied()).collect();
-        model::run(session, &inputs, input_size, &seeds, k)
+        backend.run(&inputs, batch_size, &seeds, k)
     };
     let inference = started.elapsed();
-    let batch_size = batch.iter().map(|job| job.images).sum();
+    let result = result.and_then(|outputs| match outputs.len() {
+        n if n == batch_size => Ok(outputs),
+        n => Err(format!(
+            "the Run returned {n} outputs for {batch_size} images"
+        )),
+    });
     match result {
         Ok(outputs) => {
             let mut outputs = outputs.into_iter();
@@ -367,7 +393,7 @@ fn run_batch(session: &mut Session, threads: usize, batch: Vec<Job>, input_size:
         }
         Err(e) => {
             for job in batch {
-                let _ = job.reply.send(Err(EngineError::Failed(e.to_string())));
+                let _ = job.reply.send(Err(EngineError::Failed(e.clone())));
             }
         }
     }

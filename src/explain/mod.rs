@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 
 use image::RgbImage;
 
-use crate::boxes::{self, Region, Threshold};
-use crate::cam::{self, CamMethod, Map};
 use crate::config::Limits;
 use crate::engine::{EngineError, RunTimes, Ticket};
-use crate::model::RunOutput;
-use crate::preprocess::{self, ChannelOrder, DecodeError};
-use crate::registry::Model;
+use crate::onnx::session::RunOutput;
+use crate::pipeline::boxes::{self, Region, Threshold};
+use crate::pipeline::cam::{self, CamMethod, Map};
+use crate::pipeline::preprocess::{self, ChannelOrder, DecodeError};
+use crate::registry::ServedModel;
 
 /// Which classes to explain.
 #[derive(Debug, Clone, PartialEq)]
@@ -317,13 +317,6 @@ fn gradient_map(
     }
 }
 
-/// Class indices by descending score.
-pub fn ranked(scores: &[f32]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    order
-}
-
 pub fn softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let exp: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
@@ -334,7 +327,7 @@ pub fn softmax(logits: &[f32]) -> Vec<f32> {
 /// Decodes (no finer than the model's input and `drawn_side` need) and preprocesses; returns the photo, its tensor
 /// and how long that took.
 fn prepare(
-    model: &Model,
+    model: &ServedModel,
     bytes: &[u8],
     limits: &Limits,
     drawn_side: Option<usize>,
@@ -376,7 +369,7 @@ impl Spent {
 
 /// One Run of `images` images [images,3,H,W], each with the same K seed rows.
 fn run(
-    model: &Model,
+    model: &ServedModel,
     inputs: Arc<[f32]>,
     images: usize,
     seeds: &[f32],
@@ -396,7 +389,7 @@ fn run(
 
 /// Class scores only: one Run with a single all-zero seed row.
 pub fn predict(
-    model: &Model,
+    model: &ServedModel,
     bytes: &[u8],
     limits: &Limits,
     ticket: &Ticket,
@@ -456,7 +449,7 @@ fn masked(tensor: &[f32], masks: impl Iterator<Item = Map>) -> Vec<f32> {
 
 /// Score-CAM's masked Runs for one image: the scored channels and the logits of the input masked by each.
 fn score_cam_logits(
-    model: &Model,
+    model: &ServedModel,
     tensor: &[f32],
     output: &RunOutput,
     max_channels: usize,
@@ -491,7 +484,7 @@ fn score_cam_logits(
 }
 
 pub fn explain(
-    model: &Model,
+    model: &ServedModel,
     bytes: &[u8],
     limits: &Limits,
     options: &ExplainOptions,
@@ -661,7 +654,7 @@ pub fn explain(
 
 /// The trust figures of every target, from one Run of the perturbed inputs (two per target).
 fn trust(
-    model: &Model,
+    model: &ServedModel,
     tensor: &[f32],
     probabilities: &[f32],
     targets: &mut [TargetMap],
@@ -695,8 +688,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ranking_and_softmax_by_hand() {
-        assert_eq!(ranked(&[0.5, 2.0, -1.0, 1.0]), vec![1, 3, 0, 2]);
+    fn softmax_by_hand() {
         // softmax([0, ln 3]) = [1/4, 3/4]
         let p = softmax(&[0.0, 3f32.ln()]);
         assert!(
