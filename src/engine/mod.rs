@@ -398,3 +398,6 @@ fn run_batch<B: Backend>(backend: &mut B, threads: usize, batch: Vec<Job<B::Outp
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -11,106 +11,69 @@ use crate::engine::EngineError;
 use crate::explain::ExplainError;
 use crate::pipeline::preprocess::DecodeError;
 
-/// Stable, machine-readable error codes. Clients act on these; never rename one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    RouteNotFound,
-    MethodNotAllowed,
-    ModelNotFound,
-    EmptyImage,
-    UndecodableImage,
-    MissingImageField,
-    MalformedBody,
-    UnsupportedMediaType,
-    PayloadTooLarge,
-    ImageTooLarge,
-    InvalidParameter,
-    UnknownParameter,
-    ClassOutOfRange,
-    TooManyClasses,
-    SingleTargetRequired,
-    TooManyChannels,
-    Overloaded,
-    Timeout,
-    Unauthorized,
-    AdminDisabled,
-    InvalidModelFile,
-    InvalidModelConfig,
-    ModelRefused,
-    Internal,
-    ImageUrlNotAllowed,
-    ImageFetchFailed,
-    MissingInputGradients,
-    MissingLayer,
-    TooManyTasks,
+/// Writes [`ErrorCode`] and its lists from one table: variant, code, HTTP status.
+macro_rules! error_codes {
+    ($($variant:ident = $code:literal, $status:ident;)*) => {
+        /// Stable, machine-readable error codes. Clients act on these; never rename one. docs/errors.md explains
+        /// each, under an anchor named after the code.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum ErrorCode {
+            $($variant,)*
+        }
+
+        impl ErrorCode {
+            /// Every code, in the table's order.
+            pub const ALL: &[ErrorCode] = &[$(Self::$variant,)*];
+
+            /// The code as clients see it, e.g. `image_fetch_failed`.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $code,)*
+                }
+            }
+
+            pub fn status(self) -> StatusCode {
+                match self {
+                    $(Self::$variant => StatusCode::$status,)*
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    RouteNotFound = "route_not_found", NOT_FOUND;
+    MethodNotAllowed = "method_not_allowed", METHOD_NOT_ALLOWED;
+    ModelNotFound = "model_not_found", NOT_FOUND;
+    EmptyImage = "empty_image", BAD_REQUEST;
+    UndecodableImage = "undecodable_image", BAD_REQUEST;
+    MissingImageField = "missing_image_field", BAD_REQUEST;
+    MalformedBody = "malformed_body", BAD_REQUEST;
+    UnsupportedMediaType = "unsupported_media_type", UNSUPPORTED_MEDIA_TYPE;
+    PayloadTooLarge = "payload_too_large", PAYLOAD_TOO_LARGE;
+    ImageTooLarge = "image_too_large", PAYLOAD_TOO_LARGE;
+    InvalidParameter = "invalid_parameter", BAD_REQUEST;
+    UnknownParameter = "unknown_parameter", BAD_REQUEST;
+    ClassOutOfRange = "class_out_of_range", UNPROCESSABLE_ENTITY;
+    TooManyClasses = "too_many_classes", UNPROCESSABLE_ENTITY;
+    SingleTargetRequired = "single_target_required", UNPROCESSABLE_ENTITY;
+    TooManyChannels = "too_many_channels", UNPROCESSABLE_ENTITY;
+    Overloaded = "overloaded", SERVICE_UNAVAILABLE;
+    Timeout = "timeout", SERVICE_UNAVAILABLE;
+    Unauthorized = "unauthorized", UNAUTHORIZED;
+    AdminDisabled = "admin_disabled", FORBIDDEN;
+    InvalidModelFile = "invalid_model_file", BAD_REQUEST;
+    InvalidModelConfig = "invalid_model_config", BAD_REQUEST;
+    ModelRefused = "model_refused", UNPROCESSABLE_ENTITY;
+    Internal = "internal", INTERNAL_SERVER_ERROR;
+    ImageUrlNotAllowed = "image_url_not_allowed", FORBIDDEN;
+    ImageFetchFailed = "image_fetch_failed", BAD_GATEWAY;
+    MissingInputGradients = "missing_input_gradients", UNPROCESSABLE_ENTITY;
+    MissingLayer = "missing_layer", UNPROCESSABLE_ENTITY;
+    TooManyTasks = "too_many_tasks", PAYLOAD_TOO_LARGE;
 }
 
 impl ErrorCode {
-    /// Every code, for the test that keeps openapi.yaml's list equal to this one.
-    pub const ALL: [ErrorCode; 29] = [
-        Self::RouteNotFound,
-        Self::MethodNotAllowed,
-        Self::ModelNotFound,
-        Self::EmptyImage,
-        Self::UndecodableImage,
-        Self::MissingImageField,
-        Self::MalformedBody,
-        Self::UnsupportedMediaType,
-        Self::PayloadTooLarge,
-        Self::ImageTooLarge,
-        Self::InvalidParameter,
-        Self::UnknownParameter,
-        Self::ClassOutOfRange,
-        Self::TooManyClasses,
-        Self::SingleTargetRequired,
-        Self::TooManyChannels,
-        Self::Overloaded,
-        Self::Timeout,
-        Self::Unauthorized,
-        Self::AdminDisabled,
-        Self::InvalidModelFile,
-        Self::InvalidModelConfig,
-        Self::ModelRefused,
-        Self::Internal,
-        Self::ImageUrlNotAllowed,
-        Self::ImageFetchFailed,
-        Self::MissingInputGradients,
-        Self::MissingLayer,
-        Self::TooManyTasks,
-    ];
-
-    pub fn status(self) -> StatusCode {
-        match self {
-            Self::RouteNotFound | Self::ModelNotFound => StatusCode::NOT_FOUND,
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::EmptyImage
-            | Self::UndecodableImage
-            | Self::MissingImageField
-            | Self::MalformedBody
-            | Self::InvalidParameter
-            | Self::UnknownParameter => StatusCode::BAD_REQUEST,
-            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::PayloadTooLarge | Self::ImageTooLarge | Self::TooManyTasks => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
-            Self::ClassOutOfRange
-            | Self::TooManyClasses
-            | Self::SingleTargetRequired
-            | Self::TooManyChannels
-            | Self::MissingInputGradients
-            | Self::MissingLayer => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Overloaded | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::AdminDisabled => StatusCode::FORBIDDEN,
-            Self::InvalidModelFile | Self::InvalidModelConfig => StatusCode::BAD_REQUEST,
-            Self::ModelRefused => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::ImageUrlNotAllowed => StatusCode::FORBIDDEN,
-            Self::ImageFetchFailed => StatusCode::BAD_GATEWAY,
-        }
-    }
-
     /// The code for an error response that did not come from our handlers.
     pub fn for_status(status: StatusCode) -> Self {
         match status {
@@ -124,13 +87,16 @@ impl ErrorCode {
     }
 }
 
-/// The code as clients see it (`image_fetch_failed`), for logs and metric labels.
+/// The code as clients see it, for logs and metric labels.
 impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match serde_json::to_value(self) {
-            Ok(serde_json::Value::String(code)) => f.write_str(&code),
-            _ => Err(std::fmt::Error),
-        }
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
     }
 }
 
@@ -225,6 +191,26 @@ impl From<ExplainError> for ApiError {
         match e {
             ExplainError::Decode(e) => e.into(),
             ExplainError::Engine(e) => e.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_is_unique_and_explained_in_the_docs() {
+        let docs = include_str!("../../docs/errors.md");
+        let mut seen = std::collections::BTreeSet::new();
+        for code in ErrorCode::ALL {
+            assert!(seen.insert(code.as_str()), "{code} twice");
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+            let row = format!(
+                "| <a id=\"{code}\"></a>`{code}` | {} |",
+                code.status().as_u16()
+            );
+            assert!(docs.contains(&row), "docs/errors.md has no row `{row}`");
         }
     }
 }
