@@ -216,8 +216,8 @@ fn check_model(
     let caller = Caller::default();
     let ticket = caller.ticket();
     for (label, bytes) in &images {
-        let on_cpu = explain::explain(&cpu, bytes, &limits, &options, &ticket)?;
-        let mut on_cuda = explain::explain(&cuda, bytes, &limits, &options, &ticket)?;
+        let on_cpu = explain::explain_image(&cpu, bytes, &limits, &options, &ticket)?;
+        let mut on_cuda = explain::explain_image(&cuda, bytes, &limits, &options, &ticket)?;
         let classes = |e: &Explanation| e.targets.iter().map(|t| t.class).collect::<Vec<_>>();
         if classes(&on_cpu) != classes(&on_cuda) {
             // Near-tied scores may rank differently; compare the maps of the CPU's classes then.
@@ -230,7 +230,7 @@ fn check_model(
                 targets: Targets::Classes(classes(&on_cpu)),
                 ..options.clone()
             };
-            on_cuda = explain::explain(&cuda, bytes, &limits, &same, &ticket)?;
+            on_cuda = explain::explain_image(&cuda, bytes, &limits, &same, &ticket)?;
         }
         let logits = camserve::pipeline::cam::relative_difference(&on_cuda.logits, &on_cpu.logits);
         let maps = on_cpu
@@ -264,7 +264,7 @@ fn check_model(
         ("cuda,cpu", &cuda_config, &cuda),
     ] {
         let explain_time = median(args.warmup, args.runs, || {
-            explain::explain(model, &timed, &limits, &options, &ticket).map(drop)
+            explain::explain_image(model, &timed, &limits, &options, &ticket).map(drop)
         })?;
         let run_time = bare_run_median(runtime, config, &timed, args)?;
         let is_cuda = asked != "cpu";

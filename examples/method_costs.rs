@@ -90,7 +90,7 @@ fn main() -> anyhow::Result<()> {
         max_channels: all_channels,
         ..plain.clone()
     };
-    let full = explain::explain(&model, &bytes, &limits, &full, &ticket)?;
+    let full = explain::explain_image(&model, &bytes, &limits, &full, &ticket)?;
     let full = &full.targets[0].heat;
 
     println!(
@@ -102,7 +102,7 @@ fn main() -> anyhow::Result<()> {
         let mut difference = String::new();
         for i in 0..runs + 1 {
             let started = Instant::now();
-            let e = explain::explain(&model, &bytes, &limits, &options, &ticket)?;
+            let e = explain::explain_image(&model, &bytes, &limits, &options, &ticket)?;
             if i > 0 {
                 samples.push((started.elapsed(), e.timings.inference, e.timings.batch_size));
             }

@@ -292,13 +292,8 @@ fn explain_file(
         Targets::Classes(
             classes
                 .iter()
-                .map(|c| {
-                    model
-                        .info
-                        .class_index(c)
-                        .with_context(|| format!("model `{model_name}` has no class `{c}`"))
-                })
-                .collect::<anyhow::Result<_>>()?,
+                .map(|c| explain::resolve_class(&model.info, c))
+                .collect::<Result<_, _>>()?,
         )
     };
     let bytes = std::fs::read(image).with_context(|| format!("cannot read {}", image.display()))?;
@@ -309,7 +304,8 @@ fn explain_file(
         ..ExplainOptions::default()
     };
     let caller = Caller::default();
-    let explanation = explain::explain(&model, &bytes, &config.limits, &options, &caller.ticket())?;
+    let explanation =
+        explain::explain_image(&model, &bytes, &config.limits, &options, &caller.ticket())?;
     let target = &explanation.targets[0];
     let (width, height) = explanation.photo_size;
     let heat = target.heat_rows(width, height);

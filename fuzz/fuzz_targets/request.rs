@@ -45,7 +45,7 @@ fuzz_target!(|input: &[u8]| {
     let body = parts.next().unwrap_or_default().to_vec();
 
     let limits = Limits::default();
-    let _ = params::explain(Some(&query), model(), &limits);
+    let _ = params::parse_explain(Some(&query), model(), &limits);
     let _ = params::predict_top_k(Some(&query), model());
 
     let mut request = axum::http::Request::builder()

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::engine::EngineError;
-use crate::explain::ExplainError;
+use crate::explain::{ExplainError, RequestError};
 use crate::pipeline::preprocess::DecodeError;
 
 /// Writes [`ErrorCode`] and its lists from one table: variant, code, HTTP status.
@@ -191,7 +191,22 @@ impl From<ExplainError> for ApiError {
         match e {
             ExplainError::Decode(e) => e.into(),
             ExplainError::Engine(e) => e.into(),
+            ExplainError::Request(e) => e.into(),
         }
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        let code = match &e {
+            RequestError::ClassOutOfRange(_) => ErrorCode::ClassOutOfRange,
+            RequestError::TooManyClasses(_) => ErrorCode::TooManyClasses,
+            RequestError::TooManyChannels(_) => ErrorCode::TooManyChannels,
+            RequestError::MissingInputGradients(_) => ErrorCode::MissingInputGradients,
+            RequestError::MissingLayer(_) => ErrorCode::MissingLayer,
+            RequestError::Invalid(_) => ErrorCode::InvalidParameter,
+        };
+        Self::new(code, e.to_string())
     }
 }
 

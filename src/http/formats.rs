@@ -13,29 +13,12 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 use crate::explain::{Explanation, TargetMap};
-use crate::http::handlers::Canvas;
-use crate::http::params::HeatmapEncoding;
+use crate::http::canvas::Canvas;
+use crate::http::params::{Format, HeatmapEncoding};
 use crate::onnx::model::ModelInfo;
 use crate::pipeline::boxes::{Region, Threshold};
 use crate::pipeline::cam::Map;
 use crate::pipeline::render::ImageFormat;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    LabelStudio,
-    Cvat,
-    Coco,
-    FiftyOne,
-}
-
-impl Format {
-    pub const ALL: [(&'static str, Format); 4] = [
-        ("labelstudio", Format::LabelStudio),
-        ("cvat", Format::Cvat),
-        ("coco", Format::Coco),
-        ("fiftyone", Format::FiftyOne),
-    ];
-}
 
 /// A Label Studio control tag (`from_name`) and what its regions say: per target of the explanation (by index),
 /// the label they carry.

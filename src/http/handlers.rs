@@ -8,21 +8,18 @@ use axum::Json;
 use axum::extract::{FromRequest, Path, RawQuery, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
 use serde::Serialize;
 
 use crate::engine::{Caller, Ticket};
-use crate::explain::{self, Explanation, TargetMap, Timings, Trust};
+use crate::explain::{self, Explanation, Timings};
 use crate::http::SharedState;
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::image_body::ImageBody;
 use crate::http::metrics::StageTimes;
-use crate::http::params::{self, ExplainParams, HeatmapEncoding, MapSize, Output};
+use crate::http::params;
+use crate::http::responses;
 use crate::onnx::model::ModelInfo;
-use crate::pipeline::bands;
-use crate::pipeline::boxes::Region;
-use crate::pipeline::cam::{CamMethod, Map};
-use crate::pipeline::render::{self, ImageFormat};
+use crate::pipeline::cam::CamMethod;
 use crate::registry::ServedModel;
 
 pub async fn healthz() -> Json<serde_json::Value> {
@@ -71,7 +68,7 @@ pub struct ModelView<'a> {
 }
 
 #[derive(Serialize)]
-struct Size {
+pub(crate) struct Size {
     width: usize,
     height: usize,
 }
@@ -150,14 +147,14 @@ pub async fn get_model(
 }
 
 #[derive(Serialize)]
-struct Prediction<'a> {
+pub(crate) struct Prediction<'a> {
     class: usize,
     label: &'a str,
     probability: f32,
     logit: f32,
 }
 
-fn predictions<'a>(
+pub(crate) fn predictions<'a>(
     info: &'a ModelInfo,
     logits: &[f32],
     probabilities: &[f32],
@@ -176,7 +173,7 @@ fn predictions<'a>(
 }
 
 // The model and the query are checked before the body is read, so those errors come first and cost nothing.
-pub async fn predict(
+pub async fn post_predict(
     State(state): State<SharedState>,
     Path(name): Path<String>,
     RawQuery(query): RawQuery,
@@ -201,7 +198,7 @@ pub async fn predict(
     Ok(response)
 }
 
-pub async fn explain(
+pub async fn post_explain(
     State(state): State<SharedState>,
     Path(name): Path<String>,
     RawQuery(query): RawQuery,
@@ -209,13 +206,13 @@ pub async fn explain(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let model = find_model(&state, &name)?;
-    let params = params::explain(query.as_deref(), &model.info, &state.limits)?;
+    let params = params::parse_explain(query.as_deref(), &model.info, &state.limits)?;
     let ImageBody(bytes) = ImageBody::from_request(request, &()).await?;
     let limits = state.limits.clone();
     let (mut response, timings, encoding) = on_blocking_thread(move |ticket| {
-        let explanation = explain::explain(&model, &bytes, &limits, &params.options, ticket)?;
+        let explanation = explain::explain_image(&model, &bytes, &limits, &params.options, ticket)?;
         let encoding = Instant::now();
-        let response = encode(&model.info, &explanation, &params);
+        let response = responses::encode(&model.info, &explanation, &params);
         Ok((response, explanation.timings, encoding.elapsed()))
     })
     .await?;
@@ -279,327 +276,7 @@ fn add_timing_headers(
     );
 }
 
-#[derive(Serialize)]
-struct ExplainBody<'a> {
-    model: &'a str,
-    method: &'static str,
-    image: Size,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    predictions: Option<Vec<Prediction<'a>>>,
-    explanations: Vec<TargetBody<'a>>,
-}
-
-#[derive(Serialize)]
-struct TargetBody<'a> {
-    class: usize,
-    label: &'a str,
-    probability: f32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    boxes: Option<Vec<BoxBody>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    map: Option<MapBody>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    overlay_png: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    heatmap_png: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    trust: Option<TrustBody>,
-}
-
-#[derive(Serialize)]
-struct TrustBody {
-    probability: f32,
-    kept_probability: f32,
-    removed_probability: f32,
-    drop_in_confidence: f32,
-    increase_in_confidence: bool,
-    removal_drop: f32,
-}
-
-impl From<&Trust> for TrustBody {
-    fn from(t: &Trust) -> Self {
-        Self {
-            probability: t.probability,
-            kept_probability: t.kept_probability,
-            removed_probability: t.removed_probability,
-            drop_in_confidence: t.drop_in_confidence(),
-            increase_in_confidence: t.increase_in_confidence(),
-            removal_drop: t.removal_drop(),
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct BoxBody {
-    x_min: usize,
-    y_min: usize,
-    x_max: usize,
-    y_max: usize,
-    width: usize,
-    height: usize,
-    area: usize,
-    mean: f32,
-    peak: f32,
-}
-
-impl From<&Region> for BoxBody {
-    fn from(r: &Region) -> Self {
-        Self {
-            x_min: r.x_min,
-            y_min: r.y_min,
-            x_max: r.x_max,
-            y_max: r.y_max,
-            width: r.x_max - r.x_min,
-            height: r.y_max - r.y_min,
-            area: r.area,
-            mean: r.mean,
-            peak: r.peak,
-        }
-    }
-}
-
-/// A map with its shape and its range on the target layer's grid (upsampled values stay within that range).
-#[derive(Serialize)]
-struct MapBody {
-    shape: [usize; 2],
-    min: f32,
-    max: f32,
-    data: Vec<f32>,
-}
-
-/// The method's map on the grid `size` asks for: after ReLU (Grad-CAM's map, not normalized), or with `relu`
-/// off the raw map with its sign. The range is the map's on the target layer's grid; upsampled values stay in it.
-fn cam_map(
-    target: &TargetMap,
-    params: &ExplainParams,
-    info: &ModelInfo,
-    canvas: &Canvas,
-) -> (Map, (f32, f32)) {
-    let map = if params.relu {
-        target.raw.clone().relu()
-    } else {
-        target.raw.clone()
-    };
-    let range = map.min_max().unwrap_or((0.0, 0.0));
-    let map = match params.map_size {
-        MapSize::Activation => map,
-        MapSize::Input => map.resize_bilinear(info.preprocess.width, info.preprocess.height),
-        MapSize::Image => map.resize_bilinear(canvas.width, canvas.height),
-    };
-    (map, range)
-}
-
-fn image_size(explanation: &Explanation) -> Size {
+pub(crate) fn image_size(explanation: &Explanation) -> Size {
     let (width, height) = explanation.photo_size;
     Size { width, height }
-}
-
-/// What image outputs are drawn on: the photo's size, capped by `max_side`. The decoded photo is resized only once,
-/// and only when an overlay needs it (it was decoded at least this large: `ExplainOptions::drawn_side`).
-pub(crate) struct Canvas<'a> {
-    width: usize,
-    height: usize,
-    image: &'a image::RgbImage,
-    resized: std::sync::OnceLock<image::RgbImage>,
-}
-
-impl<'a> Canvas<'a> {
-    pub(crate) fn new(explanation: &'a Explanation, max_side: usize) -> Self {
-        let (width, height) =
-            explain::fit(explanation.photo_size.0, explanation.photo_size.1, max_side);
-        Self {
-            width,
-            height,
-            image: &explanation.image,
-            resized: std::sync::OnceLock::new(),
-        }
-    }
-
-    fn photo(&self) -> &image::RgbImage {
-        if (self.image.width() as usize, self.image.height() as usize) == (self.width, self.height)
-        {
-            return self.image;
-        }
-        self.resized.get_or_init(|| {
-            crate::pipeline::preprocess::resize(self.image, self.width, self.height)
-        })
-    }
-
-    fn overlay(&self, target: &TargetMap, alpha: f32, format: ImageFormat) -> Vec<u8> {
-        let heat = target.heat_rows(self.width, self.height);
-        let overlay = render::overlay_rows(self.photo(), alpha, |y, row| heat.row(y, row));
-        encoded(format.encode(&overlay))
-    }
-
-    /// `format` must be PNG for gray16 (params::explain checks).
-    pub(crate) fn heatmap(
-        &self,
-        target: &TargetMap,
-        encoding: HeatmapEncoding,
-        format: ImageFormat,
-    ) -> Vec<u8> {
-        let heat = target.heat_at(self.width, self.height);
-        encoded(match encoding {
-            HeatmapEncoding::Color => format.encode(&render::colormap(&heat)),
-            HeatmapEncoding::Gray8 => format.encode(&render::gray8(&heat)),
-            HeatmapEncoding::Gray16 => render::encode_png(&render::gray16(&heat)),
-        })
-    }
-}
-
-fn encode(info: &ModelInfo, explanation: &Explanation, params: &ExplainParams) -> Response {
-    if let Some(format) = params.format {
-        return Json(crate::http::formats::encode(
-            format,
-            info,
-            explanation,
-            &crate::http::formats::FormatOptions {
-                threshold: params.options.threshold,
-                model_version: &info.name,
-                max_side: params.max_side,
-                gray8: params.heatmap == HeatmapEncoding::Gray8,
-            },
-        ))
-        .into_response();
-    }
-    let png = |bytes: Vec<u8>| ([(header::CONTENT_TYPE, "image/png")], bytes).into_response();
-    let format = params.image_format;
-    let image =
-        |bytes: Vec<u8>| ([(header::CONTENT_TYPE, format.media_type())], bytes).into_response();
-    let canvas = Canvas::new(explanation, params.max_side);
-    let first = &explanation.targets[0];
-    match params.output {
-        Output::Overlay => {
-            with_map_headers(image(canvas.overlay(first, params.alpha, format)), first)
-        }
-        Output::Heatmap => {
-            with_map_headers(image(canvas.heatmap(first, params.heatmap, format)), first)
-        }
-        Output::Npy => {
-            let maps: Vec<Map> = explanation
-                .targets
-                .iter()
-                .map(|t| cam_map(t, params, info, &canvas).0)
-                .collect();
-            let data: Vec<f32> = maps.iter().flat_map(|m| m.data.iter().copied()).collect();
-            let shape = [maps.len(), maps[0].height, maps[0].width];
-            npy(&shape, &data)
-        }
-        Output::Guided => {
-            let p = &info.preprocess;
-            let values = guided_values(first);
-            with_map_headers(
-                png(encoded(render::encode_png(&render::deprocess(
-                    values, p.width, p.height,
-                )))),
-                first,
-            )
-        }
-        Output::GuidedNpy => {
-            let p = &info.preprocess;
-            let data: Vec<f32> = explanation
-                .targets
-                .iter()
-                .flat_map(|t| guided_values(t).iter().copied())
-                .collect();
-            npy(&[explanation.targets.len(), p.height, p.width, 3], &data)
-        }
-        Output::Json | Output::Raw | Output::Boxes => {
-            Json(json_body(info, explanation, params, &canvas)).into_response()
-        }
-    }
-}
-
-fn json_body<'a>(
-    info: &'a ModelInfo,
-    explanation: &Explanation,
-    params: &ExplainParams,
-    canvas: &Canvas,
-) -> ExplainBody<'a> {
-    let with_images = params.output == Output::Json;
-    let with_boxes = matches!(params.output, Output::Json | Output::Boxes);
-    let with_map = matches!(params.output, Output::Json | Output::Raw);
-    let explanations = explanation
-        .targets
-        .iter()
-        .map(|target| {
-            // A large photo's two pictures are encoded side by side.
-            let (overlay_png, heatmap_png) = if with_images {
-                let (overlay, heatmap) = bands::both(
-                    canvas.width * canvas.height,
-                    || base64_png(canvas.overlay(target, params.alpha, ImageFormat::Png)),
-                    || base64_png(canvas.heatmap(target, HeatmapEncoding::Color, ImageFormat::Png)),
-                );
-                (Some(overlay), Some(heatmap))
-            } else {
-                (None, None)
-            };
-            TargetBody {
-                class: target.class,
-                label: &info.labels[target.class],
-                probability: explanation.probabilities[target.class],
-                boxes: with_boxes.then(|| target.boxes.iter().map(BoxBody::from).collect()),
-                map: with_map.then(|| {
-                    let (map, (min, max)) = cam_map(target, params, info, canvas);
-                    MapBody {
-                        shape: [map.height, map.width],
-                        min,
-                        max,
-                        data: map.data,
-                    }
-                }),
-                overlay_png,
-                heatmap_png,
-                trust: target.trust.as_ref().map(TrustBody::from),
-            }
-        })
-        .collect();
-    ExplainBody {
-        model: &info.name,
-        method: params.options.method.name(),
-        image: image_size(explanation),
-        predictions: (params.output == Output::Json)
-            .then(|| predictions(info, &explanation.logits, &explanation.probabilities, 5)),
-        explanations,
-    }
-}
-
-/// Encoding into memory fails only on an internal bug (a zero-sized image), never on client input.
-fn encoded(result: Result<Vec<u8>, image::ImageError>) -> Vec<u8> {
-    result.expect("encoding an image into memory")
-}
-
-/// Guided Grad-CAM's values; params::explain asks the pipeline for them whenever the output shows them.
-fn guided_values(target: &TargetMap) -> &[f32] {
-    target
-        .guided
-        .as_deref()
-        .expect("guided outputs are computed when asked for")
-}
-
-/// A float32 `.npy` answer.
-fn npy(shape: &[usize], data: &[f32]) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/x-npy")],
-        render::encode_npy_f32(shape, data),
-    )
-        .into_response()
-}
-
-fn base64_png(bytes: Vec<u8>) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-/// Which class an image answer shows, and the range of the map its colours span.
-fn with_map_headers(mut response: Response, target: &TargetMap) -> Response {
-    let (min, max) = target.cam_range();
-    let headers = response.headers_mut();
-    headers.insert(
-        HeaderName::from_static("x-cam-class"),
-        HeaderValue::from(target.class),
-    );
-    if let Ok(range) = HeaderValue::from_str(&format!("{min},{max}")) {
-        headers.insert(HeaderName::from_static("x-cam-range"), range);
-    }
-    response
 }

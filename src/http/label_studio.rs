@@ -383,7 +383,9 @@ async fn predict_task(
             max_boxes,
             ..ExplainOptions::default()
         };
-        Ok(explain::explain(&model, &bytes, &limits, &options, ticket)?)
+        Ok(explain::explain_image(
+            &model, &bytes, &limits, &options, ticket,
+        )?)
     })
     .await?;
     let version = backend.model_version();

@@ -1,6 +1,7 @@
 //! Routes, the request middleware (request ids, error envelopes, access logs) and the server loop.
 
 mod admin;
+mod canvas;
 mod cors;
 mod error;
 mod formats;
@@ -9,6 +10,7 @@ pub mod image_body;
 mod label_studio;
 pub mod metrics;
 pub mod params;
+mod responses;
 mod ui;
 
 use std::sync::Arc;
@@ -106,8 +108,8 @@ pub fn router(state: SharedState) -> Router {
                 .delete(admin::delete_model),
         )
         .route("/v1/models/{model}/reload", post(admin::reload_model))
-        .route("/v1/models/{model}/predict", post(handlers::predict))
-        .route("/v1/models/{model}/explain", post(handlers::explain));
+        .route("/v1/models/{model}/predict", post(handlers::post_predict))
+        .route("/v1/models/{model}/explain", post(handlers::post_explain));
     let routes = label_studio::routes(ui::routes(routes), state.label_studio.as_ref());
     let router = routes
         .fallback(handlers::route_not_found)

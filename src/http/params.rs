@@ -2,9 +2,10 @@
 //! that names the parameter. Unknown parameters are refused so that a typo never silently falls back to a default.
 
 use crate::config::Limits;
-use crate::explain::{DEFAULT_SCORE_CAM_CHANNELS, ExplainOptions, Targets};
+use crate::explain::{
+    DEFAULT_SCORE_CAM_CHANNELS, ExplainOptions, Targets, resolve_class, resolve_layers,
+};
 use crate::http::error::{ApiError, ErrorCode};
-use crate::http::formats::Format;
 use crate::onnx::model::ModelInfo;
 use crate::pipeline::boxes::Threshold;
 use crate::pipeline::cam::CamMethod;
@@ -23,6 +24,24 @@ pub enum Output {
     Guided,
     /// Guided Grad-CAM's float values [K,H,W,3] before that drawing.
     GuidedNpy,
+}
+
+/// A labeling tool's format (`format`), answered in place of `output`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    LabelStudio,
+    Cvat,
+    Coco,
+    FiftyOne,
+}
+
+impl Format {
+    pub const ALL: [(&'static str, Format); 4] = [
+        ("labelstudio", Format::LabelStudio),
+        ("cvat", Format::Cvat),
+        ("coco", Format::Coco),
+        ("fiftyone", Format::FiftyOne),
+    ];
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,12 +229,12 @@ pub fn predict_top_k(query: Option<&str>, model: &ModelInfo) -> Result<usize, Ap
     Ok(top_k.min(model.num_classes()))
 }
 
-pub fn explain(
+/// The query of `explain`: parsed, then checked against the model and the limits (`ExplainOptions::check`).
+pub fn parse_explain(
     query: Option<&str>,
     model: &ModelInfo,
     limits: &Limits,
 ) -> Result<ExplainParams, ApiError> {
-    let max_classes = limits.max_classes_per_request;
     let pairs = pairs(query, EXPLAIN_KEYS)?;
     let classes: Vec<&str> = pairs
         .iter()
@@ -231,29 +250,10 @@ pub fn explain(
         (false, None) => Targets::Classes(
             classes
                 .iter()
-                .map(|c| resolve_class(c, model))
+                .map(|c| resolve_class(model, c))
                 .collect::<Result<_, _>>()?,
         ),
     };
-    let count = match &targets {
-        Targets::TopK(k) => *k,
-        Targets::Classes(list) | Targets::BestOf(list, _) => list.len(),
-    };
-    if count > model.num_classes() {
-        return Err(ApiError::new(
-            ErrorCode::ClassOutOfRange,
-            format!(
-                "{count} classes asked for, the model has {}",
-                model.num_classes()
-            ),
-        ));
-    }
-    if count > max_classes {
-        return Err(ApiError::new(
-            ErrorCode::TooManyClasses,
-            format!("{count} classes asked for; at most {max_classes} per request"),
-        ));
-    }
 
     let methods: Vec<(&str, CamMethod)> = CamMethod::ALL.iter().map(|m| (m.name(), *m)).collect();
     let method = choice(&pairs, "method", &methods, CamMethod::GradCam)?;
@@ -268,18 +268,6 @@ pub fn explain(
         ));
     }
     let max_channels = max_channels.unwrap_or(DEFAULT_SCORE_CAM_CHANNELS);
-    if max_channels == 0 {
-        return Err(invalid("`max_channels` must be at least 1".into()));
-    }
-    if max_channels > limits.max_score_cam_channels {
-        return Err(ApiError::new(
-            ErrorCode::TooManyChannels,
-            format!(
-                "`max_channels` {max_channels} is over this server's limit of {} Score-CAM channels",
-                limits.max_score_cam_channels
-            ),
-        ));
-    }
     let output = choice(
         &pairs,
         "output",
@@ -296,23 +284,7 @@ pub fn explain(
         Output::Json,
     )?;
     let guided = matches!(output, Output::Guided | Output::GuidedNpy);
-    if guided && !model.guided {
-        return Err(ApiError::new(
-            ErrorCode::MissingInputGradients,
-            format!(
-                "output={} needs guided backpropagation, and model `{}` has no `input_gradients` output \
-                 (export it with camserve-export --guided)",
-                output_name(output),
-                model.name
-            ),
-        ));
-    }
-    let layers = layers(single::<String>(&pairs, "layers", "")?.as_deref(), model)?;
-    if method == CamMethod::ScoreCam && layers != [0] {
-        return Err(invalid(
-            "`layers` combines the gradient methods' maps; method=scorecam uses the target layer only".into(),
-        ));
-    }
+    let layers = resolve_layers(model, single::<String>(&pairs, "layers", "")?.as_deref())?;
     let heatmap = choice(
         &pairs,
         "heatmap",
@@ -373,6 +345,28 @@ pub fn explain(
         ));
     }
     let image_format = image_format(&pairs, output, heatmap)?;
+    let options = ExplainOptions {
+        targets,
+        method,
+        eigen_smooth,
+        aug_smooth,
+        max_channels,
+        trust,
+        threshold,
+        // Outputs without boxes don't pay for finding them.
+        max_boxes: if format.is_some() || matches!(output, Output::Json | Output::Boxes) {
+            max_boxes
+        } else {
+            0
+        },
+        layers,
+        guided,
+        // Only overlays draw the photo's pixels; everything else needs the model's input and the photo's size.
+        drawn_side: (format.is_none() && matches!(output, Output::Overlay | Output::Json))
+            .then_some(max_side),
+    };
+    options.check(model, limits)?;
+    let count = options.target_count();
     if matches!(output, Output::Overlay | Output::Heatmap | Output::Guided) && count != 1 {
         return Err(ApiError::new(
             ErrorCode::SingleTargetRequired,
@@ -383,26 +377,7 @@ pub fn explain(
         ));
     }
     Ok(ExplainParams {
-        options: ExplainOptions {
-            targets,
-            method,
-            eigen_smooth,
-            aug_smooth,
-            max_channels,
-            trust,
-            threshold,
-            // Outputs without boxes don't pay for finding them.
-            max_boxes: if format.is_some() || matches!(output, Output::Json | Output::Boxes) {
-                max_boxes
-            } else {
-                0
-            },
-            layers,
-            guided,
-            // Only overlays draw the photo's pixels; everything else needs the model's input and the photo's size.
-            drawn_side: (format.is_none() && matches!(output, Output::Overlay | Output::Json))
-                .then_some(max_side),
-        },
+        options,
         output,
         alpha,
         heatmap,
@@ -425,61 +400,4 @@ fn output_name(output: Output) -> &'static str {
         Output::Guided => "guided",
         Output::GuidedNpy => "guided_npy",
     }
-}
-
-/// `layers`: `all`, or a comma-separated list of layer names or indices (0 is the model's target layer, i its
-/// i-th extra layer); absent: the target layer alone.
-fn layers(value: Option<&str>, model: &ModelInfo) -> Result<Vec<usize>, ApiError> {
-    let names = model.layer_names();
-    let list = match value {
-        None => return Ok(vec![0]),
-        Some("all") => return Ok((0..names.len()).collect()),
-        Some(list) => list,
-    };
-    let mut chosen = Vec::new();
-    for item in list.split(',') {
-        let index = names
-            .iter()
-            .position(|n| *n == item)
-            .or_else(|| item.parse::<usize>().ok().filter(|&i| i < names.len()));
-        let Some(index) = index else {
-            return Err(ApiError::new(
-                ErrorCode::MissingLayer,
-                format!(
-                    "model `{}` has no target layer `{item}`; it has {} (by name or index), or `all`",
-                    model.name,
-                    names
-                        .iter()
-                        .map(|n| format!("`{n}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
-        };
-        if chosen.contains(&index) {
-            return Err(invalid(format!(
-                "`layers` names layer `{}` twice",
-                names[index]
-            )));
-        }
-        chosen.push(index);
-    }
-    Ok(chosen)
-}
-
-fn resolve_class(class: &str, model: &ModelInfo) -> Result<usize, ApiError> {
-    model.class_index(class).ok_or_else(|| {
-        let message = if class.parse::<usize>().is_ok() {
-            format!(
-                "class {class} is out of range: the model has classes 0 to {}",
-                model.num_classes() - 1
-            )
-        } else {
-            format!(
-                "no class is labelled `{class}`; GET /v1/models/{} lists the labels",
-                model.name
-            )
-        };
-        ApiError::new(ErrorCode::ClassOutOfRange, message)
-    })
 }

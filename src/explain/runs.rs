@@ -1,0 +1,281 @@
+//! A request's Runs: decoding into the model's input tensor, the Run of the target classes (with `aug_smooth`'s
+//! copies), Score-CAM's masked Runs and the trust score's perturbed Run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::Limits;
+use crate::engine::{EngineError, RunTimes, Ticket};
+use crate::explain::maps::{ScoreCamLogits, display, fit};
+use crate::explain::{
+    AUGMENTATIONS, ExplainError, ExplainOptions, TargetMap, Targets, Timings, Trust, softmax,
+};
+use crate::onnx::session::RunOutput;
+use crate::pipeline::cam::{self, Map};
+use crate::pipeline::preprocess;
+use crate::registry::ServedModel;
+
+/// Masked inputs per Run for Score-CAM: a Run's memory grows with its batch.
+const SCORE_CAM_IMAGES_PER_RUN: usize = 32;
+
+/// Decodes (no finer than the model's input and `drawn_side` need) and preprocesses; returns the photo, its tensor
+/// and how long that took.
+pub fn prepare(
+    model: &ServedModel,
+    bytes: &[u8],
+    limits: &Limits,
+    drawn_side: Option<usize>,
+) -> Result<(preprocess::Decoded, Arc<[f32]>, Duration), ExplainError> {
+    let started = Instant::now();
+    let p = &model.info.preprocess;
+    let photo = preprocess::decode_at_least(bytes, &limits.decode_limits(), |width, height| {
+        let drawn = drawn_side.map_or((0, 0), |side| fit(width, height, side));
+        (p.width.max(drawn.0), p.height.max(drawn.1))
+    })?;
+    // Made in place where the Runs read it (an exact-size `collect` allocates once), not copied there afterwards.
+    let mut tensor: Arc<[f32]> = std::iter::repeat_n(0.0, p.tensor_len()).collect();
+    p.write_tensor(
+        &photo.image,
+        Arc::get_mut(&mut tensor).expect("a new tensor has one owner"),
+    );
+    Ok((photo, tensor, started.elapsed()))
+}
+
+/// What a request spent after decoding: its Runs (waits and inference, added up) and the CPU work around them.
+pub struct Spent {
+    pub runs: RunTimes,
+    pub cpu: Duration,
+}
+
+impl Spent {
+    fn add(&mut self, runs: RunTimes) {
+        self.runs = self.runs.then(runs);
+    }
+
+    /// Does `work`, counting its time as CPU work.
+    pub fn cpu<T>(&mut self, work: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let out = work();
+        self.cpu += started.elapsed();
+        out
+    }
+}
+
+/// One Run of `images` images [images,3,H,W], each with the same K seed rows.
+fn run(
+    model: &ServedModel,
+    inputs: Arc<[f32]>,
+    images: usize,
+    seeds: &[f32],
+    k: usize,
+    ticket: &Ticket,
+) -> Result<(Vec<RunOutput>, RunTimes), ExplainError> {
+    let (outputs, times) = model
+        .runner
+        .run(inputs, images, seeds.repeat(images), k, ticket)?;
+    if outputs.len() != images {
+        return Err(
+            EngineError::Failed(format!("{} outputs for {images} images", outputs.len())).into(),
+        );
+    }
+    Ok((outputs, times))
+}
+
+/// Class scores only: one Run with a single all-zero seed row.
+pub fn predict(
+    model: &ServedModel,
+    bytes: &[u8],
+    limits: &Limits,
+    ticket: &Ticket,
+) -> Result<(Vec<f32>, Timings), ExplainError> {
+    let (_, tensor, decode) = prepare(model, bytes, limits, None)?;
+    let seeds = vec![0.0; model.info.num_classes()];
+    let (mut outputs, run) = run(model, tensor, 1, &seeds, 1, ticket)?;
+    let timings = Timings {
+        decode,
+        queue: run.queue,
+        inference: run.inference,
+        batch_size: run.batch_size,
+        maps: Duration::ZERO,
+    };
+    Ok((outputs.swap_remove(0).logits, timings))
+}
+
+/// What the Run of the target classes gave.
+pub struct TargetRuns {
+    /// The inputs that ran: the tensor, or its `aug_smooth` copies side by side.
+    pub inputs: Arc<[f32]>,
+    /// One per input.
+    pub outputs: Vec<RunOutput>,
+    pub spent: Spent,
+}
+
+/// The Run of the target classes: one seed row per target, every `aug_smooth` copy in the same Run.
+pub fn target_runs(
+    model: &ServedModel,
+    tensor: &Arc<[f32]>,
+    options: &ExplainOptions,
+    ticket: &Ticket,
+) -> Result<TargetRuns, ExplainError> {
+    let classes = model.info.num_classes();
+    let (seeds, k) = seed_rows(&options.targets, classes);
+    let (inputs, n): (Arc<[f32]>, usize) = if options.aug_smooth {
+        (
+            augmented(tensor, model.info.preprocess.width).into(),
+            AUGMENTATIONS.len(),
+        )
+    } else {
+        (tensor.clone(), 1)
+    };
+    let (mut outputs, mut run_times) = run(model, inputs.clone(), n, &seeds, k, ticket)?;
+    // Every copy must explain the classes the image itself resolved to; rarely, a copy ranks them otherwise and
+    // the copies run again with those classes named.
+    if outputs
+        .iter()
+        .any(|o| o.target_class != outputs[0].target_class)
+    {
+        let named = Targets::Classes(outputs[0].target_class.clone());
+        let (again, times) = run(
+            model,
+            inputs.clone(),
+            n,
+            &seed_rows(&named, classes).0,
+            k,
+            ticket,
+        )?;
+        (outputs, run_times) = (again, run_times.then(times));
+    }
+    let spent = Spent {
+        runs: run_times,
+        cpu: Duration::ZERO,
+    };
+    Ok(TargetRuns {
+        inputs,
+        outputs,
+        spent,
+    })
+}
+
+/// One seed row per target: one-hot for a class, all zero for "the k-th best class".
+fn seed_rows(targets: &Targets, classes: usize) -> (Vec<f32>, usize) {
+    match targets {
+        Targets::TopK(k) => (vec![0.0; k * classes], *k),
+        Targets::Classes(list) | Targets::BestOf(list, _) => {
+            let mut seeds = vec![0.0; list.len() * classes];
+            for (row, &class) in list.iter().enumerate() {
+                seeds[row * classes + class] = 1.0;
+            }
+            (seeds, list.len())
+        }
+    }
+}
+
+/// The [`AUGMENTATIONS`] of a preprocessed tensor, side by side.
+fn augmented(tensor: &[f32], width: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(tensor.len() * AUGMENTATIONS.len());
+    for (mirrored, factor) in AUGMENTATIONS {
+        for row in tensor.chunks_exact(width) {
+            if mirrored {
+                out.extend(row.iter().rev().map(|v| v * factor));
+            } else {
+                out.extend(row.iter().map(|v| v * factor));
+            }
+        }
+    }
+    out
+}
+
+/// `tensor` [3,H,W] times each mask [H,W], side by side.
+fn masked(tensor: &[f32], masks: impl Iterator<Item = Map>) -> Vec<f32> {
+    let mut out = Vec::new();
+    for mask in masks {
+        for plane in tensor.chunks_exact(mask.data.len()) {
+            out.extend(plane.iter().zip(&mask.data).map(|(x, m)| x * m));
+        }
+    }
+    out
+}
+
+/// Score-CAM's masked Runs for every input that ran (the image, or each `aug_smooth` copy).
+pub fn score_cam_runs(
+    model: &ServedModel,
+    inputs: &[f32],
+    outputs: &[RunOutput],
+    max_channels: usize,
+    spent: &mut Spent,
+    ticket: &Ticket,
+) -> Result<Vec<ScoreCamLogits>, ExplainError> {
+    let per_image = inputs.len() / outputs.len();
+    inputs
+        .chunks_exact(per_image)
+        .zip(outputs)
+        .map(|(copy, output)| score_cam_logits(model, copy, output, max_channels, spent, ticket))
+        .collect()
+}
+
+/// Score-CAM's masked Runs for one image: the scored channels and the logits of the input masked by each.
+fn score_cam_logits(
+    model: &ServedModel,
+    tensor: &[f32],
+    output: &RunOutput,
+    max_channels: usize,
+    spent: &mut Spent,
+    ticket: &Ticket,
+) -> Result<ScoreCamLogits, ExplainError> {
+    let p = &model.info.preprocess;
+    let (width, height) = (p.width, p.height);
+    let shape = output.activation_shape;
+    let channels = cam::score_cam_channels(&output.activations, shape, max_channels);
+    let seeds = vec![0.0; model.info.num_classes()];
+    let mut logits = Vec::with_capacity(channels.len());
+    let plane = shape[1] * shape[2];
+    for chunk in channels.chunks(SCORE_CAM_IMAGES_PER_RUN) {
+        let inputs = spent.cpu(|| {
+            let masks = chunk.iter().map(|&c| {
+                let channel = Map::new(
+                    shape[2],
+                    shape[1],
+                    output.activations[c * plane..][..plane].to_vec(),
+                );
+                cam::score_cam_mask(&channel, width, height)
+            });
+            masked(tensor, masks)
+        });
+        let images = inputs.len() / (3 * width * height);
+        let (outputs, run_times) = run(model, inputs.into(), images, &seeds, 1, ticket)?;
+        spent.add(run_times);
+        logits.extend(outputs.into_iter().map(|o| o.logits));
+    }
+    Ok((channels, logits))
+}
+
+/// The trust figures of every target, from one Run of the perturbed inputs (two per target).
+pub fn trust(
+    model: &ServedModel,
+    tensor: &[f32],
+    probabilities: &[f32],
+    targets: &mut [TargetMap],
+    spent: &mut Spent,
+    ticket: &Ticket,
+) -> Result<(), ExplainError> {
+    let (width, height) = (model.info.preprocess.width, model.info.preprocess.height);
+    let inputs = spent.cpu(|| {
+        let perturbations = targets.iter().flat_map(|t| {
+            let kept = display(&t.raw, &t.variants, width, height);
+            let removed = Map::new(width, height, kept.data.iter().map(|m| 1.0 - m).collect());
+            [kept, removed]
+        });
+        masked(tensor, perturbations)
+    });
+    let seeds = vec![0.0; model.info.num_classes()];
+    let (outputs, run_times) = run(model, inputs.into(), 2 * targets.len(), &seeds, 1, ticket)?;
+    spent.add(run_times);
+    for (target, pair) in targets.iter_mut().zip(outputs.chunks_exact(2)) {
+        target.trust = Some(Trust {
+            probability: probabilities[target.class],
+            kept_probability: softmax(&pair[0].logits)[target.class],
+            removed_probability: softmax(&pair[1].logits)[target.class],
+        });
+    }
+    Ok(())
+}
