@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use crate::config::ModelConfig;
 use crate::http::SharedState;
 use crate::http::error::{ApiError, ErrorCode};
-use crate::http::handlers::ModelView;
+use crate::http::views::ModelView;
 use crate::registry::ServedModel;
 
 /// The admin token and models folder, once the service has checked both are set.

@@ -8,18 +8,16 @@ use axum::Json;
 use axum::extract::{FromRequest, Path, RawQuery, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
 
 use crate::engine::{Caller, Ticket};
-use crate::explain::{self, Explanation, Timings};
+use crate::explain::{self, Timings};
 use crate::http::SharedState;
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::image_body::ImageBody;
 use crate::http::metrics::StageTimes;
 use crate::http::params;
 use crate::http::responses;
-use crate::onnx::model::ModelInfo;
-use crate::pipeline::cam::CamMethod;
+use crate::http::views::{ModelView, predictions};
 use crate::registry::ServedModel;
 
 pub async fn healthz() -> Json<serde_json::Value> {
@@ -49,80 +47,6 @@ pub async fn route_not_found() -> ApiError {
     ApiError::new(ErrorCode::RouteNotFound, "no such route; see openapi.yaml")
 }
 
-#[derive(Serialize)]
-pub struct ModelView<'a> {
-    name: &'a str,
-    input_size: Size,
-    num_classes: usize,
-    labels: &'a [String],
-    target_layer: &'a str,
-    /// Every target layer `layers=` can combine: the target layer first, then the extra ones.
-    layers: Vec<&'a str>,
-    /// Whether the model has guided backpropagation (`output=guided`).
-    guided: bool,
-    activation: ActivationShape,
-    methods: Vec<&'static str>,
-    device: crate::config::ExecutionProvider,
-    preprocess: PreprocessView,
-    source: Option<&'a str>,
-}
-
-#[derive(Serialize)]
-pub(crate) struct Size {
-    width: usize,
-    height: usize,
-}
-
-#[derive(Serialize)]
-struct ActivationShape {
-    channels: usize,
-    height: usize,
-    width: usize,
-}
-
-#[derive(Serialize)]
-struct PreprocessView {
-    resize: &'static str,
-    mean: [f32; 3],
-    std: [f32; 3],
-    channel_order: &'static str,
-    value_range: [f32; 2],
-}
-
-impl<'a> From<&'a ModelInfo> for ModelView<'a> {
-    fn from(info: &'a ModelInfo) -> Self {
-        let p = &info.preprocess;
-        let [channels, height, width] = info.activation_shape;
-        Self {
-            name: &info.name,
-            input_size: Size {
-                width: p.width,
-                height: p.height,
-            },
-            num_classes: info.num_classes(),
-            labels: &info.labels,
-            target_layer: &info.target_layer,
-            layers: info.layer_names(),
-            guided: info.guided,
-            activation: ActivationShape {
-                channels,
-                height,
-                width,
-            },
-            methods: CamMethod::ALL.iter().map(|m| m.name()).collect(),
-            device: info.device,
-            preprocess: PreprocessView {
-                resize: "stretch",
-                mean: p.mean,
-                std: p.std,
-                channel_order: p.channel_order.name(),
-                value_range: [p.value_range.0, p.value_range.1],
-            },
-            source: info.source.as_deref(),
-        }
-    }
-}
-
 pub async fn list_models(State(state): State<SharedState>) -> Response {
     let models = state.registry.models();
     let models: Vec<ModelView> = models.iter().map(|m| ModelView::from(&m.info)).collect();
@@ -144,32 +68,6 @@ pub async fn get_model(
 ) -> Result<Response, ApiError> {
     let model = find_model(&state, &name)?;
     Ok(Json(ModelView::from(&model.info)).into_response())
-}
-
-#[derive(Serialize)]
-pub(crate) struct Prediction<'a> {
-    class: usize,
-    label: &'a str,
-    probability: f32,
-    logit: f32,
-}
-
-pub(crate) fn predictions<'a>(
-    info: &'a ModelInfo,
-    logits: &[f32],
-    probabilities: &[f32],
-    top_k: usize,
-) -> Vec<Prediction<'a>> {
-    crate::onnx::contract::ranked(logits)
-        .into_iter()
-        .take(top_k)
-        .map(|class| Prediction {
-            class,
-            label: &info.labels[class],
-            probability: probabilities[class],
-            logit: logits[class],
-        })
-        .collect()
 }
 
 // The model and the query are checked before the body is read, so those errors come first and cost nothing.
@@ -274,9 +172,4 @@ fn add_timing_headers(
         HeaderName::from_static("x-batch-size"),
         HeaderValue::from(timings.batch_size),
     );
-}
-
-pub(crate) fn image_size(explanation: &Explanation) -> Size {
-    let (width, height) = explanation.photo_size;
-    Size { width, height }
 }

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod params;
 mod responses;
 mod ui;
+mod views;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -8,8 +8,8 @@ use serde::Serialize;
 
 use crate::explain::{Explanation, TargetMap, Trust};
 use crate::http::canvas::{Canvas, encoded};
-use crate::http::handlers::{Prediction, Size, image_size, predictions};
 use crate::http::params::{ExplainParams, HeatmapEncoding, MapSize, Output};
+use crate::http::views::{Prediction, Size, image_size, predictions};
 use crate::onnx::model::ModelInfo;
 use crate::pipeline::bands;
 use crate::pipeline::boxes::Region;
