@@ -236,93 +236,12 @@ pub fn parse_explain(
     limits: &Limits,
 ) -> Result<ExplainParams, ApiError> {
     let pairs = pairs(query, EXPLAIN_KEYS)?;
-    let classes: Vec<&str> = pairs
-        .iter()
-        .filter(|(k, _)| k == "class")
-        .map(|(_, v)| v.as_str())
-        .collect();
-    let top_k = single::<usize>(&pairs, "top_k", "a positive integer")?;
-    let targets = match (classes.is_empty(), top_k) {
-        (false, Some(_)) => return Err(invalid("give either `class` or `top_k`, not both".into())),
-        (true, None) => Targets::TopK(1),
-        (true, Some(0)) => return Err(invalid("`top_k` must be at least 1".into())),
-        (true, Some(k)) => Targets::TopK(k),
-        (false, None) => Targets::Classes(
-            classes
-                .iter()
-                .map(|c| resolve_class(model, c))
-                .collect::<Result<_, _>>()?,
-        ),
-    };
-
-    let methods: Vec<(&str, CamMethod)> = CamMethod::ALL.iter().map(|m| (m.name(), *m)).collect();
-    let method = choice(&pairs, "method", &methods, CamMethod::GradCam)?;
-    let flag = |key| single::<bool>(&pairs, key, "true or false").map(|v| v.unwrap_or(false));
-    let (eigen_smooth, aug_smooth, trust) =
-        (flag("eigen_smooth")?, flag("aug_smooth")?, flag("trust")?);
-    let relu = single::<bool>(&pairs, "relu", "true or false")?.unwrap_or(true);
-    let max_channels = single::<usize>(&pairs, "max_channels", "a positive integer")?;
-    if max_channels.is_some() && method != CamMethod::ScoreCam {
-        return Err(invalid(
-            "`max_channels` is Score-CAM's budget: it needs method=scorecam".into(),
-        ));
-    }
-    let max_channels = max_channels.unwrap_or(DEFAULT_SCORE_CAM_CHANNELS);
-    let output = choice(
-        &pairs,
-        "output",
-        &[
-            ("json", Output::Json),
-            ("overlay", Output::Overlay),
-            ("heatmap", Output::Heatmap),
-            ("raw", Output::Raw),
-            ("npy", Output::Npy),
-            ("boxes", Output::Boxes),
-            ("guided", Output::Guided),
-            ("guided_npy", Output::GuidedNpy),
-        ],
-        Output::Json,
-    )?;
-    let guided = matches!(output, Output::Guided | Output::GuidedNpy);
+    let targets = parse_targets(&pairs, model)?;
+    let (method, eigen_smooth, aug_smooth, trust, max_channels) = parse_method(&pairs)?;
     let layers = resolve_layers(model, single::<String>(&pairs, "layers", "")?.as_deref())?;
-    let heatmap = choice(
-        &pairs,
-        "heatmap",
-        &[
-            ("color", HeatmapEncoding::Color),
-            ("gray8", HeatmapEncoding::Gray8),
-            ("gray16", HeatmapEncoding::Gray16),
-        ],
-        HeatmapEncoding::Color,
-    )?;
-    let map_size = choice(
-        &pairs,
-        "map_size",
-        &[
-            ("activation", MapSize::Activation),
-            ("input", MapSize::Input),
-            ("image", MapSize::Image),
-        ],
-        MapSize::Activation,
-    )?;
-    let alpha = single::<f32>(&pairs, "alpha", "a number from 0 to 1")?.unwrap_or(0.5);
-    if !(0.0..=1.0).contains(&alpha) {
-        return Err(invalid(format!("`alpha` must be from 0 to 1, got {alpha}")));
-    }
-    let threshold = match single::<String>(&pairs, "threshold", "")? {
-        None => Threshold::DEFAULT,
-        Some(text) => Threshold::parse(&text).ok_or_else(|| {
-            invalid(format!(
-                "`threshold` must be `otsu` or a number above 0 and at most 1, got `{text}`"
-            ))
-        })?,
-    };
-    let max_boxes = single::<usize>(&pairs, "max_boxes", "an integer from 0 to 100")?.unwrap_or(1);
-    if max_boxes > 100 {
-        return Err(invalid(format!(
-            "`max_boxes` must be from 0 to 100, got {max_boxes}"
-        )));
-    }
+    let (output, format) = parse_output(&pairs)?;
+    let (heatmap, map_size, alpha, relu) = parse_drawing(&pairs)?;
+    let (threshold, max_boxes) = parse_boxes(&pairs)?;
     let max_side = single::<usize>(&pairs, "max_side", "a positive integer")?
         .unwrap_or(limits.max_output_side);
     if max_side == 0 || max_side > limits.max_output_side {
@@ -330,13 +249,6 @@ pub fn parse_explain(
             "`max_side` must be from 1 to {}, got {max_side}",
             limits.max_output_side
         )));
-    }
-    let format = match single::<String>(&pairs, "format", "")? {
-        None => None,
-        Some(_) => Some(choice(&pairs, "format", &Format::ALL, Format::Coco)?),
-    };
-    if format.is_some() && pairs.iter().any(|(k, _)| k == "output") {
-        return Err(invalid("give either `output` or `format`, not both".into()));
     }
     if trust && (format.is_some() || !matches!(output, Output::Json | Output::Raw | Output::Boxes))
     {
@@ -360,7 +272,7 @@ pub fn parse_explain(
             0
         },
         layers,
-        guided,
+        guided: matches!(output, Output::Guided | Output::GuidedNpy),
         // Only overlays draw the photo's pixels; everything else needs the model's input and the photo's size.
         drawn_side: (format.is_none() && matches!(output, Output::Overlay | Output::Json))
             .then_some(max_side),
@@ -387,6 +299,125 @@ pub fn parse_explain(
         format,
         image_format,
     })
+}
+
+/// `class` (repeated) or `top_k`; neither: the top class.
+fn parse_targets(pairs: &[(String, String)], model: &ModelInfo) -> Result<Targets, ApiError> {
+    let classes: Vec<&str> = pairs
+        .iter()
+        .filter(|(k, _)| k == "class")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let top_k = single::<usize>(pairs, "top_k", "a positive integer")?;
+    Ok(match (classes.is_empty(), top_k) {
+        (false, Some(_)) => return Err(invalid("give either `class` or `top_k`, not both".into())),
+        (true, None) => Targets::TopK(1),
+        (true, Some(0)) => return Err(invalid("`top_k` must be at least 1".into())),
+        (true, Some(k)) => Targets::TopK(k),
+        (false, None) => Targets::Classes(
+            classes
+                .iter()
+                .map(|c| resolve_class(model, c))
+                .collect::<Result<_, _>>()?,
+        ),
+    })
+}
+
+/// `method`, `eigen_smooth`, `aug_smooth`, `trust` and Score-CAM's `max_channels`.
+fn parse_method(
+    pairs: &[(String, String)],
+) -> Result<(CamMethod, bool, bool, bool, usize), ApiError> {
+    let methods: Vec<(&str, CamMethod)> = CamMethod::ALL.iter().map(|m| (m.name(), *m)).collect();
+    let method = choice(pairs, "method", &methods, CamMethod::GradCam)?;
+    let flag = |key| single::<bool>(pairs, key, "true or false").map(|v| v.unwrap_or(false));
+    let (eigen_smooth, aug_smooth, trust) =
+        (flag("eigen_smooth")?, flag("aug_smooth")?, flag("trust")?);
+    let max_channels = single::<usize>(pairs, "max_channels", "a positive integer")?;
+    if max_channels.is_some() && method != CamMethod::ScoreCam {
+        return Err(invalid(
+            "`max_channels` is Score-CAM's budget: it needs method=scorecam".into(),
+        ));
+    }
+    let max_channels = max_channels.unwrap_or(DEFAULT_SCORE_CAM_CHANNELS);
+    Ok((method, eigen_smooth, aug_smooth, trust, max_channels))
+}
+
+/// `output`, or a labeling tool's `format` in its place.
+fn parse_output(pairs: &[(String, String)]) -> Result<(Output, Option<Format>), ApiError> {
+    let output = choice(
+        pairs,
+        "output",
+        &[
+            ("json", Output::Json),
+            ("overlay", Output::Overlay),
+            ("heatmap", Output::Heatmap),
+            ("raw", Output::Raw),
+            ("npy", Output::Npy),
+            ("boxes", Output::Boxes),
+            ("guided", Output::Guided),
+            ("guided_npy", Output::GuidedNpy),
+        ],
+        Output::Json,
+    )?;
+    let format = match single::<String>(pairs, "format", "")? {
+        None => None,
+        Some(_) => Some(choice(pairs, "format", &Format::ALL, Format::Coco)?),
+    };
+    if format.is_some() && pairs.iter().any(|(k, _)| k == "output") {
+        return Err(invalid("give either `output` or `format`, not both".into()));
+    }
+    Ok((output, format))
+}
+
+/// How maps are drawn and returned: `heatmap`, `map_size`, `alpha`, `relu`.
+fn parse_drawing(
+    pairs: &[(String, String)],
+) -> Result<(HeatmapEncoding, MapSize, f32, bool), ApiError> {
+    let heatmap = choice(
+        pairs,
+        "heatmap",
+        &[
+            ("color", HeatmapEncoding::Color),
+            ("gray8", HeatmapEncoding::Gray8),
+            ("gray16", HeatmapEncoding::Gray16),
+        ],
+        HeatmapEncoding::Color,
+    )?;
+    let map_size = choice(
+        pairs,
+        "map_size",
+        &[
+            ("activation", MapSize::Activation),
+            ("input", MapSize::Input),
+            ("image", MapSize::Image),
+        ],
+        MapSize::Activation,
+    )?;
+    let alpha = single::<f32>(pairs, "alpha", "a number from 0 to 1")?.unwrap_or(0.5);
+    if !(0.0..=1.0).contains(&alpha) {
+        return Err(invalid(format!("`alpha` must be from 0 to 1, got {alpha}")));
+    }
+    let relu = single::<bool>(pairs, "relu", "true or false")?.unwrap_or(true);
+    Ok((heatmap, map_size, alpha, relu))
+}
+
+/// `threshold` and `max_boxes`.
+fn parse_boxes(pairs: &[(String, String)]) -> Result<(Threshold, usize), ApiError> {
+    let threshold = match single::<String>(pairs, "threshold", "")? {
+        None => Threshold::DEFAULT,
+        Some(text) => Threshold::parse(&text).ok_or_else(|| {
+            invalid(format!(
+                "`threshold` must be `otsu` or a number above 0 and at most 1, got `{text}`"
+            ))
+        })?,
+    };
+    let max_boxes = single::<usize>(pairs, "max_boxes", "an integer from 0 to 100")?.unwrap_or(1);
+    if max_boxes > 100 {
+        return Err(invalid(format!(
+            "`max_boxes` must be from 0 to 100, got {max_boxes}"
+        )));
+    }
+    Ok((threshold, max_boxes))
 }
 
 fn output_name(output: Output) -> &'static str {
