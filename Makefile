@@ -206,3 +206,9 @@ plain-fixtures: $(VENV_STAMP)
 clean:
 	cargo clean
 	rm -rf .ort .ort-1.30 $(VENV) $(DEPLOY_VENV) $(ST_VENV) $(CONSUMERS_VENV) $(LABEL_STUDIO_VENV) $(BENCH_VENV) node_modules
+
+## Box protocols measured offline (docs/localization-research.md): the synthetic set and the real-photo set, with
+## ONNX Runtime on the default model; LOCALIZATION_RESEARCH_ARGS e.g. --only 'aspect 320' or --several.
+localization-research: $(VENV_STAMP)
+	$(VENV)/bin/python bench/localization_set.py target/localization/set
+	$(VENV)/bin/python bench/localization_research.py $(LOCALIZATION_RESEARCH_ARGS)
