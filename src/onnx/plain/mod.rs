@@ -337,10 +337,7 @@ fn op_list(graph: &GraphProto, head: &[usize]) -> Vec<String> {
 fn unsupported(nodes: &[&NodeProto]) -> Vec<String> {
     nodes
         .iter()
-        .filter(|n| {
-            !(n.domain.is_empty() || n.domain == "ai.onnx")
-                || !SUPPORTED.contains(&n.op_type.as_str())
-        })
+        .filter(|n| rules::rule(n).is_none())
         .map(|n| format!("{} (node `{}`)", n.op_type, n.label()))
         .collect()
 }
