@@ -41,10 +41,16 @@ impl TensorInfo {
 pub struct Context<'a> {
     pub shapes: &'a HashMap<String, TensorInfo>,
     pub constants: &'a HashMap<String, Vec<f64>>,
+    pub statistics: Statistics,
+}
+
+/// Forward outputs a plain graph leaves off that some rules read, by the node's first output.
+#[derive(Default)]
+pub struct Statistics {
     /// MaxPool output -> its Indices output.
     pub maxpool_indices: HashMap<String, String>,
     /// LayerNormalization output -> its Mean and InvStdDev outputs.
-    pub layer_norm_stats: HashMap<String, (String, String)>,
+    pub layer_norm: HashMap<String, (String, String)>,
 }
 
 impl Context<'_> {

@@ -21,14 +21,15 @@ pub fn batch_norm(c: &Context, w: &mut Writer, s: &Step) -> Result<InputGradient
     s.only(w.op("Mul", &[s.g(), &factor], vec![]))
 }
 
-/// Reads the Mean and InvStdDev outputs the forward node was made to write (`Context::layer_norm_stats`).
+/// Reads the Mean and InvStdDev outputs the forward node was made to write (`Statistics::layer_norm`).
 pub fn layer_norm(c: &Context, w: &mut Writer, s: &Step) -> Result<InputGradients, String> {
     let (x, scale, g) = (s.x(), s.input(1), s.g());
     let rank = c.rank(x)?;
     let axis = normalize_axis(s.node.int("axis").unwrap_or(-1), rank);
     let axes: Vec<i64> = (axis..rank).collect();
     let (mean, inv_std) = c
-        .layer_norm_stats
+        .statistics
+        .layer_norm
         .get(s.y())
         .ok_or("LayerNormalization statistics missing")?;
     // dx = inv_std (gs - mean(gs) - xhat mean(gs xhat)), gs = g scale, xhat = (x - mean) inv_std

@@ -96,6 +96,7 @@ pub fn max_pool(c: &Context, w: &mut Writer, s: &Step) -> Result<InputGradients,
     let kernel = s.node.ints("kernel_shape").unwrap_or_default();
     let window = Window::of(c, s.node, kernel)?;
     let indices = c
+        .statistics
         .maxpool_indices
         .get(s.y())
         .ok_or("MaxPool indices missing")?;
