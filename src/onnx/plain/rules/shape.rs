@@ -1,0 +1,140 @@
+//! Ops that move values without changing them: the gradient goes back to where each value came from.
+
+use super::{Context, InputGradients, Step, normalize_axis, unbroadcast};
+use crate::onnx::plain::emit::Writer;
+use crate::onnx::plain::proto::Attr;
+
+/// Identity and Dropout (at inference, an identity).
+pub fn identity(_: &Context, _: &mut Writer, s: &Step) -> Result<InputGradients, String> {
+    s.only(s.g().to_owned())
+}
+
+/// Flatten, Reshape, Squeeze, Unsqueeze.
+pub fn reshape(_: &Context, w: &mut Writer, s: &Step) -> Result<InputGradients, String> {
+    s.only(w.reshape_like(s.g(), s.x()))
+}
+
+pub fn cast(c: &Context, w: &mut Writer, s: &Step) -> Result<InputGradients, String> {
+    let to = c.info(s.x())?.elem_type as i64;
+    s.only(w.op("Cast", &[s.g()], vec![("to", Attr::Int(to))]))
+}
+
+pub fn expand(c: &Context, w: &mut Writer, s: &Step) -> Result<InputGradients, String> {
+    s.only(unbroadcast(c, w, s.g(), s.x(), s.y())?)
+}
+
+pub fn transpose(c: &Context, w: &mut Writer, s: &Step) -> Result<InputGradients, String> {
+    let rank = c.rank(s.x())?;
+    let perm = s
+        .node
+        .ints("perm")
+        .unwrap_or_else(|| (0..rank).rev().collect());
+    let mut inverse = vec![0; perm.len()];
+    for (i, &p) in perm.iter().enumerate() {
+        inverse[p as usize] = i as i64;
+    }
+    s.only(w.op("Transpose", &[s.g()], vec![("perm", Attr::Ints(inverse))]))
+}
+
+/// Each input's gradient is its slice of `g` along the axis.
+pub fn concat(c: &Context, w: &mut Writer, s: &Step) -> Result<InputGradients, String> {
+    let axis = normalize_axis(s.node.int("axis").unwrap_or(0), c.rank(s.y())?);
+    let axes = w.ints(&[axis]);
+    let mut start = w.ints(&[0]);
+    let mut grads = Vec::new();
+    for input in &s.node.input {
+        let shape = w.shape(input);
+        let at = w.ints(&[axis]);
+        let size = w.op("Gather", &[&shape, &at], vec![("axis", Attr::Int(0))]);
+        let end = w.op("Add", &[&start, &size], vec![]);
+        if s.needs(input) {
+            grads.push((
+                input.clone(),
+                w.op("Slice", &[s.g(), &start, &end, &axes], vec![]),
+            ));
+        }
+        start = end;
+    }
+    Ok(grads)
+}
+
+/// The pieces' gradients side by side again; a piece that does not reach the scores contributes zeros.
+pub fn split(c: &Context, w: &mut Writer, s: &Step) -> Result<InputGradients, String> {
+    let axis = normalize_axis(s.node.int("axis").unwrap_or(0), c.rank(s.x())?);
+    let mut pieces = Vec::new();
+    for (output, grad) in s.node.output.iter().zip(s.output_grads) {
+        pieces.push(match grad {
+            Some(g) => g.clone(),
+            None => {
+                let shape = w.shape(output);
+                w.op("ConstantOfShape", &[&shape], vec![])
+            }
+        });
+    }
+    let pieces: Vec<&str> = pieces.iter().map(String::as_str).collect();
+    s.only(w.op("Concat", &pieces, vec![("axis", Attr::Int(axis))]))
+}
+
+/// Rows of `g` added back at the rows they were gathered from (repeated indices add up).
+pub fn gather(_: &Context, w: &mut Writer, s: &Step) -> Result<InputGradients, String> {
+    if s.node.int("axis").unwrap_or(0) != 0 {
+        return Err("Gather on an axis other than 0".into());
+    }
+    let (x, g, indices) = (s.x(), s.g(), s.input(1));
+    let shape = w.shape(x);
+    let first = w.ints(&[0]);
+    let rows = w.op("Gather", &[&shape, &first], vec![("axis", Attr::Int(0))]);
+    let zero = w.int(0);
+    let negative = w.op("Less", &[indices, &zero], vec![]);
+    let wrapped = w.op("Add", &[indices, &rows], vec![]);
+    let indices = w.op("Where", &[&negative, &wrapped, indices], vec![]);
+    if w.opset() < 16 {
+        return s.only(gather_by_one_hot(w, g, x, &indices, &rows));
+    }
+    let indices = w.unsqueeze(&indices, &[-1]);
+    let zeros = w.op("ConstantOfShape", &[&shape], vec![]);
+    let reduction = vec![("reduction", Attr::Str("add"))];
+    s.only(w.op("ScatterND", &[&zeros, &indices, g], reduction))
+}
+
+/// Gather's backward without scatter-add (before opset 16), where a plain ScatterND keeps only the last of
+/// repeated indices: one-hot rows summed by a MatMul, [rows,K] x [K,rest].
+fn gather_by_one_hot(w: &mut Writer, g: &str, x: &str, indices: &str, rows: &str) -> String {
+    let flat = w.ints(&[-1]);
+    let picked = w.op("Reshape", &[indices, &flat], vec![]);
+    let values = w.floats(&[2], &[0.0, 1.0]);
+    let one_hot = w.op(
+        "OneHot",
+        &[&picked, rows, &values],
+        vec![("axis", Attr::Int(0))],
+    );
+    let count = w.shape(&picked);
+    let g_shape = w.op("Concat", &[&count, &flat], vec![("axis", Attr::Int(0))]);
+    let g_rows = w.op("Reshape", &[g, &g_shape], vec![]);
+    let summed = w.op("MatMul", &[&one_hot, &g_rows], vec![]);
+    w.reshape_like(&summed, x)
+}
+
+/// `g` scattered back to the positions the slice took: the same Slice of an iota names them, as indices into
+/// the flattened input.
+pub fn slice(_: &Context, w: &mut Writer, s: &Step) -> Result<InputGradients, String> {
+    let shape = w.shape(s.x());
+    let total = w.reduce("ReduceProd", &shape, &[0], false);
+    let (zero, one) = (w.int(0), w.int(1));
+    let iota = w.op("Range", &[&zero, &total, &one], vec![]);
+    let positions = w.op("Reshape", &[&iota, &shape], vec![]);
+    let mut inputs: Vec<&str> = s.node.input.iter().map(String::as_str).collect();
+    inputs[0] = &positions;
+    let taken = w.op("Slice", &inputs, vec![]);
+    let flat = w.ints(&[-1]);
+    let taken = w.op("Reshape", &[&taken, &flat], vec![]);
+    let flat_g = w.op("Reshape", &[s.g(), &flat], vec![]);
+    let total = w.op("Reshape", &[&total, &flat], vec![]);
+    let zeros = w.op("ConstantOfShape", &[&total], vec![]);
+    let scattered = w.op(
+        "ScatterElements",
+        &[&zeros, &taken, &flat_g],
+        vec![("axis", Attr::Int(0))],
+    );
+    s.only(w.op("Reshape", &[&scattered, &shape], vec![]))
+}
