@@ -23,11 +23,7 @@ pub struct ServedModel {
 }
 
 /// One ONNX Runtime session as the engine's backend.
-pub struct OnnxSession {
-    session: Session,
-    /// [height, width] of the model's input.
-    input_size: [usize; 2],
-}
+pub struct OnnxSession(Session);
 
 impl Backend for OnnxSession {
     type Output = RunOutput;
@@ -36,11 +32,11 @@ impl Backend for OnnxSession {
         &mut self,
         inputs: &[f32],
         _images: usize,
+        shape: [usize; 2],
         seeds: &[f32],
         k: usize,
     ) -> Result<Vec<RunOutput>, String> {
-        session::run(&mut self.session, inputs, self.input_size, seeds, k)
-            .map_err(|e| e.to_string())
+        session::run(&mut self.0, inputs, shape, seeds, k).map_err(|e| e.to_string())
     }
 }
 
@@ -50,14 +46,7 @@ impl ServedModel {
         let started = Instant::now();
         let checked = CheckedModel::open(runtime, config)?;
         let mut roles = session_roles(config, checked.info.device).into_iter();
-        let input_size = [
-            checked.info.preprocess.height,
-            checked.info.preprocess.width,
-        ];
-        let backend = |session| OnnxSession {
-            session,
-            input_size,
-        };
+        let backend = OnnxSession;
         // The checked session is the first; the others are opened alike.
         let (threads, role) = roles.next().expect("a model has at least one session");
         let mut workers = Vec::new();

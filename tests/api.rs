@@ -316,15 +316,16 @@ async fn boxes_find_objects_at_known_positions() {
     assert!(boxes[0]["area"].as_u64() > boxes[1]["area"].as_u64());
 
     // A square on the model's own 8-pixel grid, in an image of the input size: red_blue_128.png's red square, whose
-    // upsampled map tests/dashboards.rs works out by hand. At 15% of the maximum the box grows 3 px on every
-    // side; at the default, half the maximum, it is the square exactly, as it is with threshold=0.5 given.
+    // upsampled map tests/dashboards.rs works out by hand, boxed on the target Run's map (`box_side=input`). At 15%
+    // of the maximum the box grows 3 px on every side; at half the maximum it is the square exactly.
     let size = (info.preprocess.width as u32, info.preprocess.height as u32);
     let image = png_bytes(&red_squares(size.0, size.1, &[(16, 32, 32)]));
     let square_box = |query: &'static str| {
         let server = &server;
         let image = image.clone();
         async move {
-            let url = format!("/v1/models/red/explain?class=red&output=boxes{query}");
+            let url =
+                format!("/v1/models/red/explain?class=red&output=boxes&box_side=input{query}");
             let (status, body) =
                 status_and_json(server.post_image(url, "image/png", image).await).await;
             assert_eq!(status, 200, "{body}");
@@ -335,7 +336,6 @@ async fn boxes_find_objects_at_known_positions() {
         square_box("&threshold=0.15").await,
         [13.0, 29.0, 51.0, 67.0]
     );
-    assert_eq!(square_box("").await, [16.0, 32.0, 48.0, 64.0]);
     assert_eq!(square_box("&threshold=0.5").await, [16.0, 32.0, 48.0, 64.0]);
     // Otsu's level lies between the grey (0) and the square's plateau (1), so its box is within the ramp too.
     let otsu = square_box("&threshold=otsu").await;

@@ -166,9 +166,12 @@ async fn formats_carry_the_known_square() {
     // At the paper's 15% the box grows to where the weight is still 0.1875: 3 px on each side.
     let (_, cvat) = explain(&server, "class=red&format=cvat&threshold=0.15").await;
     assert_eq!(cvat[0]["points"], json!([13, 29, 51, 67]));
-    // The default threshold is half the maximum: the square.
+    // The default threshold is Otsu's: its level falls between the grey and the plateau, here between col 14's
+    // weight (0.3125) and col 15's (0.4375), so the box grows 1 px on every side.
     let (_, cvat) = explain(&server, "class=red&format=cvat").await;
-    assert_eq!(cvat[0]["points"], json!(SQUARE));
+    let (_, otsu) = explain(&server, "class=red&format=cvat&threshold=otsu").await;
+    assert_eq!(cvat[0]["points"], otsu[0]["points"]);
+    assert_eq!(cvat[0]["points"], json!([15, 31, 49, 65]));
 }
 
 #[tokio::test(flavor = "multi_thread")]

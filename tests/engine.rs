@@ -33,7 +33,7 @@ fn explain(
 ) -> (RunOutput, RunTimes) {
     let caller = Caller::default();
     let (mut outputs, times) = runner
-        .run(image.clone(), 1, seeds.to_vec(), 1, &caller.ticket())
+        .run(image.clone(), 1, SIZE, seeds.to_vec(), 1, &caller.ticket())
         .unwrap();
     (outputs.remove(0), times)
 }
@@ -97,7 +97,7 @@ fn a_job_whose_caller_went_away_costs_no_run() {
     let runner = &model.runner;
     // The caller is dropped at once, as when a client disconnects or its request times out.
     let ticket = Caller::default().ticket();
-    let answer = runner.run(image.clone(), 1, seeds.clone(), 1, &ticket);
+    let answer = runner.run(image.clone(), 1, SIZE, seeds.clone(), 1, &ticket);
     assert!(
         matches!(answer, Err(EngineError::Abandoned)),
         "{:?}",

@@ -32,6 +32,7 @@ fn model() -> &'static ModelInfo {
             value_range: (0.0, 1.0),
         },
         activation_shape: [4, 2, 2],
+        stride: Some(4),
         device: ExecutionProvider::Cpu,
         source: None,
     })

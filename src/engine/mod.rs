@@ -22,12 +22,13 @@ use std::time::{Duration, Instant};
 pub trait Backend: Send + 'static {
     type Output: Send + 'static;
 
-    /// Runs `images` images laid out one after the other in `inputs`, each with `k` seed rows in `seeds`, in one
-    /// Run; returns one output per image.
+    /// Runs `images` images of `shape` ([height, width]) laid out one after the other in `inputs`, each with `k`
+    /// seed rows in `seeds`, in one Run; returns one output per image.
     fn run(
         &mut self,
         inputs: &[f32],
         images: usize,
+        shape: [usize; 2],
         seeds: &[f32],
         k: usize,
     ) -> Result<Vec<Self::Output>, String>;
@@ -97,6 +98,8 @@ struct Job<T> {
     input: Arc<[f32]>,
     seeds: Vec<f32>,
     images: usize,
+    /// [height, width] of every image: only jobs of one shape and one K share a Run.
+    shape: [usize; 2],
     k: usize,
     enqueued: Instant,
     ticket: Ticket,
@@ -161,12 +164,14 @@ impl<B: Backend> Runner<B> {
         Self { queue }
     }
 
-    /// Runs `images` images, each with `k` seed rows, in one Run; one output per image.
+    /// Runs `images` images of `shape` ([height, width]), each with `k` seed rows, in one Run; one output per
+    /// image.
     /// Blocks until the Run is done: call it from a blocking thread, never on the async runtime.
     pub fn run(
         &self,
         input: Arc<[f32]>,
         images: usize,
+        shape: [usize; 2],
         seeds: Vec<f32>,
         k: usize,
         ticket: &Ticket,
@@ -176,6 +181,7 @@ impl<B: Backend> Runner<B> {
             input,
             seeds,
             images,
+            shape,
             k,
             enqueued: Instant::now(),
             ticket: ticket.clone(),
@@ -279,18 +285,18 @@ impl<T> Queue<T> {
             Role::UnderLoad => first.images,
             Role::Always | Role::Alone => self.batching.max_batch,
         };
-        let (k, mut images) = (first.k, first.images);
+        let (k, shape, mut images) = (first.k, first.shape, first.images);
         let mut batch = vec![first];
         let deadline = Instant::now() + self.batching.max_wait;
         loop {
             while let Some(next) = state.jobs.front() {
-                if next.k != k || images + next.images > max_batch {
+                if next.k != k || next.shape != shape || images + next.images > max_batch {
                     break;
                 }
                 images += next.images;
                 batch.extend(state.jobs.pop_front());
             }
-            // A job of another K, or one that does not fit, waits for the next Run.
+            // A job of another K or shape, or one that does not fit, waits for the next Run.
             let closed_batch = images >= max_batch || !state.jobs.is_empty();
             let left = deadline.saturating_duration_since(Instant::now());
             if closed_batch || left.is_zero() || state.closed {
@@ -360,15 +366,15 @@ fn release_freed_memory() {
 
 fn run_batch<B: Backend>(backend: &mut B, threads: usize, batch: Vec<Job<B::Output>>) {
     let started = Instant::now();
-    let k = batch[0].k;
+    let (k, shape) = (batch[0].k, batch[0].shape);
     let batch_size = batch.iter().map(|job| job.images).sum();
     // One job runs from its own buffer; a batch needs the images side by side.
     let result = if let [job] = &batch[..] {
-        backend.run(&job.input, batch_size, &job.seeds, k)
+        backend.run(&job.input, batch_size, shape, &job.seeds, k)
     } else {
         let inputs: Vec<f32> = batch.iter().flat_map(|j| j.input.iter().copied()).collect();
         let seeds: Vec<f32> = batch.iter().flat_map(|j| j.seeds.iter().copied()).collect();
-        backend.run(&inputs, batch_size, &seeds, k)
+        backend.run(&inputs, batch_size, shape, &seeds, k)
     };
     let inference = started.elapsed();
     let result = result.and_then(|outputs| match outputs.len() {

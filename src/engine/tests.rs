@@ -12,6 +12,7 @@ use super::*;
 struct Ran {
     worker: usize,
     images: usize,
+    shape: [usize; 2],
     k: usize,
     /// The first value of each image: the test numbers its images.
     firsts: Vec<f32>,
@@ -25,7 +26,8 @@ struct Fake {
     fail: bool,
 }
 
-const VALUES: usize = 4;
+/// The shape of the test images (one value per pixel), unless a test says otherwise.
+const SHAPE: [usize; 2] = [2, 2];
 
 impl Backend for Fake {
     type Output = f32;
@@ -34,15 +36,20 @@ impl Backend for Fake {
         &mut self,
         inputs: &[f32],
         images: usize,
+        shape: [usize; 2],
         seeds: &[f32],
         k: usize,
     ) -> Result<Vec<f32>, String> {
-        assert_eq!(inputs.len(), images * VALUES);
+        assert_eq!(inputs.len(), images * shape[0] * shape[1]);
         assert_eq!(seeds.len(), images * k);
-        let firsts: Vec<f32> = inputs.chunks(VALUES).map(|image| image[0]).collect();
+        let firsts: Vec<f32> = inputs
+            .chunks(shape[0] * shape[1])
+            .map(|image| image[0])
+            .collect();
         let ran = Ran {
             worker: self.worker,
             images,
+            shape,
             k,
             firsts: firsts.clone(),
         };
@@ -100,12 +107,22 @@ impl Harness {
         k: usize,
         caller: &Caller,
     ) -> mpsc::Receiver<Result<(Vec<f32>, RunTimes), EngineError>> {
+        self.submit_shaped(n, SHAPE, k, caller)
+    }
+
+    fn submit_shaped(
+        &self,
+        n: f32,
+        shape: [usize; 2],
+        k: usize,
+        caller: &Caller,
+    ) -> mpsc::Receiver<Result<(Vec<f32>, RunTimes), EngineError>> {
         let (tx, rx) = mpsc::channel();
         let runner = self.runner.clone();
         let ticket = caller.ticket();
         std::thread::spawn(move || {
-            let input: Arc<[f32]> = vec![n; VALUES].into();
-            tx.send(runner.run(input, 1, vec![0.0; k], k, &ticket))
+            let input: Arc<[f32]> = vec![n; shape[0] * shape[1]].into();
+            tx.send(runner.run(input, 1, shape, vec![0.0; k], k, &ticket))
                 .unwrap();
         });
         rx
@@ -155,6 +172,7 @@ fn waiting_jobs_of_one_k_share_a_run_up_to_max_batch() {
         Ran {
             worker: 0,
             images: 2,
+            shape: SHAPE,
             k: 1,
             firsts: vec![1.0, 2.0]
         }
@@ -165,6 +183,7 @@ fn waiting_jobs_of_one_k_share_a_run_up_to_max_batch() {
         Ran {
             worker: 0,
             images: 1,
+            shape: SHAPE,
             k: 2,
             firsts: vec![9.0]
         }
@@ -320,6 +339,44 @@ fn dropping_the_runner_serves_what_waits() {
     started.recv_timeout(Duration::from_secs(10)).unwrap();
     finish.send(()).unwrap();
     for answer in answers {
+        assert!(answer.recv().unwrap().is_ok());
+    }
+}
+
+#[test]
+fn jobs_of_another_shape_wait_for_a_run_of_their_own() {
+    let h = harness(&[(1, Role::Always)], 1, 64, 8);
+    let caller = Caller::default();
+    let first = h.submit(0.0, 1, &caller);
+    h.next_run();
+    let small = h.queue(1.0, 1, &caller);
+    let wide = h.submit_shaped(2.0, [2, 3], 1, &caller);
+    h.wait_for_queue(2);
+    let small_again = h.queue(3.0, 1, &caller);
+    h.finish.send(()).unwrap();
+    assert!(first.recv().unwrap().is_ok());
+    let runs: Vec<Ran> = (0..3)
+        .map(|_| {
+            let ran = h.next_run();
+            h.finish.send(()).unwrap();
+            ran
+        })
+        .collect();
+    let ran = |images, shape, firsts: &[f32]| Ran {
+        worker: 0,
+        images,
+        shape,
+        k: 1,
+        firsts: firsts.to_vec(),
+    };
+    assert_eq!(
+        runs[0],
+        ran(1, SHAPE, &[1.0]),
+        "the job of another shape ends the batch"
+    );
+    assert_eq!(runs[1], ran(1, [2, 3], &[2.0]));
+    assert_eq!(runs[2], ran(1, SHAPE, &[3.0]));
+    for answer in [small, wide, small_again] {
         assert!(answer.recv().unwrap().is_ok());
     }
 }

@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 
-use crate::explain::{AUGMENTATIONS, ExplainOptions, TargetMap};
+use crate::explain::{AUGMENTATIONS, ExplainOptions, Localization, TargetMap};
 use crate::onnx::model::ModelInfo;
 use crate::onnx::session::RunOutput;
 use crate::pipeline::boxes::{self, Region};
@@ -30,7 +30,8 @@ pub fn fit(width: usize, height: usize, max_side: usize) -> (usize, usize) {
 pub type ScoreCamLogits = (Vec<usize>, Vec<Vec<f32>>);
 
 /// The target map of seed row `row`: its class, raw map (the mean of the augmented copies' with `aug_smooth`),
-/// display map at the analysis size, boxes in the photo's pixels and, when asked, Guided Grad-CAM.
+/// display map at the analysis size, Guided Grad-CAM when asked and, unless a localization Run will give them
+/// (`own_boxes` false), its boxes in the photo's pixels.
 pub fn target_map(
     info: &ModelInfo,
     options: &ExplainOptions,
@@ -38,6 +39,7 @@ pub fn target_map(
     scored: &[ScoreCamLogits],
     row: usize,
     photo_size: (usize, usize),
+    own_boxes: bool,
 ) -> TargetMap {
     let class = outputs[0].target_class[row];
     let input_size = (info.preprocess.width, info.preprocess.height);
@@ -89,22 +91,66 @@ pub fn target_map(
     });
     let analysis_size = fit(photo_size.0, photo_size.1, ANALYSIS_SIDE);
     let heat = display(&raw, &variants, analysis_size.0, analysis_size.1);
-    let boxes = match options.max_boxes {
-        0 => Vec::new(),
-        max_boxes => boxes::regions(&heat, options.threshold, max_boxes),
-    }
-    .into_iter()
-    .map(|region| scale_region(region, analysis_size, photo_size))
-    .collect();
+    let (boxes, level) = match own_boxes {
+        true => locate(&heat, options, photo_size),
+        false => (Vec::new(), None),
+    };
     TargetMap {
         class,
         raw,
         variants,
         heat,
         boxes,
+        localization: Localization {
+            map: None,
+            level,
+            input_size,
+            own_run: false,
+        },
         trust: None,
         guided,
     }
+}
+
+/// Boxes from the localization Run's outputs (seed row `row` is the target's class), which ran at `input_size`.
+pub fn relocate(
+    target: &mut TargetMap,
+    options: &ExplainOptions,
+    output: &RunOutput,
+    row: usize,
+    input_size: (usize, usize),
+    photo_size: (usize, usize),
+) {
+    let raw = gradient_map(options, output, row, input_size);
+    let analysis_size = fit(photo_size.0, photo_size.1, ANALYSIS_SIDE);
+    let map = cam::display_map(&raw, analysis_size.0, analysis_size.1);
+    let (boxes, level) = locate(&map, options, photo_size);
+    target.boxes = boxes;
+    target.localization = Localization {
+        map: Some(map),
+        level,
+        input_size,
+        own_run: true,
+    };
+}
+
+/// The boxes of a display map at the analysis size, in the photo's pixels, and the level they were cut at.
+fn locate(
+    map: &Map,
+    options: &ExplainOptions,
+    photo_size: (usize, usize),
+) -> (Vec<Region>, Option<f32>) {
+    let level = options.threshold.level(map);
+    let boxes = match (options.max_boxes, level) {
+        (0, _) | (_, None) => Vec::new(),
+        (max_boxes, Some(_)) => boxes::regions(map, options.threshold, max_boxes),
+    };
+    let analysis_size = (map.width, map.height);
+    let boxes = boxes
+        .into_iter()
+        .map(|region| scale_region(region, analysis_size, photo_size))
+        .collect();
+    (boxes, level)
 }
 
 impl TargetMap {

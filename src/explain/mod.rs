@@ -18,6 +18,7 @@ use image::RgbImage;
 
 use crate::config::Limits;
 use crate::engine::{EngineError, Ticket};
+use crate::onnx::model::ModelInfo;
 use crate::onnx::session::RunOutput;
 use crate::pipeline::boxes::{Region, Threshold};
 use crate::pipeline::cam::{CamMethod, Map};
@@ -55,10 +56,18 @@ pub struct ExplainOptions {
     pub layers: Vec<usize>,
     /// Also compute Guided Grad-CAM (the model must have `input_gradients`).
     pub guided: bool,
+    /// The longer side of the localization Run that boxes and labeling masks come from: a second Run at the
+    /// photo's aspect ratio (docs/localization.md). `None`, or a model of a fixed input size, Score-CAM,
+    /// `aug_smooth` or several layers: they come from the target Run's maps.
+    pub box_side: Option<usize>,
     /// Where an output draws the photo (an overlay), the longest side it is drawn at; `None` where no output shows
     /// the photo's pixels. A JPEG is decoded only as finely as this and the model's input need.
     pub drawn_side: Option<usize>,
 }
+
+/// The default longer side of the localization Run: on both localization sets the best of the sides measured
+/// with Otsu's threshold (docs/localization.md).
+pub const BOX_SIDE: usize = 320;
 
 /// Score-CAM's default channel budget: on the default model (1280 channels) the smallest tried whose picture is
 /// within about 0.06 of all channels', for 64 masked images' worth of Runs (docs/methods.md has the measurement).
@@ -77,6 +86,7 @@ impl Default for ExplainOptions {
             max_boxes: 1,
             layers: vec![0],
             guided: false,
+            box_side: Some(BOX_SIDE),
             drawn_side: None,
         }
     }
@@ -169,10 +179,24 @@ pub struct TargetMap {
     pub heat: Map,
     /// In original-image pixels.
     pub boxes: Vec<Region>,
+    /// How the boxes were made.
+    pub localization: Localization,
     pub trust: Option<Trust>,
     /// Guided Grad-CAM when asked for: guided backpropagation times the Grad-CAM map, at the model's input size,
     /// RGB pixels interleaved (HWC), as pytorch-grad-cam computes `cam_mask * gb`.
     pub guided: Option<Vec<f32>>,
+}
+
+/// Where a target's boxes (and labeling masks) were cut: which map, at which level.
+pub struct Localization {
+    /// The localization Run's display map at the analysis size; `None`: the target's own `heat`.
+    pub map: Option<Map>,
+    /// Pixels at or above it are in a box; `None` when the map has no positive maximum.
+    pub level: Option<f32>,
+    /// (width, height) of the input of the Run whose map it is.
+    pub input_size: (usize, usize),
+    /// Whether that was the localization Run (else the target Run).
+    pub own_run: bool,
 }
 
 /// Explains one photo: checks the request against the model, decodes, runs, and makes each target's maps and
@@ -185,7 +209,13 @@ pub fn explain_image(
     ticket: &Ticket,
 ) -> Result<Explanation, ExplainError> {
     options.check(&model.info, limits)?;
-    let (photo, tensor, decode) = runs::prepare(model, bytes, limits, options.drawn_side)?;
+    let localization = localization_plan(&model.info, options);
+    let (photo, tensor, decode) =
+        runs::prepare(model, bytes, limits, options.drawn_side, localization)?;
+    let input_size = (model.info.preprocess.width, model.info.preprocess.height);
+    let localization_size = localization
+        .map(|(side, stride)| runs::localization_size(photo.size, input_size, side, stride))
+        .filter(|&size| size != input_size);
     let runs::TargetRuns {
         inputs,
         mut outputs,
@@ -203,11 +233,32 @@ pub fn explain_image(
         _ => Vec::new(),
     };
     let rows = mapped_rows(&options.targets, &outputs[0]);
+    let own_boxes = localization_size.is_none();
     let mut targets = spent.cpu(|| {
         rows.iter()
-            .map(|&row| maps::target_map(&model.info, options, &outputs, &scored, row, photo.size))
+            .map(|&row| {
+                maps::target_map(
+                    &model.info,
+                    options,
+                    &outputs,
+                    &scored,
+                    row,
+                    photo.size,
+                    own_boxes,
+                )
+            })
             .collect::<Vec<_>>()
     });
+    if let Some(size) = localization_size {
+        let classes: Vec<usize> = targets.iter().map(|t| t.class).collect();
+        let located =
+            runs::localization_run(model, &photo.image, size, &classes, &mut spent, ticket)?;
+        spent.cpu(|| {
+            for (row, target) in targets.iter_mut().enumerate() {
+                maps::relocate(target, options, &located, row, size, photo.size);
+            }
+        });
+    }
     let probabilities = softmax(&outputs[0].logits);
     if options.trust {
         runs::trust(
@@ -233,6 +284,20 @@ pub fn explain_image(
             maps: spent.cpu,
         },
     })
+}
+
+/// The localization Run's (longer side, model stride), when the request has one: it asks for boxes or masks
+/// (`box_side`), the model runs at other sizes, and the method's map comes from one layer's gradients without
+/// augmentation (Score-CAM's masked Runs and `aug_smooth`'s copies would multiply its cost).
+fn localization_plan(info: &ModelInfo, options: &ExplainOptions) -> Option<(usize, usize)> {
+    let plain_gradients =
+        options.method != CamMethod::ScoreCam && !options.aug_smooth && options.layers == [0];
+    match (options.box_side, info.stride) {
+        (Some(side), Some(stride)) if plain_gradients && options.max_boxes > 0 => {
+            Some((side, stride))
+        }
+        _ => None,
+    }
 }
 
 /// The seed rows that get maps: all, or `BestOf`'s best-scoring.

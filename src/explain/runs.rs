@@ -4,33 +4,42 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use image::RgbImage;
+
 use crate::config::Limits;
-use crate::engine::{EngineError, RunTimes, Ticket};
+use crate::engine::{RunTimes, Ticket};
 use crate::explain::maps::{ScoreCamLogits, display, fit};
 use crate::explain::{
     AUGMENTATIONS, ExplainError, ExplainOptions, TargetMap, Targets, Timings, Trust, softmax,
 };
 use crate::onnx::session::RunOutput;
 use crate::pipeline::cam::{self, Map};
-use crate::pipeline::preprocess;
+use crate::pipeline::preprocess::{self, Preprocess};
 use crate::registry::ServedModel;
 
 /// Masked inputs per Run for Score-CAM: a Run's memory grows with its batch.
 const SCORE_CAM_IMAGES_PER_RUN: usize = 32;
 
-/// Decodes (no finer than the model's input and `drawn_side` need) and preprocesses; returns the photo, its tensor
-/// and how long that took.
+/// Decodes (no finer than the model's input, `drawn_side` and the localization Run, given as its (side, stride),
+/// need) and preprocesses; returns the photo, its tensor and how long that took.
 pub fn prepare(
     model: &ServedModel,
     bytes: &[u8],
     limits: &Limits,
     drawn_side: Option<usize>,
+    localization: Option<(usize, usize)>,
 ) -> Result<(preprocess::Decoded, Arc<[f32]>, Duration), ExplainError> {
     let started = Instant::now();
     let p = &model.info.preprocess;
     let photo = preprocess::decode_at_least(bytes, &limits.decode_limits(), |width, height| {
         let drawn = drawn_side.map_or((0, 0), |side| fit(width, height, side));
-        (p.width.max(drawn.0), p.height.max(drawn.1))
+        let located = localization.map_or((0, 0), |(side, stride)| {
+            localization_size((width, height), (p.width, p.height), side, stride)
+        });
+        (
+            p.width.max(drawn.0).max(located.0),
+            p.height.max(drawn.1).max(located.1),
+        )
     })?;
     // Made in place where the Runs read it (an exact-size `collect` allocates once), not copied there afterwards.
     let mut tensor: Arc<[f32]> = std::iter::repeat_n(0.0, p.tensor_len()).collect();
@@ -61,7 +70,7 @@ impl Spent {
     }
 }
 
-/// One Run of `images` images [images,3,H,W], each with the same K seed rows.
+/// One Run of `images` images at the model's input size [images,3,H,W], each with the same K seed rows.
 fn run(
     model: &ServedModel,
     inputs: Arc<[f32]>,
@@ -70,15 +79,23 @@ fn run(
     k: usize,
     ticket: &Ticket,
 ) -> Result<(Vec<RunOutput>, RunTimes), ExplainError> {
-    let (outputs, times) = model
+    let p = &model.info.preprocess;
+    run_at(model, inputs, images, [p.height, p.width], seeds, k, ticket)
+}
+
+/// One Run of `images` images of `shape` ([height, width]), each with the same K seed rows.
+fn run_at(
+    model: &ServedModel,
+    inputs: Arc<[f32]>,
+    images: usize,
+    shape: [usize; 2],
+    seeds: &[f32],
+    k: usize,
+    ticket: &Ticket,
+) -> Result<(Vec<RunOutput>, RunTimes), ExplainError> {
+    Ok(model
         .runner
-        .run(inputs, images, seeds.repeat(images), k, ticket)?;
-    if outputs.len() != images {
-        return Err(
-            EngineError::Failed(format!("{} outputs for {images} images", outputs.len())).into(),
-        );
-    }
-    Ok((outputs, times))
+        .run(inputs, images, shape, seeds.repeat(images), k, ticket)?)
 }
 
 /// Class scores only: one Run with a single all-zero seed row.
@@ -88,7 +105,7 @@ pub fn predict(
     limits: &Limits,
     ticket: &Ticket,
 ) -> Result<(Vec<f32>, Timings), ExplainError> {
-    let (_, tensor, decode) = prepare(model, bytes, limits, None)?;
+    let (_, tensor, decode) = prepare(model, bytes, limits, None, None)?;
     let seeds = vec![0.0; model.info.num_classes()];
     let (mut outputs, run) = run(model, tensor, 1, &seeds, 1, ticket)?;
     let timings = Timings {
@@ -278,4 +295,72 @@ pub fn trust(
         });
     }
     Ok(())
+}
+
+/// The input size, (width, height), of the localization Run: the photo's aspect ratio kept, its longer side
+/// `side` (but a photo smaller than that is not enlarged past the model's own input), each side rounded to a
+/// multiple of the model's `stride` (half up) and at least one stride.
+pub fn localization_size(
+    photo: (usize, usize),
+    input: (usize, usize),
+    side: usize,
+    stride: usize,
+) -> (usize, usize) {
+    let longer = photo.0.max(photo.1);
+    let side = side.min(longer.max(input.0.max(input.1)));
+    let scale = side as f64 / longer as f64;
+    let round = |length: usize| {
+        let cells = (length as f64 * scale / stride as f64 + 0.5).floor() as usize;
+        cells.max(1) * stride
+    };
+    (round(photo.0), round(photo.1))
+}
+
+/// The localization Run: the photo at `size` (width, height), one one-hot seed row per class.
+pub fn localization_run(
+    model: &ServedModel,
+    photo: &RgbImage,
+    size: (usize, usize),
+    classes: &[usize],
+    spent: &mut Spent,
+    ticket: &Ticket,
+) -> Result<RunOutput, ExplainError> {
+    let p = Preprocess {
+        width: size.0,
+        height: size.1,
+        ..model.info.preprocess.clone()
+    };
+    let tensor = spent.cpu(|| {
+        let mut tensor = vec![0.0; p.tensor_len()];
+        p.write_tensor(photo, &mut tensor);
+        tensor
+    });
+    let (seeds, k) = seed_rows(
+        &Targets::Classes(classes.to_vec()),
+        model.info.num_classes(),
+    );
+    let (mut outputs, times) =
+        run_at(model, tensor.into(), 1, [size.1, size.0], &seeds, k, ticket)?;
+    spent.add(times);
+    Ok(outputs.swap_remove(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn localization_sizes_keep_the_aspect_in_whole_cells() {
+        let size = |photo, side| localization_size(photo, (224, 224), side, 32);
+        // docs/localization.md's examples: the longer side 320, each side rounded half up to a multiple of 32.
+        assert_eq!(size((640, 427), 320), (320, 224));
+        assert_eq!(size((480, 360), 320), (320, 256));
+        assert_eq!(size((480, 640), 320), (256, 320));
+        assert_eq!(size((4000, 3000), 320), (320, 256));
+        // A very wide photo keeps one cell on its short side.
+        assert_eq!(size((4000, 100), 320), (320, 32));
+        // A photo smaller than the side is not enlarged past the model's input.
+        assert_eq!(size((128, 128), 320), (224, 224));
+        assert_eq!(size((300, 200), 320), (288, 192));
+    }
 }

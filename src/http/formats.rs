@@ -6,8 +6,8 @@
 //! - `coco`: COCO results (`bbox` [x, y, w, h], `segmentation` as compressed RLE) with the categories.
 //! - `fiftyone`: FiftyOne `Detections` (relative [x, y, w, h]) and each map as a grayscale PNG with its range.
 //!
-//! Every score is the class's probability. Masks are the display map at or above `threshold`'s level,
-//! the same binarization the boxes come from.
+//! Every score is the class's probability. Masks are the map the boxes were cut from, at the same level
+//! (`explain::Localization`).
 
 use base64::Engine as _;
 use serde_json::{Value, json};
@@ -16,7 +16,7 @@ use crate::explain::{Explanation, TargetMap};
 use crate::http::canvas::Canvas;
 use crate::http::params::{Format, HeatmapEncoding};
 use crate::onnx::model::ModelInfo;
-use crate::pipeline::boxes::{Region, Threshold};
+use crate::pipeline::boxes::Region;
 use crate::pipeline::cam::Map;
 use crate::pipeline::render::ImageFormat;
 
@@ -56,7 +56,6 @@ impl LabelStudioTags {
 
 /// What the formats need besides the explanation.
 pub struct FormatOptions<'a> {
-    pub threshold: Threshold,
     pub model_version: &'a str,
     /// Longest side of FiftyOne's heatmap PNGs.
     pub max_side: usize,
@@ -77,7 +76,7 @@ pub fn encode(
             &LabelStudioTags::readme(info, explanation),
         ),
         Format::Cvat => cvat(info, explanation),
-        Format::Coco => coco(info, explanation, options),
+        Format::Coco => coco(info, explanation),
         Format::FiftyOne => fiftyone(info, explanation, options),
     }
 }
@@ -96,9 +95,10 @@ pub struct Mask<'a> {
 }
 
 impl<'a> Mask<'a> {
-    pub fn new(heat: &'a Map, threshold: Threshold, width: usize, height: usize) -> Self {
-        // A map without a positive maximum has no region, as in `boxes::regions`.
-        let cut = threshold.level(heat).unwrap_or(f32::INFINITY);
+    /// The pixels at or above `level`; none when there is no level (a map without a positive maximum has no
+    /// region, as in `boxes::regions`).
+    pub fn at_level(heat: &'a Map, level: Option<f32>, width: usize, height: usize) -> Self {
+        let cut = level.unwrap_or(f32::INFINITY);
         Self {
             heat,
             cut,
@@ -156,9 +156,11 @@ fn spans(source: usize, target: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
-fn mask_of<'a>(target: &'a TargetMap, threshold: Threshold, explanation: &Explanation) -> Mask<'a> {
+/// The target's mask at the photo's size: where its boxes were cut.
+fn mask_of<'a>(target: &'a TargetMap, explanation: &Explanation) -> Mask<'a> {
     let (width, height) = explanation.photo_size;
-    Mask::new(&target.heat, threshold, width, height)
+    let map = target.localization.map.as_ref().unwrap_or(&target.heat);
+    Mask::at_level(map, target.localization.level, width, height)
 }
 
 fn label<'a>(info: &'a ModelInfo, target: &TargetMap) -> &'a str {
@@ -224,7 +226,7 @@ pub fn label_studio(
     if let Some(control) = &tags.brush {
         for (t, name) in &control.labels {
             let target = &explanation.targets[*t];
-            let mask = mask_of(target, options.threshold, explanation);
+            let mask = mask_of(target, explanation);
             let value = json!({ "format": "rle", "rle": brush_rle(&mask), "brushlabels": [name] });
             let score = probability(explanation, target);
             region(format!("c{t}m"), &control.name, "brushlabels", score, value);
@@ -254,11 +256,11 @@ pub fn cvat(info: &ModelInfo, explanation: &Explanation) -> Value {
 
 /// COCO results for one image: an annotation per box, with the mask pixels inside that box as its segmentation.
 /// Category ids are class index + 1 (COCO keeps 0 for "no category").
-pub fn coco(info: &ModelInfo, explanation: &Explanation, options: &FormatOptions) -> Value {
+pub fn coco(info: &ModelInfo, explanation: &Explanation) -> Value {
     let (width, height) = explanation.photo_size;
     let mut annotations = Vec::new();
     for target in &explanation.targets {
-        let mask = mask_of(target, options.threshold, explanation);
+        let mask = mask_of(target, explanation);
         for region in &target.boxes {
             let (counts, area) = coco_counts(&mask, region);
             annotations.push(json!({
@@ -479,6 +481,7 @@ impl BitWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::boxes::Threshold;
 
     fn map(width: usize, height: usize, data: &[f32]) -> Map {
         Map::new(width, height, data.to_vec())
@@ -494,7 +497,7 @@ mod tests {
             &(0..35).map(|i| ((i * 13) % 7) as f32).collect::<Vec<_>>(),
         );
         for (width, height) in [(23, 17), (5, 3), (7, 5)] {
-            let mask = Mask::new(&heat, Threshold::Fraction(0.5), width, height);
+            let mask = Mask::at_level(&heat, Threshold::Fraction(0.5).level(&heat), width, height);
             let pixel = |x: usize, y: usize| mask.at(x * 7 / width, y * 5 / height);
             let mut rows = Runs::default();
             for (row, count) in mask.rows() {
@@ -548,7 +551,7 @@ mod tests {
     fn brush_rle_bits_by_hand() {
         // One pixel off, one on: 8 RGBA values, two runs of 4.
         let heat = map(2, 1, &[0.0, 1.0]);
-        let mask = Mask::new(&heat, Threshold::Fraction(0.5), 2, 1);
+        let mask = Mask::at_level(&heat, Threshold::Fraction(0.5).level(&heat), 2, 1);
         let expected = concat!(
             "00000000000000000000000000001000", // 8 values
             "00111",                            // word size 8
@@ -581,7 +584,12 @@ mod tests {
     fn brush_rle_splits_runs_longer_than_the_widest_width() {
         // 20000 pixels set = 80000 values: one run of 65536 and one of 14464, both with the 16-bit width.
         let heat = map(200, 100, &[1.0; 20_000]);
-        let rle = brush_rle(&Mask::new(&heat, Threshold::Fraction(0.5), 200, 100));
+        let rle = brush_rle(&Mask::at_level(
+            &heat,
+            Threshold::Fraction(0.5).level(&heat),
+            200,
+            100,
+        ));
         // 32 + 5 + 16 header bits, then 2 runs of 1 + 2 + 16 + 8 bits: 107 bits in 14 bytes.
         assert_eq!(rle.len(), 14);
         assert_eq!(u32::from_be_bytes(rle[..4].try_into().unwrap()), 80_000);
@@ -592,7 +600,7 @@ mod tests {
         // A 4x3 mask (rows): 0110 / 0111 / 0000. pycocotools 2.0.11 `mask.encode(np.asfortranarray(m))` gives
         // counts b"32101OO" (column-major runs 3,2,1,2,2,1,1, zeros first), `area` 5.
         let heat = map(4, 3, &[0., 1., 1., 0., 0., 1., 1., 1., 0., 0., 0., 0.]);
-        let mask = Mask::new(&heat, Threshold::Fraction(0.5), 4, 3);
+        let mask = Mask::at_level(&heat, Threshold::Fraction(0.5).level(&heat), 4, 3);
         let everything = Region {
             x_min: 0,
             y_min: 0,

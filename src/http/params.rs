@@ -3,7 +3,7 @@
 
 use crate::config::Limits;
 use crate::explain::{
-    DEFAULT_SCORE_CAM_CHANNELS, ExplainOptions, Targets, resolve_class, resolve_layers,
+    BOX_SIDE, DEFAULT_SCORE_CAM_CHANNELS, ExplainOptions, Targets, resolve_class, resolve_layers,
 };
 use crate::http::error::{ApiError, ErrorCode};
 use crate::onnx::model::ModelInfo;
@@ -99,6 +99,7 @@ const EXPLAIN_KEYS: &[&str] = &[
     "layers",
     "image_format",
     "quality",
+    "box_side",
 ];
 
 /// JPEG quality when `image_format=jpeg` comes without `quality`: Pillow's and OpenCV's usual choice for photos.
@@ -241,7 +242,7 @@ pub fn parse_explain(
     let layers = resolve_layers(model, single::<String>(&pairs, "layers", "")?.as_deref())?;
     let (output, format) = parse_output(&pairs)?;
     let (heatmap, map_size, alpha, relu) = parse_drawing(&pairs)?;
-    let (threshold, max_boxes) = parse_boxes(&pairs)?;
+    let (threshold, max_boxes, box_side) = parse_boxes(&pairs)?;
     let max_side = single::<usize>(&pairs, "max_side", "a positive integer")?
         .unwrap_or(limits.max_output_side);
     if max_side == 0 || max_side > limits.max_output_side {
@@ -273,6 +274,7 @@ pub fn parse_explain(
         },
         layers,
         guided: matches!(output, Output::Guided | Output::GuidedNpy),
+        box_side,
         // Only overlays draw the photo's pixels; everything else needs the model's input and the photo's size.
         drawn_side: (format.is_none() && matches!(output, Output::Overlay | Output::Json))
             .then_some(max_side),
@@ -401,8 +403,12 @@ fn parse_drawing(
     Ok((heatmap, map_size, alpha, relu))
 }
 
-/// `threshold` and `max_boxes`.
-fn parse_boxes(pairs: &[(String, String)]) -> Result<(Threshold, usize), ApiError> {
+/// The range of `box_side`: below it a map has too few cells to box anything, above it the Run costs more than
+/// it localizes better (docs/localization.md).
+const BOX_SIDES: std::ops::RangeInclusive<usize> = 64..=1024;
+
+/// `threshold`, `max_boxes` and `box_side` (a number, or `input`: boxes from the target Run's map).
+fn parse_boxes(pairs: &[(String, String)]) -> Result<(Threshold, usize, Option<usize>), ApiError> {
     let threshold = match single::<String>(pairs, "threshold", "")? {
         None => Threshold::DEFAULT,
         Some(text) => Threshold::parse(&text).ok_or_else(|| {
@@ -417,7 +423,21 @@ fn parse_boxes(pairs: &[(String, String)]) -> Result<(Threshold, usize), ApiErro
             "`max_boxes` must be from 0 to 100, got {max_boxes}"
         )));
     }
-    Ok((threshold, max_boxes))
+    let box_side = match single::<String>(pairs, "box_side", "")?.as_deref() {
+        None => Some(BOX_SIDE),
+        Some("input") => None,
+        Some(text) => match text.parse::<usize>() {
+            Ok(side) if BOX_SIDES.contains(&side) => Some(side),
+            _ => {
+                return Err(invalid(format!(
+                    "`box_side` must be `input` or a number of pixels from {} to {}, got `{text}`",
+                    BOX_SIDES.start(),
+                    BOX_SIDES.end()
+                )));
+            }
+        },
+    };
+    Ok((threshold, max_boxes, box_side))
 }
 
 fn output_name(output: Output) -> &'static str {

@@ -6,13 +6,13 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::Serialize;
 
-use crate::explain::{Explanation, TargetMap, Trust};
+use crate::explain::{ExplainOptions, Explanation, TargetMap, Trust};
 use crate::http::canvas::{Canvas, encoded};
 use crate::http::params::{ExplainParams, HeatmapEncoding, MapSize, Output};
 use crate::http::views::{Prediction, Size, image_size, predictions};
 use crate::onnx::model::ModelInfo;
 use crate::pipeline::bands;
-use crate::pipeline::boxes::Region;
+use crate::pipeline::boxes::{Region, Threshold};
 use crate::pipeline::cam::Map;
 use crate::pipeline::render::{self, ImageFormat};
 
@@ -34,6 +34,8 @@ struct TargetBody<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     boxes: Option<Vec<BoxBody>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    localization: Option<LocalizationBody>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     map: Option<MapBody>,
     #[serde(skip_serializing_if = "Option::is_none")]
     overlay_png: Option<String>,
@@ -41,6 +43,31 @@ struct TargetBody<'a> {
     heatmap_png: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     trust: Option<TrustBody>,
+}
+
+#[derive(Serialize)]
+struct LocalizationBody {
+    method: &'static str,
+    threshold: serde_json::Value,
+    level: Option<f32>,
+    input_size: [usize; 2],
+    run: &'static str,
+}
+
+impl LocalizationBody {
+    fn new(target: &TargetMap, options: &ExplainOptions) -> Self {
+        let l = &target.localization;
+        Self {
+            method: options.method.name(),
+            threshold: match options.threshold {
+                Threshold::Fraction(fraction) => serde_json::json!(fraction),
+                Threshold::Otsu => serde_json::json!("otsu"),
+            },
+            level: l.level,
+            input_size: [l.input_size.0, l.input_size.1],
+            run: if l.own_run { "localization" } else { "target" },
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -133,7 +160,6 @@ pub fn encode(info: &ModelInfo, explanation: &Explanation, params: &ExplainParam
             info,
             explanation,
             &crate::http::formats::FormatOptions {
-                threshold: params.options.threshold,
                 model_version: &info.name,
                 max_side: params.max_side,
                 gray8: params.heatmap == HeatmapEncoding::Gray8,
@@ -218,6 +244,7 @@ fn json_body<'a>(
                 label: &info.labels[target.class],
                 probability: explanation.probabilities[target.class],
                 boxes: with_boxes.then(|| target.boxes.iter().map(BoxBody::from).collect()),
+                localization: with_boxes.then(|| LocalizationBody::new(target, &params.options)),
                 map: with_map.then(|| {
                     let (map, (min, max)) = cam_map(target, params, info, canvas);
                     MapBody {

@@ -30,6 +30,10 @@ pub struct ModelInfo {
     pub preprocess: Preprocess,
     /// [channels, height, width] of the target layer at the model's input size.
     pub activation_shape: [usize; 3],
+    /// The input pixels per target-layer cell along each side (32 for most ImageNet CNNs), when the model runs at
+    /// other input sizes too (symbolic height and width, proved by a Run at another size); `None` for a fixed
+    /// input size.
+    pub stride: Option<usize>,
     /// The execution provider the sessions really run on.
     pub device: ExecutionProvider,
     pub source: Option<String>,
@@ -156,6 +160,7 @@ fn check(
     let extra_layers = extra_layer_names(session, &meta)?;
     let guided = has_output(session, INPUT_GRADIENTS);
     let activation_shape = probe(session, &meta)?;
+    let stride = probe_other_size(session, &meta, activation_shape);
     Ok(ModelInfo {
         name: config.name.clone(),
         file: config.file.clone(),
@@ -165,6 +170,7 @@ fn check(
         guided,
         preprocess: meta.preprocess,
         activation_shape,
+        stride,
         device,
         source: meta.source,
     })
@@ -340,6 +346,28 @@ fn static_dim(session: &Session, output: bool, name: &str, axis: usize) -> Optio
         return None;
     };
     usize::try_from(*shape.get(axis)?).ok()
+}
+
+/// Whether the model also runs at another input size, and its stride: a Run at the input's height and 1.5 times
+/// its width (a multiple of the stride) must give the target layer a grid as much wider. Models with a fixed size
+/// fail the Run, which is not an error: they are explained at their own size only.
+fn probe_other_size(
+    session: &mut Session,
+    meta: &Metadata,
+    activation_shape: [usize; 3],
+) -> Option<usize> {
+    let (height, width) = (meta.preprocess.height, meta.preprocess.width);
+    let [_, grid_h, grid_w] = activation_shape;
+    let stride = width / grid_w;
+    if stride == 0 || stride * grid_w != width || stride * grid_h != height {
+        return None;
+    }
+    let wider = width + stride * (grid_w / 2).max(1);
+    let classes = meta.labels.len();
+    let input = vec![0.1f32; 3 * height * wider];
+    let out = run(session, &input, [height, wider], &vec![0.0; classes], 1).ok()?;
+    let grid = out.first()?.activation_shape;
+    (grid[1..] == [grid_h, wider / stride]).then_some(stride)
 }
 
 /// Runs the model once on a fixed pattern and checks what the contract promises: the shapes, that seeds pick the

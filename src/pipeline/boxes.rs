@@ -15,8 +15,9 @@ pub enum Threshold {
 impl Threshold {
     /// The Grad-CAM paper's protocol: 15% of the maximum.
     pub const PAPER: Threshold = Threshold::Fraction(0.15);
-    /// Half the maximum: what localized best on camserve's localization study (docs/localization.md).
-    pub const DEFAULT: Threshold = Threshold::Fraction(0.5);
+    /// Otsu's threshold: with the localization Run, what localized best on both of camserve's localization sets
+    /// (docs/localization.md).
+    pub const DEFAULT: Threshold = Threshold::Otsu;
 
     /// `otsu`, or a fraction above 0 and at most 1.
     pub fn parse(text: &str) -> Option<Threshold> {

@@ -315,7 +315,6 @@ async fn predict_task(
     let version = backend.model_version();
     let tags = plan.tags(&explanation, top_k);
     let options = FormatOptions {
-        threshold: config.threshold,
         model_version: &version,
         max_side: state.limits.max_output_side,
         gray8: false,
