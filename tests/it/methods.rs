@@ -3,13 +3,11 @@
 //! says which). Maps are compared as pytorch-grad-cam returns them: ReLU, min-max, resized to the input, min-max,
 //! read from the server's 16-bit grey heatmap (quantization error at most 7.7e-6).
 
-mod common;
-
 use std::collections::BTreeMap;
 
+use crate::support::{TestServer, fixture, model_config, served_name};
 use camserve::config::Limits;
 use camserve::explain::DEFAULT_SCORE_CAM_CHANNELS;
-use common::{TestServer, fixture, model_config, served_name};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -108,7 +106,7 @@ async fn served_map(server: &TestServer, case: &Case, options: &str) -> Vec<f32>
 }
 
 fn reference(path: &str) -> Vec<f32> {
-    common::read_npy_file(&fixture(path)).1
+    crate::support::read_npy_file(&fixture(path)).1
 }
 
 fn max_abs_difference(a: &[f32], b: &[f32]) -> f32 {

@@ -3,9 +3,7 @@
 //! measured. The default model, the real server: each case's IoU must stay where it was, and the default threshold
 //! must localize better than the Grad-CAM paper's protocol (15% of the maximum).
 
-mod common;
-
-use common::{TestServer, fixture, model_config, root};
+use crate::support::{TestServer, fixture, model_config, root};
 use serde_json::Value;
 
 /// IoUs may move this much (a pixel or two of box edge) before the figures count as changed.

@@ -1,11 +1,9 @@
 //! Every error a client can cause: its status, its stable code, and the request id in body and header.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::support::{Options, TestServer, fixture, model_config, png_bytes};
 use camserve::config::Limits;
-use common::{Options, TestServer, fixture, model_config, png_bytes};
 use reqwest::Method;
 use serde_json::Value;
 

@@ -3,8 +3,6 @@
 //! nginx comes from Debian (`apt-get install nginx`, which .ci/run does); without it the test is skipped,
 //! except in CI, where it must run.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -12,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{fixture, ort_library, root};
+use crate::support::{fixture, ort_library, root};
 use serde_json::{Value, json};
 
 /// A child process that is stopped when the test ends, however it ends.

@@ -2,18 +2,16 @@
 //! produced by a real request to the live server, and what comes back conforms to the documented schema
 //! (`additionalProperties: false` everywhere, so undocumented fields fail too).
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
+use crate::support::{Options, TestServer, fixture, label_studio_config, model_config, png_bytes};
 use camserve::config::{CorsConfig, LabelStudioConfig, Limits};
 use camserve::http::Admin;
-use common::{Options, TestServer, fixture, label_studio_config, model_config, png_bytes};
 use serde_json::Value;
 
 fn spec() -> Value {
-    let text = std::fs::read_to_string(common::root().join("openapi.yaml")).unwrap();
+    let text = std::fs::read_to_string(crate::support::root().join("openapi.yaml")).unwrap();
     serde_norway::from_str(&text).unwrap()
 }
 

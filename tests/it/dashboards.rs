@@ -7,14 +7,12 @@
 //! cols 16..=19 weigh 0.5625, 0.6875, 0.8125, 0.9375 (and mirrored on the right); col 15 weighs 0.4375 and
 //! col 13 0.1875. So at threshold 0.5 the box is the square exactly, and at 0.15 it grows 3 px on every side.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::support::{TestServer, fixture, label_studio_config, model_config, status_and_json};
 use axum::Router;
 use axum::routing::get;
 use camserve::config::{CorsConfig, LabelStudioConfig, Limits};
-use common::{TestServer, fixture, label_studio_config, model_config, status_and_json};
 use serde_json::{Value, json};
 
 const SQUARE: [u64; 4] = [16, 32, 48, 64]; // x_min, y_min, x_max, y_max (exclusive)

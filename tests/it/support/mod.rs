@@ -1,5 +1,4 @@
 //! Shared test harness: the real ONNX Runtime, real model files, the real server on 127.0.0.1:0.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};

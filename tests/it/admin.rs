@@ -1,10 +1,8 @@
 //! The admin API: models registered, replaced, reloaded and removed while serving, behind a bearer token,
 //! only from the models folder; a replacement that fails leaves the old model serving.
 
-mod common;
-
+use crate::support::{Options, TestServer, fixture, model_config, png_bytes};
 use camserve::http::Admin;
-use common::{Options, TestServer, fixture, model_config, png_bytes};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "test-token-0123456789";
@@ -256,7 +254,7 @@ fn resident_mib() -> f64 {
 /// Before released memory was handed back, every replacement of EfficientNet-Lite0 left about 50 MiB resident.
 #[tokio::test(flavor = "multi_thread")]
 async fn replacing_a_model_gives_its_memory_back() {
-    let models_dir = common::root().join("models");
+    let models_dir = crate::support::root().join("models");
     let admin = Admin {
         token: TOKEN.into(),
         models_dir: models_dir.clone(),

@@ -1,14 +1,12 @@
 //! The session layout on real sessions of the default model: a request that arrives alone runs on the session of
 //! all the threads, one-thread sessions run one request each, and every session gives the same answers. The
 //! engine's queueing, batching and backpressure rules are unit-tested with a fake backend (src/engine/tests.rs).
-mod common;
-
 use std::sync::Arc;
 
+use crate::support::{model_config, root, runtime};
 use camserve::engine::{Caller, EngineError, RunTimes, Runner};
 use camserve::onnx::session::RunOutput;
 use camserve::registry::{OnnxSession, ServedModel};
-use common::{model_config, root, runtime};
 
 const SIZE: [usize; 2] = [224, 224];
 

@@ -2,12 +2,10 @@
 //! layers (`activations_i` / `gradients_i`), served by the real server from `tiny_cnn_extras.onnx` and compared with
 //! pytorch-grad-cam's numbers (tests/fixtures/reference/extras.json, made by the exporter).
 
-mod common;
-
 use std::collections::BTreeMap;
 
+use crate::support::{TestServer, fixture, model_config, read_npy, read_npy_file, status_and_json};
 use camserve::config::Limits;
-use common::{TestServer, fixture, model_config, read_npy, read_npy_file, status_and_json};
 
 #[derive(serde::Deserialize)]
 struct Case {
@@ -174,7 +172,7 @@ async fn the_optional_outputs_change_nothing_else() {
         assert_eq!(a["class"], b["class"]);
         let a: Vec<f32> = serde_json::from_value(a["map"]["data"].clone()).unwrap();
         let b: Vec<f32> = serde_json::from_value(b["map"]["data"].clone()).unwrap();
-        assert!(common::max_relative_error(&a, &b) < 1e-5);
+        assert!(crate::support::max_relative_error(&a, &b) < 1e-5);
     }
     // One extra layer alone: a map on its own 16x16 grid.
     let (status, body) = status_and_json(

@@ -1,12 +1,10 @@
 //! The HTTP API end to end: real server on a real socket, real ONNX Runtime, real model files.
 
-mod common;
-
-use camserve::config::Limits;
-use common::{
+use crate::support::{
     TestServer, fixture, max_relative_error, model_config, png_bytes, read_npy, read_npy_file,
     served_name, status_and_json,
 };
+use camserve::config::Limits;
 use image::{Rgb, RgbImage};
 use serde_json::Value;
 

@@ -1,13 +1,11 @@
 //! Start-up: models that break the contract are refused with a message that says what is wrong, ONNX Runtime
 //! must be the right library, and the command line runs the same pipeline as the server.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
+use crate::support::{TempFile, fixture, model_config, root, runtime};
 use camserve::registry::Registry;
-use common::{TempFile, fixture, model_config, root, runtime};
 
 fn refusal(file: &str) -> String {
     let config = model_config("broken", &fixture(file));
@@ -147,7 +145,7 @@ fn a_missing_or_wrong_onnx_runtime_stops_the_start_with_what_to_run() {
 fn a_refused_model_stops_the_server_with_its_reason() {
     let config = write_config(
         "refused",
-        &common::ort_library(),
+        &crate::support::ort_library(),
         &fixture("broken_no_gradients.onnx"),
     );
     let out = camserve(&[
@@ -167,7 +165,11 @@ fn a_refused_model_stops_the_server_with_its_reason() {
 
 #[test]
 fn explain_on_the_command_line_writes_the_overlay() {
-    let config = write_config("cli", &common::ort_library(), &fixture("tiny_cnn.onnx"));
+    let config = write_config(
+        "cli",
+        &crate::support::ort_library(),
+        &fixture("tiny_cnn.onnx"),
+    );
     let cases: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("reference/cases.json")).unwrap())
             .unwrap();
@@ -232,7 +234,7 @@ fn the_default_model_recognises_a_cat() {
 /// The container's HEALTHCHECK: 0 on a ready server, non-zero when it is not ready or nothing listens.
 #[tokio::test(flavor = "multi_thread")]
 async fn healthcheck_exits_zero_only_on_a_ready_server() {
-    let server = common::TestServer::start().await;
+    let server = crate::support::TestServer::start().await;
     let healthcheck = |url: String| async move {
         tokio::task::spawn_blocking(move || camserve(&["healthcheck", "--url", &url]))
             .await
