@@ -314,7 +314,7 @@ async fn boxes_find_objects_at_known_positions() {
     assert!(boxes[0]["area"].as_u64() > boxes[1]["area"].as_u64());
 
     // A square on the model's own 8-pixel grid, in an image of the input size: red_blue_128.png's red square, whose
-    // upsampled map tests/dashboards.rs works out by hand. At 15% of the maximum the box grows 3 px on every
+    // upsampled map tests/it/dashboards.rs works out by hand. At 15% of the maximum the box grows 3 px on every
     // side; at the default, half the maximum, it is the square exactly, as it is with threshold=0.5 given.
     let size = (info.preprocess.width as u32, info.preprocess.height as u32);
     let image = png_bytes(&red_squares(size.0, size.1, &[(16, 32, 32)]));
