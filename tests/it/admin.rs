@@ -1,9 +1,10 @@
 //! The admin API: models registered, replaced, reloaded and removed while serving, behind a bearer token,
 //! only from the models folder; a replacement that fails leaves the old model serving.
 
-use crate::support::{Options, TestServer, fixture, model_config, png_bytes};
 use camserve::http::Admin;
 use serde_json::{Value, json};
+
+use crate::support::{TestServer, fixture, png_bytes};
 
 const TOKEN: &str = "test-token-0123456789";
 
@@ -12,15 +13,11 @@ async fn admin_server() -> TestServer {
         token: TOKEN.into(),
         models_dir: fixture(""),
     };
-    let models = vec![model_config("tiny", &fixture("tiny_cnn.onnx"))];
-    TestServer::with_options(
-        models,
-        Options {
-            admin: Some(admin),
-            ..Options::default()
-        },
-    )
-    .await
+    TestServer::builder()
+        .model("tiny", &fixture("tiny_cnn.onnx"))
+        .admin(admin)
+        .start()
+        .await
 }
 
 async fn put(server: &TestServer, name: &str, token: Option<&str>, body: &str) -> (u16, Value) {
@@ -259,15 +256,11 @@ async fn replacing_a_model_gives_its_memory_back() {
         token: TOKEN.into(),
         models_dir: models_dir.clone(),
     };
-    let models = vec![model_config(
-        "lite",
-        &models_dir.join("efficientnet_lite0.onnx"),
-    )];
-    let options = Options {
-        admin: Some(admin),
-        ..Options::default()
-    };
-    let server = TestServer::with_options(models, options).await;
+    let server = TestServer::builder()
+        .model("lite", &models_dir.join("efficientnet_lite0.onnx"))
+        .admin(admin)
+        .start()
+        .await;
     let image = std::fs::read(fixture("images/chelsea_224.png")).unwrap();
     let replace_and_explain = async || {
         let (status, body) = put(

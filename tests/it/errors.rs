@@ -2,10 +2,11 @@
 
 use std::time::Duration;
 
-use crate::support::{Options, TestServer, fixture, model_config, png_bytes};
 use camserve::config::Limits;
 use reqwest::Method;
 use serde_json::Value;
+
+use crate::support::{TestServer, fixture, png_bytes};
 
 struct Bad {
     method: Method,
@@ -69,11 +70,11 @@ async fn every_error_has_its_status_code_and_request_id() {
         max_image_pixels: 1_000_000,
         ..Limits::default()
     };
-    let server = TestServer::with(
-        vec![model_config("tiny", &fixture("tiny_cnn.onnx"))],
-        limits,
-    )
-    .await;
+    let server = TestServer::builder()
+        .model("tiny", &fixture("tiny_cnn.onnx"))
+        .limits(limits)
+        .start()
+        .await;
     let explain = "/v1/models/tiny/explain";
     let gif = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x00\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;".to_vec();
     // A JPEG whose header claims 60000 x 60000 pixels: refused from the header, before any pixel is decoded.
@@ -345,11 +346,10 @@ async fn every_error_has_its_status_code_and_request_id() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn request_ids_are_echoed_or_made() {
-    let server = TestServer::with(
-        vec![model_config("tiny", &fixture("tiny_cnn.onnx"))],
-        Limits::default(),
-    )
-    .await;
+    let server = TestServer::builder()
+        .model("tiny", &fixture("tiny_cnn.onnx"))
+        .start()
+        .await;
     let response = server
         .client
         .get(server.url("/v1/models/nope"))
@@ -388,15 +388,11 @@ async fn request_ids_are_echoed_or_made() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_past_the_timeout_gets_503_and_retry_after() {
-    let models = vec![model_config("tiny", &fixture("tiny_cnn.onnx"))];
-    let server = TestServer::with_options(
-        models,
-        Options {
-            request_timeout: Duration::from_millis(1),
-            ..Options::default()
-        },
-    )
-    .await;
+    let server = TestServer::builder()
+        .model("tiny", &fixture("tiny_cnn.onnx"))
+        .request_timeout(Duration::from_millis(1))
+        .start()
+        .await;
     // Decoding and resizing a 2000 x 2000 photo takes far longer than 1 ms.
     let big = png_bytes(&image::RgbImage::from_fn(2000, 2000, |x, y| {
         image::Rgb([x as u8, y as u8, 7])

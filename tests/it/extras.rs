@@ -4,8 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::support::{TestServer, fixture, model_config, read_npy, read_npy_file, status_and_json};
-use camserve::config::Limits;
+use crate::support::{TestServer, fixture, read_npy, read_npy_file, status_and_json};
 
 #[derive(serde::Deserialize)]
 struct Case {
@@ -27,14 +26,11 @@ fn cases() -> Vec<Case> {
 
 /// `extras`: the model with both optional outputs; `tiny`: the same weights without them.
 async fn server() -> TestServer {
-    TestServer::with(
-        vec![
-            model_config("extras", &fixture("tiny_cnn_extras.onnx")),
-            model_config("tiny", &fixture("tiny_cnn.onnx")),
-        ],
-        Limits::default(),
-    )
-    .await
+    TestServer::builder()
+        .model("extras", &fixture("tiny_cnn_extras.onnx"))
+        .model("tiny", &fixture("tiny_cnn.onnx"))
+        .start()
+        .await
 }
 
 fn max_abs_difference(a: &[f32], b: &[f32]) -> f32 {

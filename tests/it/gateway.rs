@@ -10,8 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::support::{fixture, ort_library, root};
 use serde_json::{Value, json};
+
+use crate::support::{fixture, ort_library, root};
 
 /// A child process that is stopped when the test ends, however it ends.
 struct Process {

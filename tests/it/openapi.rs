@@ -5,10 +5,11 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
-use crate::support::{Options, TestServer, fixture, label_studio_config, model_config, png_bytes};
-use camserve::config::{CorsConfig, LabelStudioConfig, Limits};
+use camserve::config::{LabelStudioConfig, Limits};
 use camserve::http::Admin;
 use serde_json::Value;
+
+use crate::support::{TestServer, fixture, label_studio_config, model_config, png_bytes};
 
 fn spec() -> Value {
     let text = std::fs::read_to_string(crate::support::root().join("openapi.yaml")).unwrap();
@@ -137,23 +138,23 @@ async fn every_documented_response_is_what_the_server_sends() {
         token: TOKEN.into(),
         models_dir: models_dir.clone(),
     };
-    let server = TestServer::with_options(
-        models.clone(),
-        Options {
-            limits: limits.clone(),
-            admin: Some(admin),
-            // Port 1 on loopback is allowed but refuses connections: the fetch fails (an empty prediction).
-            label_studio: Some(LabelStudioConfig {
-                max_batch_tasks: 2,
-                ..label_studio_config("tiny", &["127.0.0.1:1"])
-            }),
-            cors: CorsConfig::default(),
-            ..Options::default()
-        },
-    )
-    .await;
+    let server = TestServer::builder()
+        .models(models.clone())
+        .limits(limits.clone())
+        .admin(admin)
+        // Port 1 on loopback is allowed but refuses connections: the fetch fails (an empty prediction).
+        .label_studio(LabelStudioConfig {
+            max_batch_tasks: 2,
+            ..label_studio_config("tiny", &["127.0.0.1:1"])
+        })
+        .start()
+        .await;
     // The same, with the admin API off.
-    let plain = TestServer::with(models, limits).await;
+    let plain = TestServer::builder()
+        .models(models)
+        .limits(limits)
+        .start()
+        .await;
     let png = png_bytes(&image::RgbImage::from_pixel(
         48,
         40,

@@ -3,13 +3,14 @@
 //! `onnx.helper` the way other frameworks write them) against PyTorch autograd on the same model and input, and
 //! the served Grad-CAM map against pytorch-grad-cam's.
 
-use crate::support::{TestServer, fixture, read_npy_file, runtime};
 use camserve::config::PlainModel;
-use camserve::config::{Config, Limits, ModelConfig};
+use camserve::config::{Config, ModelConfig};
 use camserve::onnx::plain;
 use ort::session::Session;
 use ort::value::TensorRef;
 use serde::Deserialize;
+
+use crate::support::{TestServer, fixture, read_npy_file, runtime};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -343,14 +344,10 @@ async fn served_gradcam_of_plain_models_matches_pytorch_grad_cam() {
         "only {} Grad-CAM references",
         cases.len()
     );
-    let server = TestServer::with(
-        cases
-            .iter()
-            .map(|(c, name)| plain_config(c, name))
-            .collect(),
-        Limits::default(),
-    )
-    .await;
+    let server = TestServer::builder()
+        .models(cases.iter().map(|(c, name)| plain_config(c, name)))
+        .start()
+        .await;
     let image = std::fs::read(fixture("images/chelsea_64.png")).unwrap();
     for (case, name) in &cases {
         let query = format!(

@@ -4,8 +4,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::support::{TempFile, fixture, model_config, root, runtime};
 use camserve::registry::Registry;
+
+use crate::support::{TempFile, fixture, model_config, root, runtime};
 
 fn refusal(file: &str) -> String {
     let config = model_config("broken", &fixture(file));

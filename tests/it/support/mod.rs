@@ -1,16 +1,16 @@
-//! Shared test harness: the real ONNX Runtime, real model files, the real server on 127.0.0.1:0.
+//! Shared test harness: the real ONNX Runtime, real model files, the real server on 127.0.0.1:0 ([`TestServer`]),
+//! the exporter's reference numbers ([`reference`]).
+
+pub mod reference;
+mod server;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::OnceLock;
 
-use camserve::config::{
-    AdminConfig, Config, CorsConfig, LabelStudioConfig, Limits, ModelConfig, RuntimeConfig,
-    ServerConfig, Shutdown,
-};
-use camserve::http::{self, Admin, AppState};
+use camserve::config::{Config, LabelStudioConfig, ModelConfig};
 use camserve::onnx::runtime::{self, OnnxRuntime};
-use camserve::registry::Registry;
+
+pub use server::{TestServer, TestServerBuilder};
 
 pub fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -66,27 +66,6 @@ pub fn model_config(name: &str, file: &Path) -> ModelConfig {
         .remove(0)
 }
 
-/// What a test server is started with, besides its models.
-pub struct Options {
-    pub limits: Limits,
-    pub request_timeout: Duration,
-    pub admin: Option<Admin>,
-    pub cors: CorsConfig,
-    pub label_studio: Option<LabelStudioConfig>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            limits: Limits::default(),
-            request_timeout: Duration::from_secs(30),
-            admin: None,
-            cors: CorsConfig::default(),
-            label_studio: None,
-        }
-    }
-}
-
 /// A `[label_studio]` table for `model`, fetching from `allowed_hosts`, as a user would write it.
 pub fn label_studio_config(model: &str, allowed_hosts: &[&str]) -> LabelStudioConfig {
     let hosts: Vec<String> = allowed_hosts.iter().map(|h| format!("\"{h}\"")).collect();
@@ -99,129 +78,6 @@ pub fn label_studio_config(model: &str, allowed_hosts: &[&str]) -> LabelStudioCo
         .unwrap()
         .label_studio
         .unwrap()
-}
-
-pub struct TestServer {
-    pub base: String,
-    pub client: reqwest::Client,
-    pub state: Arc<AppState>,
-    _shutdown: tokio::sync::oneshot::Sender<()>,
-}
-
-impl TestServer {
-    /// Serves the two small fixture models.
-    pub async fn start() -> Self {
-        Self::with(
-            vec![
-                model_config("tiny", &fixture("tiny_cnn.onnx")),
-                model_config("red", &fixture("red_detector.onnx")),
-            ],
-            Limits::default(),
-        )
-        .await
-    }
-
-    pub async fn with(models: Vec<ModelConfig>, limits: Limits) -> Self {
-        Self::with_options(
-            models,
-            Options {
-                limits,
-                ..Options::default()
-            },
-        )
-        .await
-    }
-
-    /// With CORS origins and the Label Studio backend configured.
-    pub async fn with_integrations(
-        models: Vec<ModelConfig>,
-        limits: Limits,
-        request_timeout: Duration,
-        cors: CorsConfig,
-        label_studio: Option<LabelStudioConfig>,
-    ) -> Self {
-        let options = Options {
-            limits,
-            request_timeout,
-            cors,
-            label_studio,
-            ..Options::default()
-        };
-        Self::with_options(models, options).await
-    }
-
-    pub async fn with_options(models: Vec<ModelConfig>, options: Options) -> Self {
-        let Options {
-            limits,
-            request_timeout,
-            admin,
-            cors,
-            label_studio,
-        } = options;
-        let registry = Registry::load(runtime(), &models).expect("fixture models load");
-        let config = Config {
-            server: ServerConfig::default(),
-            runtime: RuntimeConfig {
-                library: ort_library(),
-            },
-            limits,
-            admin: AdminConfig {
-                token: admin.as_ref().map(|a| a.token.clone()),
-                models_dir: admin.map(|a| a.models_dir),
-            },
-            models,
-            cors,
-            label_studio,
-        };
-        let mut state =
-            AppState::new(&config, runtime().clone(), registry).expect("a valid config");
-        // Finer than the config's whole seconds, for the timeout tests.
-        state.request_timeout = request_timeout;
-        let state = Arc::new(state);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        // Dropping the server (its sender) is the shutdown signal.
-        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-        let timing = Shutdown {
-            delay: Duration::ZERO,
-            grace: Duration::from_secs(5),
-        };
-        let stopped = async move {
-            let _ = stop.await;
-        };
-        tokio::spawn(http::serve(listener, state.clone(), stopped, timing));
-        Self {
-            base,
-            client: reqwest::Client::new(),
-            state,
-            _shutdown: shutdown,
-        }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// POSTs `body` as a raw image.
-    pub async fn post_image(
-        &self,
-        path: impl AsRef<str>,
-        content_type: &str,
-        body: Vec<u8>,
-    ) -> reqwest::Response {
-        self.client
-            .post(self.url(path.as_ref()))
-            .header("content-type", content_type)
-            .body(body)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    /// GETs `path`: the status and the JSON body.
-    pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
-        status_and_json(self.client.get(self.url(path)).send().await.unwrap()).await
-    }
 }
 
 /// The name a fixture model is served under in the tests: its file stem.
