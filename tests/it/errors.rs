@@ -8,14 +8,17 @@ use serde_json::Value;
 
 use crate::support::{TestServer, fixture, png_bytes};
 
+/// A request that must fail, and how.
 struct Bad {
     method: Method,
-    path: &'static str,
+    path: String,
     content_type: Option<&'static str>,
     body: Vec<u8>,
     status: u16,
     code: &'static str,
 }
+
+const EXPLAIN: &str = "/v1/models/tiny/explain";
 
 fn png() -> Vec<u8> {
     png_bytes(&image::RgbImage::from_pixel(
@@ -44,22 +47,150 @@ fn jpeg_claiming(width: u16, height: u16) -> Vec<u8> {
     jpeg
 }
 
-fn bad(
-    method: Method,
-    path: &'static str,
-    content_type: Option<&'static str>,
-    body: Vec<u8>,
-    status: u16,
-    code: &'static str,
-) -> Bad {
-    Bad {
-        method,
-        path,
-        content_type,
-        body,
-        status,
-        code,
+impl Bad {
+    /// A request without a body.
+    fn bodiless(method: Method, path: &str, status: u16, code: &'static str) -> Self {
+        Bad {
+            method,
+            path: path.into(),
+            content_type: None,
+            body: vec![],
+            status,
+            code,
+        }
     }
+
+    /// A POST to the tiny model's explanations.
+    fn explain(
+        content_type: Option<&'static str>,
+        body: Vec<u8>,
+        status: u16,
+        code: &'static str,
+    ) -> Self {
+        Bad {
+            method: Method::POST,
+            path: EXPLAIN.into(),
+            content_type,
+            body,
+            status,
+            code,
+        }
+    }
+
+    /// A good PNG POSTed to `path` (a route and its query).
+    fn query(path: &str, status: u16, code: &'static str) -> Self {
+        Bad {
+            method: Method::POST,
+            path: path.into(),
+            content_type: Some("image/png"),
+            body: png(),
+            status,
+            code,
+        }
+    }
+}
+
+/// Unknown models and routes, methods a route does not have, the admin API while it is off.
+fn routing_errors() -> Vec<Bad> {
+    vec![
+        Bad::query("/v1/models/nope/explain", 404, "model_not_found"),
+        Bad::bodiless(Method::GET, "/v1/models/nope", 404, "model_not_found"),
+        Bad::bodiless(Method::GET, "/v2/anything", 404, "route_not_found"),
+        Bad::bodiless(Method::PATCH, "/v1/models/tiny", 405, "method_not_allowed"),
+        Bad::bodiless(Method::DELETE, "/v1/models/tiny", 403, "admin_disabled"),
+    ]
+}
+
+/// Bodies that are no image camserve takes, or too large (the server's limits: 64 KiB, 1 megapixel).
+fn body_errors() -> Vec<Bad> {
+    let png_type = Some("image/png");
+    let gif = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x00\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;".to_vec();
+    // A JPEG whose header claims 60000 x 60000 pixels: refused from the header, before any pixel is decoded.
+    let bomb = jpeg_claiming(60_000, 60_000);
+    let mut truncated = png();
+    truncated.truncate(truncated.len() / 2);
+    let multipart = Some("multipart/form-data; boundary=XYZ");
+    let no_image_field =
+        b"--XYZ\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nhello\r\n--XYZ--\r\n"
+            .to_vec();
+    vec![
+        Bad::explain(png_type, vec![], 400, "empty_image"),
+        Bad::explain(
+            png_type,
+            b"definitely not an image".to_vec(),
+            400,
+            "undecodable_image",
+        ),
+        Bad::explain(png_type, truncated, 400, "undecodable_image"),
+        Bad::explain(
+            Some("application/octet-stream"),
+            gif,
+            415,
+            "unsupported_media_type",
+        ),
+        Bad::explain(Some("text/plain"), png(), 415, "unsupported_media_type"),
+        Bad::explain(None, png(), 415, "unsupported_media_type"),
+        Bad::explain(png_type, vec![0u8; 65 * 1024], 413, "payload_too_large"),
+        Bad::explain(png_type, bomb, 413, "image_too_large"),
+        Bad::explain(multipart, no_image_field, 400, "missing_image_field"),
+        Bad::explain(multipart, b"garbage".to_vec(), 400, "malformed_body"),
+    ]
+}
+
+/// Query parameters: out of the model's range, malformed, unknown, or in combinations that do not go together.
+fn parameter_errors() -> Vec<Bad> {
+    let explain =
+        |query: &str, status, code| Bad::query(&format!("{EXPLAIN}?{query}"), status, code);
+    vec![
+        explain("class=10", 422, "class_out_of_range"),
+        explain("class=zebra", 422, "class_out_of_range"),
+        explain("top_k=11", 422, "class_out_of_range"),
+        explain("top_k=abc", 400, "invalid_parameter"),
+        explain("top_k=0", 400, "invalid_parameter"),
+        explain("class=1&top_k=2", 400, "invalid_parameter"),
+        explain("method=magic", 400, "invalid_parameter"),
+        explain("alpha=2", 400, "invalid_parameter"),
+        explain("threshold=0", 400, "invalid_parameter"),
+        explain("threshold=mean", 400, "invalid_parameter"),
+        explain("output=pdf", 400, "invalid_parameter"),
+        explain("alpha=0.1&alpha=0.2", 400, "invalid_parameter"),
+        explain("methd=gradcam", 400, "unknown_parameter"),
+        explain("top_k=2&output=overlay", 422, "single_target_required"),
+        Bad::query("/v1/models/tiny/predict?top_k=-1", 400, "invalid_parameter"),
+    ]
+}
+
+/// Sends `case`: its status, its code, a JSON body with a message, the request id in body and header alike.
+async fn assert_refused(server: &TestServer, case: Bad) {
+    let mut request = server
+        .client
+        .request(case.method.clone(), server.url(&case.path))
+        .body(case.body);
+    if let Some(content_type) = case.content_type {
+        request = request.header("content-type", content_type);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let header_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/json",
+        "{} {}",
+        case.method,
+        case.path
+    );
+    let body: Value = response.json().await.unwrap();
+    let what = format!("{} {} -> {body}", case.method, case.path);
+    assert_eq!(status, case.status, "{what}");
+    assert_eq!(body["error"]["code"], case.code, "{what}");
+    assert_eq!(body["error"]["request_id"], header_id.as_str(), "{what}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().len() > 5,
+        "{what}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -75,272 +206,12 @@ async fn every_error_has_its_status_code_and_request_id() {
         .limits(limits)
         .start()
         .await;
-    let explain = "/v1/models/tiny/explain";
-    let gif = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x00\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;".to_vec();
-    // A JPEG whose header claims 60000 x 60000 pixels: refused from the header, before any pixel is decoded.
-    let bomb = jpeg_claiming(60_000, 60_000);
-    let mut truncated = png();
-    truncated.truncate(truncated.len() / 2);
-    let cases =
-        vec![
-        bad(
-            Method::POST,
-            "/v1/models/nope/explain",
-            Some("image/png"),
-            png(),
-            404,
-            "model_not_found",
-        ),
-        bad(
-            Method::GET,
-            "/v1/models/nope",
-            None,
-            vec![],
-            404,
-            "model_not_found",
-        ),
-        bad(
-            Method::GET,
-            "/v2/anything",
-            None,
-            vec![],
-            404,
-            "route_not_found",
-        ),
-        bad(Method::PATCH, "/v1/models/tiny", None, vec![], 405, "method_not_allowed"),
-        bad(Method::DELETE, "/v1/models/tiny", None, vec![], 403, "admin_disabled"),
-        bad(
-            Method::POST,
-            explain,
-            Some("image/png"),
-            vec![],
-            400,
-            "empty_image",
-        ),
-        bad(
-            Method::POST,
-            explain,
-            Some("image/png"),
-            b"definitely not an image".to_vec(),
-            400,
-            "undecodable_image",
-        ),
-        bad(
-            Method::POST,
-            explain,
-            Some("image/png"),
-            truncated,
-            400,
-            "undecodable_image",
-        ),
-        bad(
-            Method::POST,
-            explain,
-            Some("application/octet-stream"),
-            gif,
-            415,
-            "unsupported_media_type",
-        ),
-        bad(
-            Method::POST,
-            explain,
-            Some("text/plain"),
-            png(),
-            415,
-            "unsupported_media_type",
-        ),
-        bad(
-            Method::POST,
-            explain,
-            None,
-            png(),
-            415,
-            "unsupported_media_type",
-        ),
-        bad(
-            Method::POST,
-            explain,
-            Some("image/png"),
-            vec![0u8; 65 * 1024],
-            413,
-            "payload_too_large",
-        ),
-        bad(
-            Method::POST,
-            explain,
-            Some("image/png"),
-            bomb,
-            413,
-            "image_too_large",
-        ),
-        bad(
-            Method::POST,
-            "/v1/models/tiny/explain?class=10",
-            Some("image/png"),
-            png(),
-            422,
-            "class_out_of_range",
-        ),
-        bad(
-            Method::POST,
-            "/v1/models/tiny/explain?class=zebra",
-            Some("image/png"),
-            png(),
-            422,
-            "class_out_of_range",
-        ),
-        bad(
-            Method::POST,
-            "/v1/models/tiny/explain?top_k=11",
-            Some("image/png"),
-            png(),
-            422,
-            "class_out_of_range",
-        ),
-        bad(
-            Method::POST,
-            "/v1/models/tiny/explain?top_k=abc",
-            Some("image/png"),
-            png(),
-            400,
-            "invalid_parameter",
-        ),
-        bad(
-            Method::POST,
-            "/v1/models/tiny/explain?top_k=0",
-            Some("image/png"),
-            png(),
-            400,
-            "invalid_parameter",
-        ),
-        bad(
-            Method::POST,
-            "/v1/models/tiny/explain?class=1&top_k=2",
-            Some("image/png"),
-            png(),
-            400,
-            "invalid_parameter",
-        ),
-        bad(
-            Method::POST,
-            "/v1/models/tiny/explain?method=magic",
-            Some("image/png"),
-            png(),
-            400,
-            "invalid_parameter",
-        ),
-        bad(
-            Method::POST,
-            "/v1/models/tiny/explain?alpha=2",
-            Some("image/png"),
-            png(),
-            400,
-            "invalid_parameter",
-        ),
-        bad(
-            Method::POST,
-            "/v1/models/tiny/explain?threshold=0",
-            Some("image/png"),
-            png(),
-            400,
-            "invalid_parameter",
-        ),
-        bad(
-            Method::POST,
-            "/v1/models/tiny/explain?threshold=mean",
-            Some("image/png"),
-            png(),
-            400,
-            "invalid_parameter",
-        ),
-        bad(
-            Method::POST,
-            "/v1/models/tiny/explain?output=pdf",
-            Some("image/png"),
-            png(),
-            400,
-            "invalid_parameter",
-        ),
-        bad(
-            Method::POST,
-            "/v1/models/tiny/explain?alpha=0.1&alpha=0.2",
-            Some("image/png"),
-            png(),
-            400,
-            "invalid_parameter",
-        ),
-        bad(
-            Method::POST,
-            "/v1/models/tiny/explain?methd=gradcam",
-            Some("image/png"),
-            png(),
-            400,
-            "unknown_parameter",
-        ),
-        bad(
-            Method::POST,
-            "/v1/models/tiny/explain?top_k=2&output=overlay",
-            Some("image/png"),
-            png(),
-            422,
-            "single_target_required",
-        ),
-        bad(
-            Method::POST,
-            "/v1/models/tiny/predict?top_k=-1",
-            Some("image/png"),
-            png(),
-            400,
-            "invalid_parameter",
-        ),
-        bad(
-            Method::POST,
-            explain,
-            Some("multipart/form-data; boundary=XYZ"),
-            b"--XYZ\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nhello\r\n--XYZ--\r\n"
-                .to_vec(),
-            400,
-            "missing_image_field",
-        ),
-        bad(
-            Method::POST,
-            explain,
-            Some("multipart/form-data; boundary=XYZ"),
-            b"garbage".to_vec(),
-            400,
-            "malformed_body",
-        ),
-    ];
+    let cases = routing_errors()
+        .into_iter()
+        .chain(body_errors())
+        .chain(parameter_errors());
     for case in cases {
-        let mut request = server
-            .client
-            .request(case.method.clone(), server.url(case.path))
-            .body(case.body);
-        if let Some(content_type) = case.content_type {
-            request = request.header("content-type", content_type);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        let header_id = response.headers()["x-request-id"]
-            .to_str()
-            .unwrap()
-            .to_owned();
-        assert_eq!(
-            response.headers()["content-type"],
-            "application/json",
-            "{} {}",
-            case.method,
-            case.path
-        );
-        let body: Value = response.json().await.unwrap();
-        let what = format!("{} {} -> {body}", case.method, case.path);
-        assert_eq!(status, case.status, "{what}");
-        assert_eq!(body["error"]["code"], case.code, "{what}");
-        assert_eq!(body["error"]["request_id"], header_id.as_str(), "{what}");
-        assert!(
-            body["error"]["message"].as_str().unwrap().len() > 5,
-            "{what}"
-        );
+        assert_refused(&server, case).await;
     }
 }
 
