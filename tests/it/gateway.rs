@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{fixture, ort_library, root};
+use crate::support::{fixture, ort_library, root, scratch_dir};
 
 /// A child process that is stopped when the test ends, however it ends.
 struct Process {
@@ -39,13 +39,6 @@ fn find_nginx() -> Option<PathBuf> {
         .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
         .map(|dir| dir.join("nginx"))
         .find(|p| p.is_file())
-}
-
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("camserve-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// The real binary with JSON logs on a port the OS picks; its log lines are kept for the assertions.

@@ -11,7 +11,9 @@ use camserve::http::Admin;
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::support::{TestServer, fixture, label_studio_config, model_config, png_bytes};
+use crate::support::{
+    TestServer, fixture, label_studio_config, model_config, png_bytes, scratch_dir,
+};
 
 fn spec() -> Value {
     let text = std::fs::read_to_string(crate::support::root().join("openapi.yaml")).unwrap();
@@ -335,8 +337,7 @@ fn admin_off_examples() -> Vec<Example> {
 
 /// A models folder of its own, so that a model's file can be spoiled under it for a failing reload.
 fn spoilable_models_dir() -> PathBuf {
-    let models_dir = std::env::temp_dir().join(format!("camserve-openapi-{}", std::process::id()));
-    std::fs::create_dir_all(&models_dir).unwrap();
+    let models_dir = scratch_dir("openapi");
     for file in [
         "tiny_cnn.onnx",
         "red_detector.onnx",

@@ -10,7 +10,7 @@ use ort::session::Session;
 use ort::value::TensorRef;
 use serde::Deserialize;
 
-use crate::support::{TestServer, fixture, read_npy_file, runtime};
+use crate::support::{TestServer, fixture, read_npy_file, runtime, scratch_dir};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -54,13 +54,6 @@ impl Zoo {
     fn case(&self, model: &str) -> &Case {
         self.cases.iter().find(|c| c.model == model).unwrap()
     }
-}
-
-/// A fresh folder of this test process's own (remove it at the end).
-fn scratch_dir(tag: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("camserve-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn zoo() -> Zoo {

@@ -20,6 +20,14 @@ pub fn fixture(relative: &str) -> PathBuf {
     root().join("tests/fixtures").join(relative)
 }
 
+/// A fresh, empty folder in the temporary folder, named after `tag` and this test process (remove it at the end).
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("camserve-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// A file in the temporary folder, named after this test process, removed when dropped.
 pub struct TempFile(PathBuf);
 
