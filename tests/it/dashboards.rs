@@ -7,15 +7,16 @@
 //! cols 16..=19 weigh 0.5625, 0.6875, 0.8125, 0.9375 (and mirrored on the right); col 15 weighs 0.4375 and
 //! col 13 0.1875. So at threshold 0.5 the box is the square exactly, and at 0.15 it grows 3 px on every side.
 
-mod common;
-
 use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use camserve::config::{CorsConfig, LabelStudioConfig, Limits};
-use common::{TestServer, fixture, label_studio_config, model_config, status_and_json};
+use camserve::config::CorsConfig;
 use serde_json::{Value, json};
+
+use crate::support::{
+    TestServer, TestServerBuilder, fixture, label_studio_config, status_and_json,
+};
 
 const SQUARE: [u64; 4] = [16, 32, 48, 64]; // x_min, y_min, x_max, y_max (exclusive)
 
@@ -23,15 +24,9 @@ fn red_blue() -> Vec<u8> {
     std::fs::read(fixture("images/red_blue_128.png")).unwrap()
 }
 
-async fn red_server(cors: CorsConfig, label_studio: Option<LabelStudioConfig>) -> TestServer {
-    TestServer::with_integrations(
-        vec![model_config("red", &fixture("red_detector.onnx"))],
-        Limits::default(),
-        Duration::from_secs(30),
-        cors,
-        label_studio,
-    )
-    .await
+/// A server of the red detector alone, as `red`.
+fn red() -> TestServerBuilder {
+    TestServer::builder().model("red", &fixture("red_detector.onnx"))
 }
 
 async fn explain(server: &TestServer, query: &str) -> (u16, Value) {
@@ -57,7 +52,7 @@ fn edge_weights() -> Vec<f64> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn formats_carry_the_known_square() {
-    let server = red_server(CorsConfig::default(), None).await;
+    let server = red().start().await;
     let (status, plain) = explain(&server, "class=red&output=boxes&threshold=0.5").await;
     assert_eq!(status, 200, "{plain}");
     let probability = plain["explanations"][0]["probability"].as_f64().unwrap();
@@ -176,7 +171,7 @@ async fn formats_carry_the_known_square() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn format_mistakes_are_named() {
-    let server = red_server(CorsConfig::default(), None).await;
+    let server = red().start().await;
     for (query, code, needle) in [
         (
             "format=yolo",
@@ -323,7 +318,7 @@ async fn label_studio_backend_fetches_only_from_allowed_hosts() {
     config.top_k = 2;
     config.fetch_max_bytes = 100_000;
     config.fetch_timeout_secs = 1;
-    let server = red_server(CorsConfig::default(), Some(config)).await;
+    let server = red().label_studio(config).start().await;
 
     let (status, health) = server.get_json("/label-studio/health").await;
     assert_eq!((status, &health["status"]), (200, &json!("UP")));
@@ -447,7 +442,7 @@ async fn label_studio_backend_fetches_only_from_allowed_hosts() {
 
     let mut small = label_studio_config("red", &[&host]);
     small.fetch_max_bytes = 100;
-    let tight = red_server(CorsConfig::default(), Some(small)).await;
+    let tight = red().label_studio(small).start().await;
     let (status, body) = ls_predict(&tight, tasks(&[&format!("http://{host}/red_blue.png")])).await;
     assert_eq!(status, 200);
     let message = body["results"][0]["error"]["message"].as_str().unwrap();
@@ -496,7 +491,7 @@ async fn label_studio_uploads_are_fetched_from_label_studio_with_its_token() {
     let (other, _image_server) = image_host().await;
     let mut config = label_studio_config("red", &[&other]);
     config.url = Some(format!("http://{host}"));
-    let server = red_server(CorsConfig::default(), Some(config)).await;
+    let server = red().label_studio(config).start().await;
     let upload = tasks(&["/data/upload/1/red_blue.png"]);
 
     // No token yet: Label Studio refuses, and so that task is empty.
@@ -537,7 +532,7 @@ async fn label_studio_uploads_are_fetched_from_label_studio_with_its_token() {
     let mut config = label_studio_config("red", &[]);
     config.url = Some(format!("http://{host}"));
     config.api_key = Some(LS_PAT.into());
-    let with_pat = red_server(CorsConfig::default(), Some(config)).await;
+    let with_pat = red().label_studio(config).start().await;
     let setup = json!({"hostname": format!("http://{host}"), "access_token": "legacy-but-off"});
     assert_eq!(ls_post(&with_pat, "setup", setup).await.0, 200);
     let (_, body) = ls_predict(&with_pat, upload.clone()).await;
@@ -567,14 +562,11 @@ async fn label_studio_batches_have_their_own_budget_and_bound() {
     config.task_timeout_secs = 4;
     config.max_batch_tasks = 3;
     // The server's request timeout is 1 s; a predict whose task takes 2 s (within its 4) still gets its answer.
-    let server = TestServer::with_integrations(
-        vec![model_config("red", &fixture("red_detector.onnx"))],
-        Limits::default(),
-        Duration::from_secs(1),
-        CorsConfig::default(),
-        Some(config.clone()),
-    )
-    .await;
+    let server = red()
+        .request_timeout(Duration::from_secs(1))
+        .label_studio(config.clone())
+        .start()
+        .await;
     let (status, body) = ls_predict(&server, tasks(&[&slow])).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["results"][0]["error"]["code"], "image_fetch_failed");
@@ -596,7 +588,7 @@ async fn label_studio_batches_have_their_own_budget_and_bound() {
     // reported as predicted. (A fetch that gave up at the budget's own end would race it.)
     config.task_timeout_secs = 1;
     config.fetch_timeout_secs = 10;
-    let server = red_server(CorsConfig::default(), Some(config)).await;
+    let server = red().label_studio(config).start().await;
     let (status, body) = ls_predict(&server, tasks(&[&slow, &slow])).await;
     assert_eq!(
         (status, &body["error"]["code"]),
@@ -624,7 +616,7 @@ async fn label_studio_batches_have_their_own_budget_and_bound() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn label_studio_routes_exist_only_when_configured_and_under_the_prefix() {
-    let server = red_server(CorsConfig::default(), None).await;
+    let server = red().start().await;
     let status = server
         .client
         .get(server.url("/label-studio/health"))
@@ -636,7 +628,7 @@ async fn label_studio_routes_exist_only_when_configured_and_under_the_prefix() {
 
     let mut config = label_studio_config("red", &[]);
     config.prefix = "/ml/ls".into();
-    let server = red_server(CorsConfig::default(), Some(config)).await;
+    let server = red().label_studio(config).start().await;
     let response = server
         .client
         .get(server.url("/ml/ls/health"))
@@ -649,13 +641,12 @@ async fn label_studio_routes_exist_only_when_configured_and_under_the_prefix() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cors_answers_preflights_for_configured_origins_only() {
     let origin = "http://labeling.test:8081";
-    let server = red_server(
-        CorsConfig {
+    let server = red()
+        .cors(CorsConfig {
             allowed_origins: vec![origin.into()],
-        },
-        None,
-    )
-    .await;
+        })
+        .start()
+        .await;
     let preflight = |from: &'static str| {
         server
             .client
@@ -725,7 +716,7 @@ async fn cors_answers_preflights_for_configured_origins_only() {
     assert_eq!(response.headers()["access-control-allow-origin"], origin);
 
     // None by default.
-    let plain = red_server(CorsConfig::default(), None).await;
+    let plain = red().start().await;
     let response = plain
         .client
         .get(plain.url("/v1/models"))
@@ -744,7 +735,7 @@ async fn cors_answers_preflights_for_configured_origins_only() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn viewer_page_is_served_from_the_binary() {
-    let server = red_server(CorsConfig::default(), None).await;
+    let server = red().start().await;
     for (path, content_type, needle) in [
         (
             "/ui",

@@ -1,13 +1,13 @@
 //! Start-up: models that break the contract are refused with a message that says what is wrong, ONNX Runtime
 //! must be the right library, and the command line runs the same pipeline as the server.
 
-mod common;
-
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Command;
 
 use camserve::registry::Registry;
-use common::{TempFile, fixture, model_config, root, runtime};
+
+use crate::support::{TempFile, fixture, model_config, root, runtime, scratch_dir};
 
 fn refusal(file: &str) -> String {
     let config = model_config("broken", &fixture(file));
@@ -147,7 +147,7 @@ fn a_missing_or_wrong_onnx_runtime_stops_the_start_with_what_to_run() {
 fn a_refused_model_stops_the_server_with_its_reason() {
     let config = write_config(
         "refused",
-        &common::ort_library(),
+        &crate::support::ort_library(),
         &fixture("broken_no_gradients.onnx"),
     );
     let out = camserve(&[
@@ -167,7 +167,11 @@ fn a_refused_model_stops_the_server_with_its_reason() {
 
 #[test]
 fn explain_on_the_command_line_writes_the_overlay() {
-    let config = write_config("cli", &common::ort_library(), &fixture("tiny_cnn.onnx"));
+    let config = write_config(
+        "cli",
+        &crate::support::ort_library(),
+        &fixture("tiny_cnn.onnx"),
+    );
     let cases: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("reference/cases.json")).unwrap())
             .unwrap();
@@ -207,6 +211,59 @@ fn explain_on_the_command_line_writes_the_overlay() {
     );
 }
 
+/// The subcommands need no config file and no particular working directory: without `--config` (and without
+/// CAMSERVE_CONFIG) they run on the built-in defaults, whose paths do not depend on the current folder.
+#[test]
+fn subcommands_work_from_any_folder_without_a_config_file() {
+    let dir = scratch_dir("anywhere");
+    let run = |args: &[&OsStr]| {
+        Command::new(env!("CARGO_BIN_EXE_camserve"))
+            .args(args)
+            .current_dir(&dir)
+            .env_remove("CAMSERVE_CONFIG")
+            .output()
+            .unwrap()
+    };
+
+    let plain = fixture("plain/resnet_legacy_op11.onnx");
+    let listing = run(&["targets".as_ref(), plain.as_ref()]);
+    let stdout = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listing.stderr)
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("/layer3/layer3.0/relu_1/Relu_output_0  ")
+                && l.contains("head: ")),
+        "{stdout}"
+    );
+
+    let photo = fixture("localization/cat_plain_0.55.jpg");
+    let out_png = dir.join("out.png");
+    let explained = run(&[
+        "explain".as_ref(),
+        "--model".as_ref(),
+        "efficientnet_lite0".as_ref(),
+        photo.as_ref(),
+        "-o".as_ref(),
+        out_png.as_ref(),
+    ]);
+    assert!(
+        explained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&explained.stderr)
+    );
+    let written = image::open(&out_png).unwrap();
+    assert_eq!(
+        (written.width(), written.height()),
+        image::image_dimensions(&photo).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The default model, shipped in models/, explains a real photo: a tabby cat is seen as a cat.
 #[test]
 fn the_default_model_recognises_a_cat() {
@@ -232,7 +289,7 @@ fn the_default_model_recognises_a_cat() {
 /// The container's HEALTHCHECK: 0 on a ready server, non-zero when it is not ready or nothing listens.
 #[tokio::test(flavor = "multi_thread")]
 async fn healthcheck_exits_zero_only_on_a_ready_server() {
-    let server = common::TestServer::start().await;
+    let server = crate::support::TestServer::start().await;
     let healthcheck = |url: String| async move {
         tokio::task::spawn_blocking(move || camserve(&["healthcheck", "--url", &url]))
             .await

@@ -3,15 +3,11 @@
 //! says which). Maps are compared as pytorch-grad-cam returns them: ReLU, min-max, resized to the input, min-max,
 //! read from the server's 16-bit grey heatmap (quantization error at most 7.7e-6).
 
-mod common;
-
-use std::collections::BTreeMap;
-
-use camserve::config::Limits;
 use camserve::explain::DEFAULT_SCORE_CAM_CHANNELS;
-use common::{TestServer, fixture, model_config, served_name};
-use serde::Deserialize;
 use serde_json::Value;
+
+use crate::support::reference::{Case, cases};
+use crate::support::{TestServer, fixture, model_config, served_name};
 
 const TOLERANCE: f32 = 1e-4;
 const ONE_RUN_METHODS: [&str; 8] = [
@@ -25,53 +21,6 @@ const ONE_RUN_METHODS: [&str; 8] = [
     "eigengradcam",
 ];
 
-#[derive(Deserialize)]
-struct Case {
-    model: String,
-    image: String,
-    class: usize,
-    lowres: String,
-    methods: BTreeMap<String, String>,
-    lapack_sign_flipped: Vec<String>,
-    #[serde(default)]
-    smoothed: Vec<Smoothed>,
-    #[serde(default)]
-    scorecam: Vec<ScoreCamReference>,
-    #[serde(default)]
-    trust: Vec<TrustReference>,
-}
-
-#[derive(Deserialize)]
-struct Smoothed {
-    method: String,
-    aug_smooth: bool,
-    eigen_smooth: bool,
-    map: String,
-    lapack_sign_flipped: bool,
-}
-
-#[derive(Deserialize)]
-struct ScoreCamReference {
-    max_channels: usize,
-    source: String,
-    map: String,
-}
-
-#[derive(Deserialize)]
-struct TrustReference {
-    method: String,
-    probability: f32,
-    kept_probability: f32,
-    removed_probability: f32,
-    drop_in_confidence: f32,
-    increase_in_confidence: bool,
-}
-
-fn cases() -> Vec<Case> {
-    serde_json::from_str(&std::fs::read_to_string(fixture("reference/cases.json")).unwrap())
-        .unwrap()
-}
-
 /// A server with every model the cases use, each under its file's stem.
 async fn server(cases: &[Case]) -> TestServer {
     let mut models: Vec<_> = cases
@@ -80,7 +29,7 @@ async fn server(cases: &[Case]) -> TestServer {
         .collect();
     models.sort_by(|a, b| a.name.cmp(&b.name));
     models.dedup_by(|a, b| a.name == b.name);
-    TestServer::with(models, Limits::default()).await
+    TestServer::builder().models(models).start().await
 }
 
 async fn explain(server: &TestServer, case: &Case, options: &str) -> reqwest::Response {
@@ -108,7 +57,7 @@ async fn served_map(server: &TestServer, case: &Case, options: &str) -> Vec<f32>
 }
 
 fn reference(path: &str) -> Vec<f32> {
-    common::read_npy_file(&fixture(path)).1
+    crate::support::read_npy_file(&fixture(path)).1
 }
 
 fn max_abs_difference(a: &[f32], b: &[f32]) -> f32 {

@@ -3,8 +3,6 @@
 //! nginx comes from Debian (`apt-get install nginx`, which .ci/run does); without it the test is skipped,
 //! except in CI, where it must run.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -12,8 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{fixture, ort_library, root};
 use serde_json::{Value, json};
+
+use crate::support::{fixture, ort_library, root, scratch_dir};
 
 /// A child process that is stopped when the test ends, however it ends.
 struct Process {
@@ -40,13 +39,6 @@ fn find_nginx() -> Option<PathBuf> {
         .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
         .map(|dir| dir.join("nginx"))
         .find(|p| p.is_file())
-}
-
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("camserve-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// The real binary with JSON logs on a port the OS picks; its log lines are kept for the assertions.

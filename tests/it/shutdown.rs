@@ -1,11 +1,9 @@
 //! SIGTERM on the real binary: readiness turns false first, the request in flight finishes, the process exits 0.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TempFile, fixture, ort_library, png_bytes};
+use crate::support::{TempFile, fixture, ort_library, png_bytes};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_turns_readiness_false_then_drains_and_exits_zero() {

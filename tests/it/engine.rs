@@ -1,14 +1,14 @@
 //! The session layout on real sessions of the default model: a request that arrives alone runs on the session of
 //! all the threads, one-thread sessions run one request each, and every session gives the same answers. The
 //! engine's queueing, batching and backpressure rules are unit-tested with a fake backend (src/engine/tests.rs).
-mod common;
 
 use std::sync::Arc;
 
 use camserve::engine::{Caller, EngineError, RunTimes, Runner};
 use camserve::onnx::session::RunOutput;
 use camserve::registry::{OnnxSession, ServedModel};
-use common::{model_config, root, runtime};
+
+use crate::support::{max_relative_error, model_config, root, runtime};
 
 const SIZE: [usize; 2] = [224, 224];
 
@@ -53,14 +53,6 @@ fn concurrently(
     })
 }
 
-fn max_relative_difference(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
-}
-
 #[test]
 fn a_lone_request_gets_every_thread_and_every_session_answers_alike() {
     let (model, image, seeds) = model(2, true);
@@ -78,8 +70,8 @@ fn a_lone_request_gets_every_thread_and_every_session_answers_alike() {
     }
     for (output, _) in &answers {
         // Any session, the same answer (ONNX Runtime's kernels split work differently across threads).
-        assert!(max_relative_difference(&output.logits, &alone.logits) < 1e-5);
-        assert!(max_relative_difference(&output.gradients, &alone.gradients) < 1e-5);
+        assert!(max_relative_error(&output.logits, &alone.logits) < 1e-5);
+        assert!(max_relative_error(&output.gradients, &alone.gradients) < 1e-5);
         assert_eq!(output.target_class, alone.target_class);
     }
 }

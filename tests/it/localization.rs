@@ -3,10 +3,9 @@
 //! measured. The default model, the real server: each case's IoU must stay where it was, and the default threshold
 //! must localize better than the Grad-CAM paper's protocol (15% of the maximum).
 
-mod common;
-
-use common::{TestServer, fixture, model_config, root};
 use serde_json::Value;
+
+use crate::support::{TestServer, fixture, root};
 
 /// IoUs may move this much (a pixel or two of box edge) before the figures count as changed.
 const TOLERANCE: f64 = 0.02;
@@ -44,14 +43,10 @@ async fn largest_box(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_default_threshold_localizes_better_than_the_papers() {
-    let server = TestServer::with(
-        vec![model_config(
-            "default",
-            &root().join("models/efficientnet_lite0.onnx"),
-        )],
-        camserve::config::Limits::default(),
-    )
-    .await;
+    let server = TestServer::builder()
+        .model("default", &root().join("models/efficientnet_lite0.onnx"))
+        .start()
+        .await;
     let cases = read_json("localization/cases.json");
     let expected = read_json("localization/expected.json");
     let default_name = camserve::pipeline::boxes::Threshold::DEFAULT.to_string();

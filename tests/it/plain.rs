@@ -3,15 +3,14 @@
 //! `onnx.helper` the way other frameworks write them) against PyTorch autograd on the same model and input, and
 //! the served Grad-CAM map against pytorch-grad-cam's.
 
-mod common;
-
 use camserve::config::PlainModel;
-use camserve::config::{Config, Limits, ModelConfig};
+use camserve::config::{Config, ModelConfig};
 use camserve::onnx::plain;
-use common::{TestServer, fixture, read_npy_file, runtime};
 use ort::session::Session;
 use ort::value::TensorRef;
 use serde::Deserialize;
+
+use crate::support::{TestServer, fixture, read_npy_file, runtime, scratch_dir};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -55,13 +54,6 @@ impl Zoo {
     fn case(&self, model: &str) -> &Case {
         self.cases.iter().find(|c| c.model == model).unwrap()
     }
-}
-
-/// A fresh folder of this test process's own (remove it at the end).
-fn scratch_dir(tag: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("camserve-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn zoo() -> Zoo {
@@ -157,11 +149,11 @@ fn augmented_gradients_match_autograd_on_every_zoo_model() {
             "{}: the all-zero row",
             case.model
         );
-        let best = common::max_relative_error(&gradients[..block], &expected[..block]);
+        let best = crate::support::max_relative_error(&gradients[..block], &expected[..block]);
         assert!(best < TOLERANCE, "{}: all-zero row {best}", case.model);
         let (gradients, classes) = (&gradients[block..], &classes[1..]);
-        let logit_error = common::max_relative_error(&logits, &case.logits);
-        let error = common::max_relative_error(gradients, &expected);
+        let logit_error = crate::support::max_relative_error(&logits, &case.logits);
+        let error = crate::support::max_relative_error(gradients, &expected);
         println!(
             "{} ({} opset {}): head {:?}; logits {logit_error:.1e}, gradients {error:.1e} (relative)",
             case.model, case.exporter, case.opset, augmented.head_ops
@@ -189,7 +181,7 @@ fn augmented_gradients_match_autograd_on_every_zoo_model() {
             let kept = augment_case(case, true);
             let (_, _, gradients, _) =
                 run(&kept.model, &input, case.input_size, &reference_seeds, k);
-            let error = common::max_relative_error(&gradients, &npy(path).1);
+            let error = crate::support::max_relative_error(&gradients, &npy(path).1);
             println!("{} keep_softmax: gradients {error:.1e}", case.model);
             assert!(error < TOLERANCE, "{} keep_softmax: {error}", case.model);
         }
@@ -229,7 +221,7 @@ fn a_final_softmax_is_stripped_unless_kept() {
         (sum - 1.0).abs() < 1e-5,
         "kept: the outputs are probabilities (sum {sum})"
     );
-    assert!(common::max_relative_error(&logits, &case.logits) < TOLERANCE);
+    assert!(crate::support::max_relative_error(&logits, &case.logits) < TOLERANCE);
 }
 
 /// The tensors `camserve targets` proposes include each zoo model's target, with its shape and head.
@@ -338,21 +330,17 @@ async fn served_gradcam_of_plain_models_matches_pytorch_grad_cam() {
         .cases
         .iter()
         .filter(|c| c.gradcam.is_some())
-        .map(|c| (c, common::served_name(&c.model)))
+        .map(|c| (c, crate::support::served_name(&c.model)))
         .collect();
     assert!(
         cases.len() >= 10,
         "only {} Grad-CAM references",
         cases.len()
     );
-    let server = TestServer::with(
-        cases
-            .iter()
-            .map(|(c, name)| plain_config(c, name))
-            .collect(),
-        Limits::default(),
-    )
-    .await;
+    let server = TestServer::builder()
+        .models(cases.iter().map(|(c, name)| plain_config(c, name)))
+        .start()
+        .await;
     let image = std::fs::read(fixture("images/chelsea_64.png")).unwrap();
     for (case, name) in &cases {
         let query = format!(
@@ -406,7 +394,7 @@ fn the_augment_command_writes_a_contract_model() {
     let size = format!("{},{}", case.input_size[0], case.input_size[1]);
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_camserve"))
         .args(["augment", "--ort-library"])
-        .arg(common::ort_library())
+        .arg(crate::support::ort_library())
         .arg(fixture(&format!("plain/{}", case.model)))
         .args(["--target", &case.target, "--input-size", &size, "-o"])
         .arg(&out)
@@ -416,7 +404,7 @@ fn the_augment_command_writes_a_contract_model() {
     // `camserve targets` lists the target with its shape and head.
     let listing = std::process::Command::new(env!("CARGO_BIN_EXE_camserve"))
         .args(["targets", "--ort-library"])
-        .arg(common::ort_library())
+        .arg(crate::support::ort_library())
         .arg(file(&case.model))
         .output()
         .unwrap();
@@ -433,7 +421,7 @@ fn the_augment_command_writes_a_contract_model() {
         line.contains(&format!("[N,{channels},{h},{w}]  head: ")),
         "{line}"
     );
-    let config = common::model_config("written", &out);
+    let config = crate::support::model_config("written", &out);
     let info = camserve::onnx::model::CheckedModel::open(runtime(), &config)
         .unwrap()
         .info;
@@ -511,8 +499,8 @@ fn a_file_with_a_fixed_batch_of_one_serves_batches() {
     );
     let expected = npy(&case.gradients).1;
     let half = gradients.len() / 2;
-    assert!(common::max_relative_error(&gradients[..half], &expected) < TOLERANCE);
-    assert!(common::max_relative_error(&gradients[half..], &expected) < TOLERANCE);
+    assert!(crate::support::max_relative_error(&gradients[..half], &expected) < TOLERANCE);
+    assert!(crate::support::max_relative_error(&gradients[half..], &expected) < TOLERANCE);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -566,7 +554,7 @@ fn external_weights_are_read_from_the_models_folder_only() {
         &seeds,
         seed_shape[1],
     );
-    assert!(common::max_relative_error(&gradients, &npy(&case.gradients).1) < TOLERANCE);
+    assert!(crate::support::max_relative_error(&gradients, &npy(&case.gradients).1) < TOLERANCE);
 
     let outside = write("../weights.bin");
     let error = plain::augment(
@@ -711,7 +699,7 @@ fn uneven_padding_matches_finite_differences() {
         .map(|p| ((weighted(2 * p) - weighted(2 * p + 1)) / (2.0 * h as f64)) as f32)
         .collect();
     let served: Vec<f32> = border.iter().map(|&pixel| gradients[pixel]).collect();
-    let error = common::max_relative_error(&served, &differences);
+    let error = crate::support::max_relative_error(&served, &differences);
     println!(
         "uneven padding: {error:.1e} from central differences over {} border pixels",
         border.len()

@@ -1,9 +1,7 @@
 //! `/metrics`: Prometheus text with requests by route pattern, model and status, stage histograms, batch sizes,
 //! queue depth and the device of each loaded model.
 
-mod common;
-
-use common::{TestServer, fixture};
+use crate::support::{TestServer, fixture};
 
 fn value(text: &str, series: &str) -> f64 {
     let line = text

@@ -1,32 +1,17 @@
 //! The HTTP API end to end: real server on a real socket, real ONNX Runtime, real model files.
 
-mod common;
-
-use camserve::config::Limits;
-use common::{
-    TestServer, fixture, max_relative_error, model_config, png_bytes, read_npy, read_npy_file,
-    served_name, status_and_json,
-};
 use image::{Rgb, RgbImage};
 use serde_json::Value;
 
-#[derive(serde::Deserialize)]
-struct Case {
-    model: String,
-    image: String,
-    class: usize,
-    lowres: String,
-    gradcam: String,
-    logits: Vec<f32>,
-}
+use crate::support::reference::{self, Case};
+use crate::support::{
+    TestServer, fixture, max_relative_error, model_config, png_bytes, read_npy, read_npy_file,
+    served_name, status_and_json,
+};
 
-fn all_cases() -> Vec<Case> {
-    serde_json::from_str(&std::fs::read_to_string(fixture("reference/cases.json")).unwrap())
-        .unwrap()
-}
-
+/// The cases of the tiny fixture model.
 fn cases() -> Vec<Case> {
-    all_cases()
+    reference::cases()
         .into_iter()
         .filter(|c| c.model == "tiny_cnn.onnx")
         .collect()
@@ -80,7 +65,7 @@ async fn health_readiness_and_model_listing() {
 /// the exporter's tests), and the raw map equals the one computed with PyTorch autograd.
 #[tokio::test(flavor = "multi_thread")]
 async fn gradcam_matches_pytorch_grad_cam() {
-    let cases = all_cases();
+    let cases = reference::cases();
     let mut models: Vec<_> = cases
         .iter()
         .map(|c| model_config(&served_name(&c.model), &fixture(&c.model)))
@@ -91,7 +76,7 @@ async fn gradcam_matches_pytorch_grad_cam() {
         models.len() >= 3 && cases.len() >= 8,
         "fixture cases missing"
     );
-    let server = TestServer::with(models, Limits::default()).await;
+    let server = TestServer::builder().models(models).start().await;
     for case in cases {
         let image = std::fs::read(fixture(&case.image)).unwrap();
         let query = format!(
@@ -316,7 +301,7 @@ async fn boxes_find_objects_at_known_positions() {
     assert!(boxes[0]["area"].as_u64() > boxes[1]["area"].as_u64());
 
     // A square on the model's own 8-pixel grid, in an image of the input size: red_blue_128.png's red square, whose
-    // upsampled map tests/dashboards.rs works out by hand, boxed on the target Run's map (`box_side=input`). At 15%
+    // upsampled map tests/it/dashboards.rs works out by hand, boxed on the target Run's map (`box_side=input`). At 15%
     // of the maximum the box grows 3 px on every side; at half the maximum it is the square exactly.
     let size = (info.preprocess.width as u32, info.preprocess.height as u32);
     let image = png_bytes(&red_squares(size.0, size.1, &[(16, 32, 32)]));
@@ -469,10 +454,10 @@ async fn batched_requests_equal_single_ones() {
     let mut batched = model_config("tiny", &fixture("tiny_cnn.onnx"));
     batched.max_batch = 8;
     batched.max_batch_wait_ms = 200;
-    let server = TestServer::with(vec![batched], Limits::default()).await;
+    let server = TestServer::builder().models([batched]).start().await;
     let mut alone = model_config("tiny", &fixture("tiny_cnn.onnx"));
     alone.max_batch = 1;
-    let reference = TestServer::with(vec![alone], Limits::default()).await;
+    let reference = TestServer::builder().models([alone]).start().await;
 
     let images: Vec<Vec<u8>> = cases()
         .iter()
