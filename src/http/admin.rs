@@ -12,6 +12,7 @@ use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use tokio::sync::MutexGuard;
 
 use crate::config::ModelConfig;
 use crate::http::SharedState;
@@ -98,13 +99,13 @@ fn model_config(name: &str, body: &[u8], models_dir: &Path) -> Result<ModelConfi
 }
 
 /// Loads on a blocking thread (sessions, contract check, probe Run) and swaps the model in only on success;
-/// returns the model now served, and whether it replaced one. The caller answers from the returned model: a
-/// DELETE may remove it from the registry as soon as the admin lock is released.
+/// returns the model now served, and whether it replaced one. The caller holds the admin lock (`_held`) and
+/// answers from the returned model: a DELETE may remove it from the registry once the lock is released.
 async fn load_and_swap(
     state: &SharedState,
+    _held: &MutexGuard<'_, ()>,
     config: ModelConfig,
 ) -> Result<(Arc<ServedModel>, bool), ApiError> {
-    let _one_at_a_time = state.admin_lock.lock().await;
     let runtime = state.runtime.clone();
     let model = tokio::task::spawn_blocking(move || ServedModel::load(&runtime, &config))
         .await
@@ -123,7 +124,8 @@ pub async fn put_model(
     authorize(&state, &headers)?;
     let models_dir = &state.admin.as_ref().expect("authorized").models_dir;
     let config = model_config(&name, &body, models_dir)?;
-    let (model, replaced) = load_and_swap(&state, config).await?;
+    let held = state.admin_lock.lock().await;
+    let (model, replaced) = load_and_swap(&state, &held, config).await?;
     let status = if replaced {
         StatusCode::OK
     } else {
@@ -138,10 +140,12 @@ pub async fn reload_model(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
+    // Looked up under the lock, so that a DELETE before it wins (404) rather than being undone by the reload.
+    let held = state.admin_lock.lock().await;
     let config = crate::http::handlers::find_model(&state, &name)?
         .config
         .clone();
-    let (model, _) = load_and_swap(&state, config).await?;
+    let (model, _) = load_and_swap(&state, &held, config).await?;
     Ok(Json(ModelView::from(&model.info)).into_response())
 }
 
