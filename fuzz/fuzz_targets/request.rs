@@ -10,6 +10,7 @@ use axum::extract::FromRequest;
 use camserve::config::{ExecutionProvider, Limits};
 use camserve::http::image_body::ImageBody;
 use camserve::http::params;
+use camserve::onnx::metadata::TargetLayout;
 use camserve::onnx::model::ModelInfo;
 use camserve::pipeline::preprocess::{ChannelOrder, Preprocess};
 use libfuzzer_sys::fuzz_target;
@@ -31,6 +32,7 @@ fn model() -> &'static ModelInfo {
             channel_order: ChannelOrder::Rgb,
             value_range: (0.0, 1.0),
         },
+        target_layout: TargetLayout::Nchw,
         activation_shape: [4, 2, 2],
         stride: Some(4),
         device: ExecutionProvider::Cpu,

@@ -4,6 +4,7 @@ use serde::Serialize;
 
 use crate::config::ExecutionProvider;
 use crate::explain::Explanation;
+use crate::onnx::metadata::TargetLayout;
 use crate::onnx::model::ModelInfo;
 use crate::pipeline::cam::CamMethod;
 
@@ -14,11 +15,13 @@ pub struct ModelView<'a> {
     num_classes: usize,
     labels: &'a [String],
     target_layer: &'a str,
+    target_layout: &'a TargetLayout,
     /// Every target layer `layers=` can combine: the target layer first, then the extra ones.
     layers: Vec<&'a str>,
     /// Whether the model has guided backpropagation (`output=guided`).
     guided: bool,
     activation: ActivationShape,
+    stride: Option<usize>,
     methods: Vec<&'static str>,
     device: ExecutionProvider,
     preprocess: PreprocessView,
@@ -60,6 +63,7 @@ impl<'a> From<&'a ModelInfo> for ModelView<'a> {
             num_classes: info.num_classes(),
             labels: &info.labels,
             target_layer: &info.target_layer,
+            target_layout: &info.target_layout,
             layers: info.layer_names(),
             guided: info.guided,
             activation: ActivationShape {
@@ -67,6 +71,7 @@ impl<'a> From<&'a ModelInfo> for ModelView<'a> {
                 height,
                 width,
             },
+            stride: info.stride,
             methods: CamMethod::ALL.iter().map(|m| m.name()).collect(),
             device: info.device,
             preprocess: PreprocessView {

@@ -13,10 +13,53 @@ use crate::pipeline::preprocess::{ChannelOrder, Preprocess};
 pub struct Metadata {
     pub labels: Vec<String>,
     pub target_layer: String,
+    pub target_layout: TargetLayout,
     /// `camserve.target_layers`: every target layer, the primary first (only models with extra layers have it).
     pub target_layers: Option<Vec<String>>,
     pub preprocess: Preprocess,
     pub source: Option<String>,
+}
+
+/// The target layer's own layout, which the model maps to the contract's [N,Ch,h,w] inside its graph
+/// (`camserve.target_layout`; absent: `nchw`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(tag = "layout", rename_all = "lowercase", try_from = "LayoutFields")]
+pub enum TargetLayout {
+    Nchw,
+    /// Channels last, [N,h,w,C] (Swin).
+    Nhwc,
+    /// A transformer's [N,T,D] token sequence: `prefix_tokens` (class, distillation, registers), then the patch
+    /// grid, [height, width].
+    Tokens {
+        prefix_tokens: usize,
+        grid: [usize; 2],
+    },
+}
+
+/// `camserve.target_layout` as written, checked whole: a layout takes exactly the fields it needs.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LayoutFields {
+    layout: String,
+    prefix_tokens: Option<usize>,
+    grid: Option<[usize; 2]>,
+}
+
+impl TryFrom<LayoutFields> for TargetLayout {
+    type Error = String;
+
+    fn try_from(f: LayoutFields) -> Result<Self, String> {
+        match (f.layout.as_str(), f.prefix_tokens, f.grid) {
+            ("nchw", None, None) => Ok(Self::Nchw),
+            ("nhwc", None, None) => Ok(Self::Nhwc),
+            ("tokens", Some(prefix_tokens), Some(grid)) => Ok(Self::Tokens { prefix_tokens, grid }),
+            _ => Err(
+                "expected {\"layout\": \"nchw\"}, {\"layout\": \"nhwc\"} or {\"layout\": \"tokens\", \
+                 \"prefix_tokens\": P, \"grid\": [h, w]}"
+                    .into(),
+            ),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -42,20 +85,27 @@ pub fn read_metadata(session: &Session, overrides: &ModelOverrides) -> Result<Me
         ));
     }
     let labels = read_labels(&get, overrides, &mut problems);
+    let target_layout = match get("target_layout") {
+        None => Some(TargetLayout::Nchw),
+        value => parse_key(value, "target_layout", "a layout object", &mut problems),
+    };
     let preprocess = read_preprocess(&get, overrides, &mut problems);
-    match (labels, preprocess) {
-        (Some(labels), Some(preprocess)) if problems.is_empty() => Ok(Metadata {
-            labels,
-            target_layer: overrides
-                .target_layer
-                .clone()
-                .or_else(|| get("target_layer"))
-                .unwrap_or_default(),
-            target_layers: get("target_layers")
-                .and_then(|v| serde_json::from_str::<Vec<String>>(&v).ok()),
-            preprocess,
-            source: get("source"),
-        }),
+    match (labels, preprocess, target_layout) {
+        (Some(labels), Some(preprocess), Some(target_layout)) if problems.is_empty() => {
+            Ok(Metadata {
+                labels,
+                target_layout,
+                target_layer: overrides
+                    .target_layer
+                    .clone()
+                    .or_else(|| get("target_layer"))
+                    .unwrap_or_default(),
+                target_layers: get("target_layers")
+                    .and_then(|v| serde_json::from_str::<Vec<String>>(&v).ok()),
+                preprocess,
+                source: get("source"),
+            })
+        }
         _ => Err(format!(
             "{} (export it with camserve-export, or set the values under [models.overrides])",
             problems.join("; ")
@@ -202,5 +252,40 @@ pub fn extra_layer_names(session: &Session, meta: &Metadata) -> Result<Vec<Strin
              the primary target first, then one per activations_i output",
             count + 1
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_layouts_read_as_the_exporter_writes_them() {
+        let read = |text: &str| serde_json::from_str::<TargetLayout>(text);
+        assert_eq!(read(r#"{"layout": "nchw"}"#).unwrap(), TargetLayout::Nchw);
+        assert_eq!(read(r#"{"layout": "nhwc"}"#).unwrap(), TargetLayout::Nhwc);
+        assert_eq!(
+            read(r#"{"layout": "tokens", "prefix_tokens": 5, "grid": [4, 6]}"#).unwrap(),
+            TargetLayout::Tokens {
+                prefix_tokens: 5,
+                grid: [4, 6]
+            }
+        );
+        for bad in [
+            r#"{"layout": "tokens"}"#,
+            r#"{"layout": "nchw", "grid": [1, 1]}"#,
+            r#"{"layout": "hwc"}"#,
+        ] {
+            assert!(read(bad).is_err(), "{bad}");
+        }
+        // And back: /v1/models shows it in the same shape.
+        let tokens = TargetLayout::Tokens {
+            prefix_tokens: 1,
+            grid: [7, 7],
+        };
+        assert_eq!(
+            serde_json::to_value(&tokens).unwrap(),
+            serde_json::json!({"layout": "tokens", "prefix_tokens": 1, "grid": [7, 7]})
+        );
     }
 }

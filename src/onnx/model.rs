@@ -11,7 +11,7 @@ use crate::onnx::contract::{
     self, CLASS_WEIGHTS, CONTRACT_VERSION, INPUT_GRADIENTS, INPUTS, LOGITS, OUTPUTS,
     extra_activations, extra_gradients,
 };
-use crate::onnx::metadata::{Metadata, extra_layer_names, read_metadata};
+use crate::onnx::metadata::{Metadata, TargetLayout, extra_layer_names, read_metadata};
 use crate::onnx::runtime::OnnxRuntime;
 use crate::onnx::session::{extra_layer_count, has_output, run};
 use crate::pipeline::preprocess::Preprocess;
@@ -23,6 +23,8 @@ pub struct ModelInfo {
     pub file: PathBuf,
     pub labels: Vec<String>,
     pub target_layer: String,
+    /// How the target layer's output is laid out before the graph maps it to [N,Ch,h,w].
+    pub target_layout: TargetLayout,
     /// Extra target layers: outputs `activations_i` / `gradients_i` for `extra_layers[i - 1]`.
     pub extra_layers: Vec<String>,
     /// Whether the model has `input_gradients` (guided backpropagation), which Guided Grad-CAM needs.
@@ -166,6 +168,7 @@ fn check(
         file: config.file.clone(),
         labels: meta.labels,
         target_layer: meta.target_layer,
+        target_layout: meta.target_layout,
         extra_layers,
         guided,
         preprocess: meta.preprocess,
