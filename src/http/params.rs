@@ -395,10 +395,12 @@ fn parse_drawing(
         ],
         MapSize::Activation,
     )?;
-    let alpha = single::<f32>(pairs, "alpha", "a number from 0 to 1")?.unwrap_or(0.5);
+    // Checked as given (f64), before rounding to f32 could pull 1.0000000000000002 into range.
+    let alpha = single::<f64>(pairs, "alpha", "a number from 0 to 1")?.unwrap_or(0.5);
     if !(0.0..=1.0).contains(&alpha) {
         return Err(invalid(format!("`alpha` must be from 0 to 1, got {alpha}")));
     }
+    let alpha = alpha as f32;
     let relu = single::<bool>(pairs, "relu", "true or false")?.unwrap_or(true);
     Ok((heatmap, map_size, alpha, relu))
 }

@@ -150,6 +150,8 @@ fn parameter_errors() -> Vec<Bad> {
         explain("class=1&top_k=2", 400, "invalid_parameter"),
         explain("method=magic", 400, "invalid_parameter"),
         explain("alpha=2", 400, "invalid_parameter"),
+        // Over 1, though it rounds to 1.0 as f32 (schemathesis found it).
+        explain("alpha=1.0000000000000002", 400, "invalid_parameter"),
         explain("threshold=0", 400, "invalid_parameter"),
         explain("threshold=mean", 400, "invalid_parameter"),
         explain("output=pdf", 400, "invalid_parameter"),
