@@ -1021,7 +1021,7 @@ mod tests {
 
     #[test]
     fn large_maps_done_in_bands_equal_one_pass_on_one_thread() {
-        // 1600 x 900 is split into a band per core (src/bands.rs); the reference below is the same arithmetic, a
+        // 1600 x 900 is split into a band per core (src/pipeline/bands.rs); the reference below is the same arithmetic, a
         // value at a time, on this thread.
         let raw = Map::new(
             7,
