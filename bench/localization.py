@@ -5,7 +5,7 @@ through the real server, one table per set with a row per box protocol (docs/loc
     .venv/bin/python bench/localization.py                                   # both sets, every protocol
     .venv/bin/python bench/localization.py --sets real --protocols paper,default
     .venv/bin/python bench/localization.py --check-reference tests/fixtures/localization_real/reference_boxes.json
-    .venv/bin/python bench/localization.py --ci     # the CI subset: tests/fixtures/localization/expected.json
+    .venv/bin/python bench/localization.py --ci     # the CI figures: tests/fixtures/localization*/expected.json
 
 Starts camserve (the release binary, or --bin) with the default model and POSTs every object of each set once per
 protocol with `output=boxes&max_boxes=1&class=<the object's class>`: the first box is compared with the object's
@@ -181,7 +181,8 @@ def main() -> None:
                         help="send each photo as PNG, its pixels decoded whole by PIL (as the research harness and "
                              "reference_boxes decode it), instead of the JPEG the server decodes at a DCT scale")
     parser.add_argument("--ci", action="store_true",
-                        help="measure the CI subset (paper and default) and write its expected IoUs")
+                        help="measure the CI subset (paper and default) and write its expected IoUs into "
+                             "tests/fixtures/localization/expected.json and tests/fixtures/localization_real/")
     parser.add_argument("--out", type=Path, default=ROOT / "target/localization/results.json")
     args = parser.parse_args()
     names = args.sets.split(",")
@@ -231,13 +232,16 @@ def main() -> None:
     if args.check_reference:
         check_reference(results, sets, args.check_reference, args.tolerance)
     if args.ci:
-        expected = {name: {c["id"]: {"file": c["file"], **{p: round(results[name][p][i]["iou"], 4)
-                                                          for p in protocols}}
-                           for i, c in enumerate(cases)} for name, cases in sets.items()}
-        path = CI_SYNTHETIC / "expected.json"
-        path.write_text(json.dumps(expected, indent=1) + "\n")
-        print(f"expected figures: {shown(path)}")
-
+        # Each set's figures beside its photos: the synthetic ones by file (exporter/tests checks that they name
+        # the committed images), the real ones by object.
+        for name, folder in (("synthetic", CI_SYNTHETIC), ("real", args.real)):
+            expected = {c["file"] if name == "synthetic" else c["id"]:
+                        {**({"file": c["file"]} if name == "real" else {}),
+                         **{p: round(results[name][p][i]["iou"], 4) for p in protocols}}
+                        for i, c in enumerate(sets[name])}
+            path = folder / "expected.json"
+            path.write_text(json.dumps(expected, indent=1) + "\n")
+            print(f"expected figures: {shown(path)}")
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 //! The localization study's CI subset (docs/localization.md): a few cases of each set, the synthetic ones made by
 //! bench/localization_set.py (tests/fixtures/localization/) and a few objects of the real-photo set
 //! (tests/fixtures/localization_real/), with the IoUs that `make localization-fixtures` measured with the release
-//! binary (tests/fixtures/localization/expected.json). The default model, the real server: each case's IoU must
+//! binary (`expected.json` in each folder). The default model, the real server: each case's IoU must
 //! stay where it was, the default must be the protocol it names, and on each subset the default must localize
 //! better than the Grad-CAM paper's protocol (15% of the maximum on the target Run's map).
 
@@ -48,30 +48,30 @@ impl Case {
     }
 }
 
-/// The subset's cases, named as expected.json names them: the synthetic file's stem, the real set's `object`.
-fn subset(expected: &Value, set: &str) -> Vec<Case> {
+/// The subset of `set` and its committed figures: the cases of `{folder}/expected.json`, each named as it names
+/// them (the synthetic file, the real set's `object`), looked up in the folder's `cases.json`.
+fn subset(set: &str) -> (Vec<Case>, Value) {
     let (folder, key) = match set {
         "synthetic" => ("localization", "file"),
         _ => ("localization_real", "object"),
     };
     let listed = read_json(&format!("{folder}/cases.json"));
-    let names = expected[set].as_object().unwrap();
-    names
-        .iter()
-        .map(|(name, figures)| {
-            let wanted = match set {
-                "synthetic" => figures["file"].as_str().unwrap(),
-                _ => name.as_str(),
-            };
+    let expected = read_json(&format!("{folder}/expected.json"));
+    let cases = expected
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|name| {
             let case = listed
                 .as_array()
                 .unwrap()
                 .iter()
-                .find(|c| c[key] == wanted)
-                .unwrap_or_else(|| panic!("{set}: no case {wanted} in {folder}/cases.json"));
+                .find(|c| c[key] == name.as_str())
+                .unwrap_or_else(|| panic!("{set}: no case {name} in {folder}/cases.json"));
             Case::from(name, folder, case)
         })
-        .collect()
+        .collect();
+    (cases, expected)
 }
 
 /// The first box of `case`'s class with these extra query parameters, as [x_min, y_min, x_max, y_max], and the
@@ -104,18 +104,25 @@ async fn the_default_localizes_better_than_the_papers_protocol_on_both_sets() {
         .model("default", &root().join("models/efficientnet_lite0.onnx"))
         .start()
         .await;
-    let expected = read_json("localization/expected.json");
     let mut changed = Vec::new();
     for set in ["synthetic", "real"] {
-        let cases = subset(&expected, set);
-        assert!(cases.len() >= 5, "the {set} subset has {} cases", cases.len());
+        let (cases, expected) = subset(set);
+        assert!(
+            cases.len() >= 5,
+            "the {set} subset has {} cases",
+            cases.len()
+        );
         let (mut paper_sum, mut default_sum) = (0.0, 0.0);
         for case in &cases {
             let name = &case.name;
             let (paper_box, paper_how) = first_box(&server, case, PAPER).await;
             // The paper's protocol: the target Run's 224 px map, cut at 15% of its maximum.
             assert_eq!(paper_how["run"], "target", "{name}: {paper_how}");
-            assert_eq!(paper_how["input_size"], serde_json::json!([224, 224]), "{name}");
+            assert_eq!(
+                paper_how["input_size"],
+                serde_json::json!([224, 224]),
+                "{name}"
+            );
             let paper_threshold = paper_how["threshold"].as_f64().unwrap();
             assert!((paper_threshold - 0.15).abs() < 1e-6, "{name}: {paper_how}");
 
@@ -128,7 +135,7 @@ async fn the_default_localizes_better_than_the_papers_protocol_on_both_sets() {
 
             let (paper, by_default) = (iou(paper_box, case.truth), iou(default_box, case.truth));
             for (protocol, measured) in [("paper", paper), ("default", by_default)] {
-                let committed = expected[set][name][protocol].as_f64().unwrap();
+                let committed = expected[name][protocol].as_f64().unwrap();
                 if (measured - committed).abs() > TOLERANCE {
                     changed.push(format!(
                         "{set} {name}, {protocol}: IoU {measured:.4}, committed {committed:.4}"
