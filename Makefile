@@ -151,20 +151,21 @@ $(BENCH_STAMP):
 	$(BENCH_VENV)/bin/pip install --quiet pillow==12.0.0
 	touch $@
 
-## The localization study (docs/localization.md): the set regenerated from scikit-image's photos, then every
-## case through the release binary per method and threshold; prints the table. LOCALIZATION_ARGS passes options
-## (e.g. --methods gradcam,layercam --thresholds 0.15,otsu --bin target/debug/camserve).
+## The localization study (docs/localization.md): both sets (the synthetic one regenerated from scikit-image's
+## photos, the real photos of tests/fixtures/localization_real) through the release binary, a table per set with
+## a row per box protocol (a few minutes). LOCALIZATION_ARGS passes options, e.g. --sets real
+## --protocols paper,default, or --check-reference tests/fixtures/localization_real/reference_boxes.json.
 localization: ort $(VENV_STAMP)
 	cargo build --release --locked --bin camserve
 	$(VENV)/bin/python bench/localization_set.py target/localization/set
 	$(VENV)/bin/python bench/localization.py $(LOCALIZATION_ARGS)
 
-## The localization fixtures CI checks (tests/it/localization.rs): the subset's images and their expected IoUs.
+## The localization fixtures CI checks (tests/it/localization.rs): the synthetic subset's images, and the expected
+## IoUs of the paper's protocol and the default on it and on a few real photos.
 localization-fixtures: ort $(VENV_STAMP)
 	cargo build --release --locked --bin camserve
 	$(VENV)/bin/python bench/localization_set.py tests/fixtures/localization --ci
-	$(VENV)/bin/python bench/localization.py --set tests/fixtures/localization --methods gradcam \
-	  --thresholds 0.15,default --expected tests/fixtures/localization/expected.json
+	$(VENV)/bin/python bench/localization.py --ci
 
 ## 50 clients for 60 s, plain and with the model replaced twice: only 200s and deliberate 503s, flat memory.
 soak: ort $(OHA)
@@ -210,8 +211,8 @@ clean:
 	cargo clean
 	rm -rf .ort .ort-1.30 $(VENV) $(DEPLOY_VENV) $(ST_VENV) $(CONSUMERS_VENV) $(LABEL_STUDIO_VENV) $(BENCH_VENV) node_modules
 
-## Box protocols measured offline (docs/localization-research.md): the synthetic set and the real-photo set, with
-## ONNX Runtime on the default model; LOCALIZATION_RESEARCH_ARGS e.g. --only 'aspect 320' or --several.
+## Box protocols measured offline (docs/localization.md, "What was tried"): the synthetic set and the real-photo
+## set, with ONNX Runtime on the default model; LOCALIZATION_RESEARCH_ARGS e.g. --only 'aspect 320' or --several.
 localization-research: $(VENV_STAMP)
 	$(VENV)/bin/python bench/localization_set.py target/localization/set
 	$(VENV)/bin/python bench/localization_research.py $(LOCALIZATION_RESEARCH_ARGS)

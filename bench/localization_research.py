@@ -324,8 +324,8 @@ REFERENCE = {"long_side": 320, "multiple": 32, "threshold": "otsu"}
 
 def reference_boxes(session: ort.InferenceSession, photo: np.ndarray, cls: int, params: dict = REFERENCE,
                     trace: dict | None = None) -> tuple[list[int] | None, int]:
-    """The proposed default, plainly, for a port to follow step for step (docs/localization-research.md).
-    `photo`: the decoded RGB uint8 [H, W, 3], EXIF orientation applied. Returns (box or None, Runs)."""
+    """The proposed default, plainly, for a port to follow step for step (docs/localization.md, "The default,
+    step by step"). `photo`: the decoded RGB uint8 [H, W, 3], EXIF orientation applied. Returns (box or None, Runs)."""
     height, width = photo.shape[:2]
     meta = session.get_modelmeta().custom_metadata_map
     pre = json.loads(meta["camserve.preprocess"])
