@@ -210,11 +210,11 @@ pub fn explain_image(
 ) -> Result<Explanation, ExplainError> {
     options.check(&model.info, limits)?;
     let localization = localization_plan(&model.info, options);
-    let (photo, tensor, decode) =
-        runs::prepare(model, bytes, limits, options.drawn_side, localization)?;
+    let prepared = runs::prepare(model, bytes, limits, options.drawn_side, localization)?;
+    let (photo_size, tensor) = (prepared.photo.size, prepared.tensor.clone());
     let input_size = (model.info.preprocess.width, model.info.preprocess.height);
     let localization_size = localization
-        .map(|(side, stride)| runs::localization_size(photo.size, input_size, side, stride))
+        .map(|(side, stride)| runs::localization_size(photo_size, input_size, side, stride))
         .filter(|&size| size != input_size);
     let runs::TargetRuns {
         inputs,
@@ -243,7 +243,7 @@ pub fn explain_image(
                     &outputs,
                     &scored,
                     row,
-                    photo.size,
+                    photo_size,
                     own_boxes,
                 )
             })
@@ -251,11 +251,17 @@ pub fn explain_image(
     });
     if let Some(size) = localization_size {
         let classes: Vec<usize> = targets.iter().map(|t| t.class).collect();
-        let located =
-            runs::localization_run(model, &photo.image, size, &classes, &mut spent, ticket)?;
+        let located = runs::localization_run(
+            model,
+            prepared.analysis(),
+            size,
+            &classes,
+            &mut spent,
+            ticket,
+        )?;
         spent.cpu(|| {
             for (row, target) in targets.iter_mut().enumerate() {
-                maps::relocate(target, options, &located, row, size, photo.size);
+                maps::relocate(target, options, &located, row, size, photo_size);
             }
         });
     }
@@ -271,13 +277,13 @@ pub fn explain_image(
         )?;
     }
     Ok(Explanation {
-        image: photo.image,
-        photo_size: photo.size,
+        image: prepared.photo.image,
+        photo_size,
         logits: outputs.swap_remove(0).logits,
         probabilities,
         targets,
         timings: Timings {
-            decode,
+            decode: prepared.took,
             queue: spent.runs.queue,
             inference: spent.runs.inference,
             batch_size: spent.runs.batch_size,

@@ -20,34 +20,71 @@ use crate::registry::ServedModel;
 /// Masked inputs per Run for Score-CAM: a Run's memory grows with its batch.
 const SCORE_CAM_IMAGES_PER_RUN: usize = 32;
 
+/// A decoded photo and the model's input tensor made from it.
+pub struct Prepared {
+    /// The photo, decoded at least as finely as `drawn_side` needs, for drawing (overlays).
+    pub photo: preprocess::Decoded,
+    /// The pixels the tensors are made from, when they are not `photo`'s: a JPEG decoded at the scale that the
+    /// model's input and the localization Run need, whatever an output draws, so that every output's classes,
+    /// maps and boxes are the same (a finer DCT scale gives slightly other pixels, and Otsu's level follows them).
+    pub analysis: Option<RgbImage>,
+    pub tensor: Arc<[f32]>,
+    pub took: Duration,
+}
+
+impl Prepared {
+    /// The pixels the tensors are made from.
+    pub fn analysis(&self) -> &RgbImage {
+        self.analysis.as_ref().unwrap_or(&self.photo.image)
+    }
+}
+
 /// Decodes (no finer than the model's input, `drawn_side` and the localization Run, given as its (side, stride),
-/// need) and preprocesses; returns the photo, its tensor and how long that took.
+/// need) and makes the model's input tensor. A request that draws and boxes decodes twice: its tensors must not
+/// depend on the drawing's size.
 pub fn prepare(
     model: &ServedModel,
     bytes: &[u8],
     limits: &Limits,
     drawn_side: Option<usize>,
     localization: Option<(usize, usize)>,
-) -> Result<(preprocess::Decoded, Arc<[f32]>, Duration), ExplainError> {
+) -> Result<Prepared, ExplainError> {
     let started = Instant::now();
     let p = &model.info.preprocess;
-    let photo = preprocess::decode_at_least(bytes, &limits.decode_limits(), |width, height| {
-        let drawn = drawn_side.map_or((0, 0), |side| fit(width, height, side));
+    let limits = limits.decode_limits();
+    let analysis_size = |width, height| {
         let located = localization.map_or((0, 0), |(side, stride)| {
             localization_size((width, height), (p.width, p.height), side, stride)
         });
-        (
-            p.width.max(drawn.0).max(located.0),
-            p.height.max(drawn.1).max(located.1),
-        )
-    })?;
+        (p.width.max(located.0), p.height.max(located.1))
+    };
+    let drawn_size = |width, height| {
+        let drawn = drawn_side.map_or((0, 0), |side| fit(width, height, side));
+        let analysis = analysis_size(width, height);
+        (analysis.0.max(drawn.0), analysis.1.max(drawn.1))
+    };
+    let photo = preprocess::decode_at_least(bytes, &limits, drawn_size)?;
+    let analysis = match (drawn_side, localization) {
+        (Some(_), Some(_)) => Some(preprocess::decode_at_least(bytes, &limits, analysis_size)?)
+            .filter(|analysis| analysis.image.dimensions() != photo.image.dimensions())
+            .map(|analysis| analysis.image),
+        _ => None,
+    };
+    let mut prepared = Prepared {
+        photo,
+        analysis,
+        tensor: Arc::from([]),
+        took: Duration::ZERO,
+    };
     // Made in place where the Runs read it (an exact-size `collect` allocates once), not copied there afterwards.
     let mut tensor: Arc<[f32]> = std::iter::repeat_n(0.0, p.tensor_len()).collect();
     p.write_tensor(
-        &photo.image,
+        prepared.analysis(),
         Arc::get_mut(&mut tensor).expect("a new tensor has one owner"),
     );
-    Ok((photo, tensor, started.elapsed()))
+    prepared.tensor = tensor;
+    prepared.took = started.elapsed();
+    Ok(prepared)
 }
 
 /// What a request spent after decoding: its Runs (waits and inference, added up) and the CPU work around them.
@@ -105,7 +142,11 @@ pub fn predict(
     limits: &Limits,
     ticket: &Ticket,
 ) -> Result<(Vec<f32>, Timings), ExplainError> {
-    let (_, tensor, decode) = prepare(model, bytes, limits, None, None)?;
+    let Prepared {
+        tensor,
+        took: decode,
+        ..
+    } = prepare(model, bytes, limits, None, None)?;
     let seeds = vec![0.0; model.info.num_classes()];
     let (mut outputs, run) = run(model, tensor, 1, &seeds, 1, ticket)?;
     let timings = Timings {

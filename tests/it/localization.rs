@@ -159,3 +159,48 @@ async fn the_default_localizes_better_than_the_papers_protocol_on_both_sets() {
         changed.join("\n")
     );
 }
+
+/// Every output's boxes are the default's: `output=json` (which decodes the photo finely enough to draw it),
+/// `output=boxes` (which decodes a JPEG only as finely as its Runs need) and COCO's `bbox` give the same box for
+/// each real photo of the subset.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_output_gives_the_same_boxes() {
+    let server = TestServer::builder()
+        .model("default", &root().join("models/efficientnet_lite0.onnx"))
+        .start()
+        .await;
+    let (cases, _) = subset("real");
+    for case in &cases {
+        let query = |output: &str| {
+            let url = reqwest::Url::parse_with_params(
+                &server.url("/v1/models/default/explain"),
+                &[("class", case.class.as_str()), ("max_boxes", "1")],
+            )
+            .unwrap();
+            format!("{}?{}&{output}", url.path(), url.query().unwrap())
+        };
+        let mut found = Vec::new();
+        for output in ["output=boxes", "output=json", "format=coco"] {
+            let response = server
+                .post_image(query(output), "image/jpeg", case.image.clone())
+                .await;
+            assert_eq!(response.status(), 200, "{} {output}", case.name);
+            let body: Value = response.json().await.unwrap();
+            let corners = if output == "format=coco" {
+                let [x, y, w, h] =
+                    serde_json::from_value::<[f64; 4]>(body["annotations"][0]["bbox"].clone())
+                        .unwrap_or_else(|e| panic!("{}: {e}: {body}", case.name));
+                [x, y, x + w, y + h]
+            } else {
+                let b = &body["explanations"][0]["boxes"][0];
+                ["x_min", "y_min", "x_max", "y_max"].map(|k| b[k].as_f64().unwrap())
+            };
+            found.push((output, corners));
+        }
+        assert!(
+            found.iter().all(|(_, corners)| *corners == found[0].1),
+            "{}: {found:?}",
+            case.name
+        );
+    }
+}
