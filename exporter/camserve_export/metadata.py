@@ -53,7 +53,8 @@ class Preprocess:
                            "channel_order": self.channel_order, "value_range": list(self.value_range)})
 
 
-def metadata_props(labels, target_layer, input_size, preprocess, source, extra_layers=()) -> dict[str, str]:
+def metadata_props(labels, target_layer, input_size, preprocess, source, extra_layers=(), layout=None
+                   ) -> dict[str, str]:
     props = {
         "camserve.contract_version": CONTRACT_VERSION,
         "camserve.labels": json.dumps(list(labels)),
@@ -61,6 +62,9 @@ def metadata_props(labels, target_layer, input_size, preprocess, source, extra_l
         "camserve.input_size": json.dumps([int(input_size[0]), int(input_size[1])]),
         "camserve.preprocess": preprocess.to_json(),
         "camserve.source": source,
+        # the target's own layout before the graph mapped it to NCHW: {"layout": "nchw"}, {"layout": "nhwc"} or
+        # {"layout": "tokens", "prefix_tokens": P, "grid": [h, w]}
+        "camserve.target_layout": layout.to_json() if layout is not None else json.dumps({"layout": "nchw"}),
     }
     if extra_layers:  # every target: index 0 is `activations`, index i is `activations_i`
         props["camserve.target_layers"] = json.dumps([target_layer, *extra_layers])

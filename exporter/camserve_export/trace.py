@@ -58,6 +58,12 @@ class ContractGraph(nn.Module):
     def _head_vjp(self, x, rep):
         """Activations of every target (the split's first), the head's logits on N*K rows and a function from
         seeds to the gradients of every target."""
+        if self.extra is None and hasattr(self.split, "activations_ctx"):
+            # a LayoutSplit: A is the layer's output mapped to NCHW; the head maps it back, with the prefix tokens
+            # and the enclosing block's input from this same forward (so the backbone runs once, on N rows)
+            A, ctx = self.split.activations_ctx(x)
+            logits_rep, vjp_fn = torch.func.vjp(lambda a: self.split.head_ctx(rep(x), a, ctx, rep), rep(A))
+            return [A], logits_rep, vjp_fn
         if self.extra is None:
             A = self.split.activations(x)
             logits_rep, vjp_fn = torch.func.vjp(lambda a: self.split.head(rep(x), a), rep(A))
@@ -155,12 +161,32 @@ def _out_of_place(root: nn.Module):
             m.inplace = True
 
 
+_linear = torch.nn.functional.linear
+
+
+def _folded_linear(x, weight, bias=None):
+    """F.linear on a 2-D view: ATen's matmul folds a [B,T,D] input to [B*T,D] with concrete sizes, which
+    specializes a symbolic batch (N*K in the head) at its example value."""
+    if x.dim() <= 2:
+        return _linear(x, weight, bias)
+    return _linear(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@contextlib.contextmanager
+def _fold_linear():
+    torch.nn.functional.linear = _folded_linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = _linear
+
+
 def trace(split, x: torch.Tensor, class_weights: torch.Tensor, extra=None, guided: bool = False
           ) -> torch.fx.GraphModule:
     """Symbolic trace: every input dim becomes a symbol, so the example sizes must not coincide where the
     dims are unrelated (duck sizing would give them one symbol); see export.trace_shapes."""
     graph = ContractGraph(split, extra, guided)
-    with _out_of_place(split.root):
+    with _out_of_place(split.root), _fold_linear():
         if guided:
             # functionalize has no rule for an autograd.Function (the guided ReLU): trace first, then
             # functionalize the traced graph, which holds aten ops only.
