@@ -172,13 +172,44 @@ def _folded_linear(x, weight, bias=None):
     return _linear(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
 
 
+_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+
+def _math_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """F.scaled_dot_product_attention written out (eval: no dropout). The fused op's backward
+    (_scaled_dot_product_flash_attention_for_cpu_backward) has no decomposition and no ONNX translation."""
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
+    scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if is_causal:
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return scores.softmax(-1) @ v
+
+
+_adaptive_avg_pool2d = torch.nn.functional.adaptive_avg_pool2d
+
+
+def _contiguous_adaptive_avg_pool2d(x, output_size):
+    """On a channels-last view (torchvision Swin's permute before its pooling) the 1x1 pooling traces to a mean
+    plus as_strided, whose backward (as_strided_scatter) has no ONNX translation. A contiguous input avoids it."""
+    return _adaptive_avg_pool2d(x.contiguous(), output_size)
+
+
 @contextlib.contextmanager
-def _fold_linear():
-    torch.nn.functional.linear = _folded_linear
+def _traceable_functions():
+    """While tracing: F.linear folded to 2-D, F.scaled_dot_product_attention written out, adaptive average
+    pooling of a contiguous input (module code looks these up in torch.nn.functional at call time)."""
+    F = torch.nn.functional
+    F.linear, F.scaled_dot_product_attention = _folded_linear, _math_sdpa
+    F.adaptive_avg_pool2d = _contiguous_adaptive_avg_pool2d
     try:
         yield
     finally:
-        torch.nn.functional.linear = _linear
+        F.linear, F.scaled_dot_product_attention, F.adaptive_avg_pool2d = _linear, _sdpa, _adaptive_avg_pool2d
 
 
 def trace(split, x: torch.Tensor, class_weights: torch.Tensor, extra=None, guided: bool = False
@@ -186,7 +217,7 @@ def trace(split, x: torch.Tensor, class_weights: torch.Tensor, extra=None, guide
     """Symbolic trace: every input dim becomes a symbol, so the example sizes must not coincide where the
     dims are unrelated (duck sizing would give them one symbol); see export.trace_shapes."""
     graph = ContractGraph(split, extra, guided)
-    with _out_of_place(split.root), _fold_linear():
+    with _out_of_place(split.root), _traceable_functions():
         if guided:
             # functionalize has no rule for an autograd.Function (the guided ReLU): trace first, then
             # functionalize the traced graph, which holds aten ops only.
