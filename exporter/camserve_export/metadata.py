@@ -40,9 +40,14 @@ class Preprocess:
 
     def tensor(self, image: Image.Image, size: int) -> torch.Tensor:
         """A PIL image -> the [1,3,size,size] float32 input the server would feed (bilinear stretch if needed)."""
+        return self.tensor_hw(image, (size, size))
+
+    def tensor_hw(self, image: Image.Image, size_hw) -> torch.Tensor:
+        """A PIL image -> the [1,3,H,W] float32 input the server would feed (bilinear stretch if needed)."""
         image = image.convert("RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BILINEAR)
+        h, w = size_hw
+        if image.size != (w, h):
+            image = image.resize((w, h), Image.BILINEAR)
         lo, hi = self.value_range
         x = np.asarray(image, dtype=np.float32) / 255.0 * (hi - lo) + lo
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
