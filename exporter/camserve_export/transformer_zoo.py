@@ -159,7 +159,7 @@ def _write_readme(root: Path, listing) -> None:
         "# Transformer fixtures",
         "",
         "Written by `make transformer-fixtures` (`python -m camserve_export.transformer_zoo tests/fixtures/transformers`,",
-        f"exporter/camserve_export/transformer_zoo.py): small transformer classifiers, random weights (seed 0),",
+        "exporter/camserve_export/transformer_zoo.py): small transformer classifiers, random weights (seed 0),",
         f"{NUM_CLASSES} classes, exported by camserve-export in contract v1. Their target is a token or channels-last",
         "tensor; the graph maps it to NCHW, and `camserve.target_layout` records the original layout.",
         "",
