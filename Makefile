@@ -30,7 +30,7 @@ IMAGE_ROOT := target/image-root/opt/camserve
 
 .PHONY: run build ort venv test test-rust test-python test-gateway test-schemathesis test-deploy test-image \
 	image-root test-consumers test-label-studio test-ui fuzz lint bench bench-quick soak localization localization-fixtures \
-	default-model fixtures plain-fixtures clean
+	default-model fixtures plain-fixtures transformer-fixtures clean
 
 ## Build, install ONNX Runtime, serve the default model on 127.0.0.1:8080.
 run: ort build
@@ -201,6 +201,11 @@ default-model: $(VENV_STAMP)
 ## Rebuild the server's test fixtures (models, images, pytorch-grad-cam reference maps).
 fixtures: $(VENV_STAMP)
 	$(VENV)/bin/python -m camserve_export.fixtures tests/fixtures
+
+## Rebuild the small transformer models (timm DeiT/ViT-registers/Swin, torchvision ViT, Hugging Face ViT/DeiT) with
+## their pytorch-grad-cam reference maps; tests/fixtures/transformers/README.md lists them.
+transformer-fixtures: $(VENV_STAMP)
+	$(VENV)/bin/python -m camserve_export.transformer_zoo tests/fixtures/transformers
 
 ## Rebuild the plain-classifier zoo (ONNX files without the contract, autograd and pytorch-grad-cam references) for
 ## load-time head differentiation; tests/fixtures/plain/README.md lists it. Reads images/chelsea_64.png of `fixtures`.

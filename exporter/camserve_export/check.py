@@ -126,18 +126,19 @@ def _explicit_seeds(n, k, c, gen):
     return seeds
 
 
-def check_parity(session: ort.InferenceSession, split, size: int, dynamic_hw: bool, tol: float = TOLERANCE,
+def check_parity(session: ort.InferenceSession, split, size, dynamic_hw: bool, tol: float = TOLERANCE,
                  extra=None, guided: bool = False):
     """Runs the file at N=3 and K=min(4,C) (traced at N=2 or 4, K>=5), with explicit seeds and with all-zero seeds
     (the latter, for dynamic H/W, at another spatial size), and at N=K=1. Returns the worst relative error
     per output (the optional ones included: guided backpropagation and extra layers)."""
     c = session.get_inputs()[1].shape[2]
     k = min(4, c)
+    size_h, size_w = (size, size) if isinstance(size, int) else size
     gen = torch.Generator().manual_seed(0)
-    cases = [("explicit seeds", (size, size), _explicit_seeds(CHECK_N, k, c, gen)),
-             ("all-zero seeds (top-k)", (size + 32, size + 16) if dynamic_hw else (size, size),
+    cases = [("explicit seeds", (size_h, size_w), _explicit_seeds(CHECK_N, k, c, gen)),
+             ("all-zero seeds (top-k)", (size_h + 32, size_w + 16) if dynamic_hw else (size_h, size_w),
               torch.zeros(CHECK_N, k, c)),
-             ("top-1 of one image", (size, size), torch.zeros(1, 1, c))]  # the server's usual call
+             ("top-1 of one image", (size_h, size_w), torch.zeros(1, 1, c))]  # the server's usual call
     names = output_names(len(extra.names) if extra else 0, guided)
     worst = {name: 0.0 for name in names if name != "target_class"}
     for label, (h, w), seeds in cases:

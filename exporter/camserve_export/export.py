@@ -16,7 +16,8 @@ import torch
 from . import __version__
 from .check import TOLERANCE, check_parity, check_signature, specialized_axes
 from .errors import UserError
-from .guided import relu_modules
+from .guided import gelu_modules, relu_modules
+from .layout import Layout
 from .metadata import INPUT_NAMES, Preprocess, metadata_props, numbered_labels, output_names, set_metadata
 from .split import ExtraLayers, accepts_other_sizes, validate
 from .trace import trace
@@ -35,9 +36,10 @@ class ExportResult:
     notes: list = field(default_factory=list)
 
 
-def trace_shapes(size: int, num_classes: int, dynamic_hw: bool):
+def trace_shapes(size, num_classes: int, dynamic_hw: bool):
     """Example shapes whose unrelated dims all differ: make_fx gives equal sizes one symbol (duck sizing), which
     would tie N to C (a 2-class model) or K to C or H to W in the graph. K may exceed C (see ContractGraph)."""
+    size_h, size_w = as_hw(size)
     taken = {0, 1, 3, num_classes}  # 0 and 1 are always specialized; 3 is the RGB axis
 
     def pick(candidates):
@@ -47,9 +49,19 @@ def trace_shapes(size: int, num_classes: int, dynamic_hw: bool):
 
     n = pick(range(2, 64))
     k = pick(range(5, 64))
-    h = pick(range(size, size + 64))
-    w = pick(range(h + 16, h + 96)) if dynamic_hw else h
+    if not dynamic_hw:  # fixed H/W: the model's own size (duck sizing is harmless for dims that stay fixed)
+        return (n, 3, size_h, size_w), (n, k, num_classes)
+    h = pick(range(size_h, size_h + 64))
+    w = pick(range(h + 16, h + 96))
     return (n, 3, h, w), (n, k, num_classes)
+
+
+def as_hw(size) -> tuple[int, int]:
+    """An input size as (H, W): an int is square."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
 
 
 def _reserve_temp(out: Path) -> Path:
@@ -118,19 +130,33 @@ def _trace_and_export(split, input_size, num_classes, dynamic_hw, path, log, ext
     return onnx.load(str(path))
 
 
-def export_contract(split, out, *, input_size: int = 224, labels=None, preprocess: Preprocess = Preprocess(),
-                    source: str = "", dynamic_hw: bool | None = None, tolerance: float = TOLERANCE,
+def export_contract(split, out, *, input_size: int | tuple[int, int] = 224, labels=None,
+                    preprocess: Preprocess = Preprocess(), source: str = "", dynamic_hw: bool | None = None, tolerance: float = TOLERANCE,
                     extra_check=None, extra_layers=(), guided: bool = False, log=lambda msg: None) -> ExportResult:
     """Export `split` (HookSplit or ExplicitSplit) to `out` in contract v1. dynamic_hw=None decides by probing
     the head at another size. extra_check(session) may raise CheckFailed too. Optional outputs: `extra_layers`
     (module paths in split.root) adds activations_i / gradients_i, `guided` adds input_gradients (guided
-    backpropagation). Raises UserError or CheckFailed; on any failure `out` is left untouched."""
+    backpropagation). `input_size` is an int (square) or (H, W). A LayoutSplit maps a token or channels-last
+    target to NCHW in the graph and records its layout. Raises UserError or CheckFailed; on any failure `out` is
+    left untouched."""
     started = time.monotonic()
     out = Path(out)
+    size_hw = as_hw(input_size)
+    layout = getattr(split, "layout", Layout())
+    if guided:
+        gelus = gelu_modules(split.root)
+        if gelus:
+            raise UserError(
+                f"--guided: the model uses GELU ({type(gelus[0]).__name__}, {len(gelus)} module(s)); guided "
+                "backpropagation is defined for ReLU networks (pytorch-grad-cam's GuidedBackpropReLUModel only "
+                "changes nn.ReLU's backward), and through GELU it would be neither guided nor meaningful: export "
+                "without --guided")
+    if extra_layers and layout.kind != "nchw":
+        raise UserError(f"extra layers need an NCHW target; {split.name!r} is {layout.describe()}")
     tmp = _reserve_temp(out)
     try:
         with _frozen(split.root):
-            example = torch.randn(EXAMPLE_N, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+            example = torch.randn(EXAMPLE_N, 3, *size_hw, generator=torch.Generator().manual_seed(0))
             A, logits = validate(split, example)
             num_classes = logits.shape[1]
             labels = list(labels) if labels is not None else numbered_labels(num_classes)
@@ -141,18 +167,25 @@ def export_contract(split, out, *, input_size: int = 224, labels=None, preproces
             if guided and not relu_modules(split.root):
                 notes.append("the model has no nn.ReLU module: input_gradients are its plain input gradients "
                              "(as pytorch-grad-cam's GuidedBackpropReLUModel gives for it)")
+            if layout.kind == "tokens":
+                if dynamic_hw:
+                    raise UserError(f"target {split.name!r} is tokens on a fixed {layout.grid[0]}x"
+                                    f"{layout.grid[1]} grid: H and W can't be dynamic (export with fixed H/W)")
+                dynamic_hw = False
             auto_hw = dynamic_hw is None
+            fixed_at = f"{size_hw[0]}x{size_hw[1]}"
             if auto_hw:
-                dynamic_hw = accepts_other_sizes(split, input_size)
+                dynamic_hw = accepts_other_sizes(split, size_hw)
                 if not dynamic_hw:
-                    notes.append(f"the head needs the fixed input size: H and W are fixed at {input_size}")
-            log(f"target {split.name!r}: activations {list(A.shape[1:])}, {num_classes} classes")
+                    notes.append(f"the head needs the fixed input size: H and W are fixed at {fixed_at}")
+            log(f"target {split.name!r} ({layout.describe()}): activations {list(A.shape[1:])}, "
+                f"{num_classes} classes")
 
             model = None
             if dynamic_hw:
                 try:
                     with _quiet_fake_tensor():
-                        model = _trace_and_export(split, input_size, num_classes, True, tmp, log, extra, guided)
+                        model = _trace_and_export(split, size_hw, num_classes, True, tmp, log, extra, guided)
                     fixed = specialized_axes(model, dynamic_hw=True)
                     only_hw = fixed.keys() == {"input"} and 0 not in fixed["input"]
                     why = f"dims {fixed} were specialized" if only_hw else ""
@@ -163,21 +196,21 @@ def export_contract(split, out, *, input_size: int = 224, labels=None, preproces
                 if auto_hw and why:
                     # The eager head took another size, but the traced graph can't (a size baked into the
                     # model's code, e.g. a pooling kernel read off the tensor): fixed is the honest export.
-                    notes.append(f"H and W could not stay symbolic ({why}): they are fixed at {input_size}")
+                    notes.append(f"H and W could not stay symbolic ({why}): they are fixed at {fixed_at}")
                     log(notes[-1])
                     dynamic_hw, model = False, None
             if model is None:
-                model = _trace_and_export(split, input_size, num_classes, dynamic_hw, tmp, log, extra, guided)
+                model = _trace_and_export(split, size_hw, num_classes, dynamic_hw, tmp, log, extra, guided)
             check_signature(model, num_classes, dynamic_hw, len(extra_layers), guided)
             source = source or f"target {split.name}"
-            set_metadata(model, metadata_props(labels, split.name, (input_size, input_size), preprocess,
+            set_metadata(model, metadata_props(labels, split.name, size_hw, preprocess,
                                                f"{source}; camserve-export {__version__} (torch {torch.__version__})",
-                                               extra_layers))
+                                               extra_layers, layout))
             onnx.save(model, str(tmp))
 
             log("checking against PyTorch autograd with ONNX Runtime")
             session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-            errors = check_parity(session, split, input_size, dynamic_hw, tolerance, extra, guided)
+            errors = check_parity(session, split, size_hw, dynamic_hw, tolerance, extra, guided)
             if extra_check is not None:
                 extra_check(session)
         umask = os.umask(0)

@@ -25,6 +25,11 @@ class GuidedReLU(torch.autograd.Function):
         return grad * ((x > 0) & (grad > 0)).to(grad.dtype)
 
 
+def gelu_modules(root: nn.Module) -> list[nn.Module]:
+    """GELU activations by module (torch's nn.GELU, timm's and Hugging Face's wrappers, QuickGELU...)."""
+    return [m for m in root.modules() if "gelu" in type(m).__name__.lower()]
+
+
 def relu_modules(root: nn.Module) -> list[nn.Module]:
     return [m for m in root.modules() if isinstance(m, nn.ReLU)]
 

@@ -40,9 +40,14 @@ class Preprocess:
 
     def tensor(self, image: Image.Image, size: int) -> torch.Tensor:
         """A PIL image -> the [1,3,size,size] float32 input the server would feed (bilinear stretch if needed)."""
+        return self.tensor_hw(image, (size, size))
+
+    def tensor_hw(self, image: Image.Image, size_hw) -> torch.Tensor:
+        """A PIL image -> the [1,3,H,W] float32 input the server would feed (bilinear stretch if needed)."""
         image = image.convert("RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BILINEAR)
+        h, w = size_hw
+        if image.size != (w, h):
+            image = image.resize((w, h), Image.BILINEAR)
         lo, hi = self.value_range
         x = np.asarray(image, dtype=np.float32) / 255.0 * (hi - lo) + lo
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
@@ -53,7 +58,8 @@ class Preprocess:
                            "channel_order": self.channel_order, "value_range": list(self.value_range)})
 
 
-def metadata_props(labels, target_layer, input_size, preprocess, source, extra_layers=()) -> dict[str, str]:
+def metadata_props(labels, target_layer, input_size, preprocess, source, extra_layers=(), layout=None
+                   ) -> dict[str, str]:
     props = {
         "camserve.contract_version": CONTRACT_VERSION,
         "camserve.labels": json.dumps(list(labels)),
@@ -61,6 +67,9 @@ def metadata_props(labels, target_layer, input_size, preprocess, source, extra_l
         "camserve.input_size": json.dumps([int(input_size[0]), int(input_size[1])]),
         "camserve.preprocess": preprocess.to_json(),
         "camserve.source": source,
+        # the target's own layout before the graph mapped it to NCHW: {"layout": "nchw"}, {"layout": "nhwc"} or
+        # {"layout": "tokens", "prefix_tokens": P, "grid": [h, w]}
+        "camserve.target_layout": layout.to_json() if layout is not None else json.dumps({"layout": "nchw"}),
     }
     if extra_layers:  # every target: index 0 is `activations`, index i is `activations_i`
         props["camserve.target_layers"] = json.dumps([target_layer, *extra_layers])

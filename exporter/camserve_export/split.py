@@ -162,12 +162,13 @@ def validate(split, example: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return A, logits
 
 
-def accepts_other_sizes(split, size: int) -> bool:
+def accepts_other_sizes(split, size) -> bool:
     """Dynamic H/W is only offered when the head copes with another feature-map size (global or adaptive
     pooling). A flatten+linear head fails here, and the export stays at the fixed input size."""
     try:
         with torch.no_grad():
-            x = torch.zeros(1, 3, size + 32, size + 16)
+            h, w = (size, size) if isinstance(size, int) else size
+            x = torch.zeros(1, 3, h + 32, w + 16)
             split.head(x, split.activations(x))
         return True
     except Exception:  # any failure at another size means: keep H/W fixed

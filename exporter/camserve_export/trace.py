@@ -58,6 +58,12 @@ class ContractGraph(nn.Module):
     def _head_vjp(self, x, rep):
         """Activations of every target (the split's first), the head's logits on N*K rows and a function from
         seeds to the gradients of every target."""
+        if self.extra is None and hasattr(self.split, "activations_ctx"):
+            # a LayoutSplit: A is the layer's output mapped to NCHW; the head maps it back, with the prefix tokens
+            # and the enclosing block's input from this same forward (so the backbone runs once, on N rows)
+            A, ctx = self.split.activations_ctx(x)
+            logits_rep, vjp_fn = torch.func.vjp(lambda a: self.split.head_ctx(rep(x), a, ctx, rep), rep(A))
+            return [A], logits_rep, vjp_fn
         if self.extra is None:
             A = self.split.activations(x)
             logits_rep, vjp_fn = torch.func.vjp(lambda a: self.split.head(rep(x), a), rep(A))
@@ -155,12 +161,63 @@ def _out_of_place(root: nn.Module):
             m.inplace = True
 
 
+_linear = torch.nn.functional.linear
+
+
+def _folded_linear(x, weight, bias=None):
+    """F.linear on a 2-D view: ATen's matmul folds a [B,T,D] input to [B*T,D] with concrete sizes, which
+    specializes a symbolic batch (N*K in the head) at its example value."""
+    if x.dim() <= 2:
+        return _linear(x, weight, bias)
+    return _linear(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+
+
+_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+
+def _math_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """F.scaled_dot_product_attention written out (eval: no dropout). The fused op's backward
+    (_scaled_dot_product_flash_attention_for_cpu_backward) has no decomposition and no ONNX translation."""
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
+    scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if is_causal:
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return scores.softmax(-1) @ v
+
+
+_adaptive_avg_pool2d = torch.nn.functional.adaptive_avg_pool2d
+
+
+def _contiguous_adaptive_avg_pool2d(x, output_size):
+    """On a channels-last view (torchvision Swin's permute before its pooling) the 1x1 pooling traces to a mean
+    plus as_strided, whose backward (as_strided_scatter) has no ONNX translation. A contiguous input avoids it."""
+    return _adaptive_avg_pool2d(x.contiguous(), output_size)
+
+
+@contextlib.contextmanager
+def _traceable_functions():
+    """While tracing: F.linear folded to 2-D, F.scaled_dot_product_attention written out, adaptive average
+    pooling of a contiguous input (module code looks these up in torch.nn.functional at call time)."""
+    F = torch.nn.functional
+    F.linear, F.scaled_dot_product_attention = _folded_linear, _math_sdpa
+    F.adaptive_avg_pool2d = _contiguous_adaptive_avg_pool2d
+    try:
+        yield
+    finally:
+        F.linear, F.scaled_dot_product_attention, F.adaptive_avg_pool2d = _linear, _sdpa, _adaptive_avg_pool2d
+
+
 def trace(split, x: torch.Tensor, class_weights: torch.Tensor, extra=None, guided: bool = False
           ) -> torch.fx.GraphModule:
     """Symbolic trace: every input dim becomes a symbol, so the example sizes must not coincide where the
     dims are unrelated (duck sizing would give them one symbol); see export.trace_shapes."""
     graph = ContractGraph(split, extra, guided)
-    with _out_of_place(split.root):
+    with _out_of_place(split.root), _traceable_functions():
         if guided:
             # functionalize has no rule for an autograd.Function (the guided ReLU): trace first, then
             # functionalize the traced graph, which holds aten ops only.
