@@ -20,3 +20,4 @@ mod openapi;
 mod plain;
 mod shutdown;
 mod startup;
+mod transformers;
