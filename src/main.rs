@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
-use camserve::config::{Config, Overrides, PlainModel};
+use camserve::config::{Config, Overrides, PlainModel, TargetLayout};
 use camserve::engine::Caller;
 use camserve::explain::{self, ExplainOptions, Targets};
 use camserve::http::{self, AppState};
@@ -69,6 +69,32 @@ struct PlainArgs {
     /// HEIGHT,WIDTH of the input, when the file leaves them open.
     #[arg(long, value_parser = parse_size)]
     input_size: Option<[usize; 2]>,
+}
+
+/// Overrides of the target's layout, for models camserve cannot read it from.
+#[derive(clap::Args)]
+struct LayoutArgs {
+    /// The target's layout: tokens ([N,T,D]), nhwc or nchw (default: inferred).
+    #[arg(long)]
+    layout: Option<TargetLayout>,
+    /// Tokens before the patch tokens (class, distillation, registers) of a token target.
+    #[arg(long)]
+    prefix_tokens: Option<usize>,
+    /// The patch grid HxW of a token target (default: from the patch embedding).
+    #[arg(long, value_parser = parse_grid)]
+    grid: Option<[usize; 2]>,
+}
+
+fn parse_grid(text: &str) -> Result<[usize; 2], String> {
+    let parts: Vec<usize> = text
+        .split(['x', 'X'])
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("`{text}` is not HxW"))?;
+    match parts[..] {
+        [h, w] if h > 0 && w > 0 => Ok([h, w]),
+        _ => Err(format!("`{text}` is not HxW")),
+    }
 }
 
 fn parse_size(text: &str) -> Result<[usize; 2], String> {
@@ -138,6 +164,8 @@ enum Command {
         out: PathBuf,
         #[command(flatten)]
         plain: PlainArgs,
+        #[command(flatten)]
+        layout: LayoutArgs,
     },
     /// Exits 0 if the server answers 200 on its readiness URL: the container's HEALTHCHECK, which has no curl.
     Healthcheck {
@@ -188,7 +216,8 @@ fn main() -> ExitCode {
             target,
             out,
             plain,
-        } => augment_file(&setup, &model, target, &out, plain),
+            layout,
+        } => augment_file(&setup, &model, target, &out, plain, layout),
         Command::Healthcheck { url } => healthcheck(&url),
     };
     match result {
@@ -376,12 +405,16 @@ fn augment_file(
     target: String,
     out: &Path,
     plain: PlainArgs,
+    layout: LayoutArgs,
 ) -> anyhow::Result<()> {
     let runtime = load_runtime(&setup.config(Overrides::default())?)?;
     let spec = PlainModel {
         target,
         output: plain.output,
         keep_softmax: plain.keep_softmax,
+        layout: layout.layout,
+        prefix_tokens: layout.prefix_tokens,
+        grid: layout.grid,
     };
     let augmented = camserve::onnx::plain::augment(&runtime, model, &spec, plain.input_size)
         .map_err(|e| anyhow::anyhow!("{}: {e}", model.display()))?;

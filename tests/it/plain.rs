@@ -82,8 +82,8 @@ fn augment_case(case: &Case, keep_softmax: bool) -> plain::Augmented {
 fn spec(case: &Case, keep_softmax: bool) -> PlainModel {
     PlainModel {
         target: case.target.clone(),
-        output: None,
         keep_softmax,
+        ..Default::default()
     }
 }
 

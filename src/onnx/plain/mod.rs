@@ -13,6 +13,7 @@ pub mod proto;
 mod backward;
 mod emit;
 mod graph;
+mod layout;
 mod outputs;
 mod read;
 mod rules;
@@ -26,6 +27,7 @@ use crate::config::PlainModel;
 use crate::onnx::runtime::OnnxRuntime;
 use emit::{Emitter, Writer};
 use graph::{Head, graph, graph_mut};
+pub use layout::Layout;
 use read::Plain;
 pub use rules::{SUPPORTED, TensorInfo};
 
@@ -100,22 +102,34 @@ pub fn augment(
     let shapes = shapes::of_head(runtime, &plain, &head)?;
     let probe_time = started.elapsed();
     let started = Instant::now();
-    let target_dims = target_dims(&shapes, &target)?;
+    let target_info = shapes
+        .get(&target)
+        .ok_or_else(|| format!("the shape of the target `{target}` is unknown"))?;
+    let layout = layout::resolve(
+        graph(&plain.model),
+        &plain.input,
+        plain.input_size,
+        &target,
+        target_info,
+        spec,
+    )?;
+    let target_dims = layout.nchw_dims(&target_info.dims);
     backward::check_supported(graph(&plain.model), &head, &shapes)?;
     let class_count = shapes
         .get(&plain.output)
         .and_then(|i| *i.dims.last()?)
         .ok_or("the scores' class count is unknown")?;
     let head_ops = head.ops(graph(&plain.model));
-    let backward_nodes = append_backward(&mut plain, &head, &shapes, class_count)?;
+    let (backward_nodes, mapped) =
+        append_backward(&mut plain, &head, &shapes, class_count, &layout)?;
     outputs::declare(
         graph_mut(&mut plain.model),
         &plain.output,
-        &target,
+        &mapped,
         class_count,
         &target_dims,
     );
-    outputs::write_metadata(&mut plain, class_count, &spec.target, &head_ops);
+    outputs::write_metadata(&mut plain, class_count, &spec.target, &head_ops, &layout);
     Ok(Augmented {
         model: plain.model.encode_bytes(),
         head_ops,
@@ -137,27 +151,15 @@ fn find_head(plain: &Plain, target: &str) -> Result<Head, String> {
     Ok(head)
 }
 
-fn target_dims(
-    shapes: &HashMap<String, TensorInfo>,
-    target: &str,
-) -> Result<Vec<Option<i64>>, String> {
-    match shapes.get(target) {
-        Some(info) if info.dims.len() == 4 && info.is_float() => Ok(info.dims.clone()),
-        other => Err(format!(
-            "the target `{target}` must be a 4-D float tensor [N,C,h,w]; it is {:?}",
-            other.map(|i| &i.dims)
-        )),
-    }
-}
-
-/// Appends the backward Loop and the contract's seeds and outputs around it to the graph; returns the count of
-/// backward nodes.
+/// Appends the target mapped to NCHW, the backward Loop and the contract's seeds and outputs around it to the
+/// graph; returns the count of backward nodes and the mapped target (the target itself where it is NCHW).
 fn append_backward(
     plain: &mut Plain,
     head: &Head,
     shapes: &HashMap<String, TensorInfo>,
     class_count: i64,
-) -> Result<usize, String> {
+    layout: &Layout,
+) -> Result<(usize, String), String> {
     let graph = graph_mut(&mut plain.model);
     let mut taken = graph::all_names(graph);
     let mut emitter = Emitter::new(plain.opset);
@@ -172,11 +174,12 @@ fn append_backward(
         constants: &values,
         statistics,
     };
+    let mapped = layout.emit(&mut w, &head.target, &context.info(&head.target)?.dims);
     let seeds = w.fresh("seeds");
-    let body = backward::body(&context, &mut w, graph, head, &seeds)?;
+    let body = backward::body(&context, &mut w, graph, head, &seeds, layout)?;
     let backward_nodes = body.node.len();
     outputs::append(&mut w, &plain.output, &seeds, class_count, body);
     graph.node.append(&mut emitter.nodes);
     graph.initializer.append(&mut emitter.constants);
-    Ok(backward_nodes)
+    Ok((backward_nodes, mapped))
 }
