@@ -140,8 +140,9 @@ enum Command {
         #[arg(long, default_value_t = 0.5)]
         alpha: f32,
     },
-    /// Lists the tensors of a plain ONNX classifier that can be its target: 4-D, larger than 1x1, on the path to
-    /// the scores, each with its shape and the ops of its head (the layer Grad-CAM usually wants is the last one).
+    /// Lists the tensors of a plain ONNX classifier that can be its target, on the path to the scores: maps
+    /// [N,C,h,w] or [N,h,w,C] larger than 1x1 and token sequences [N,T,D] on the patch grid, each with its shape,
+    /// the ops of its head and its layout; the one to use by default is marked, with the reason.
     Targets {
         #[command(flatten)]
         setup: Setup,
@@ -374,7 +375,8 @@ fn list_targets(setup: &Setup, model: &Path, plain: &PlainArgs) -> anyhow::Resul
     .map_err(|e| anyhow::anyhow!("{}: {e}", model.display()))?;
     if candidates.is_empty() {
         bail!(
-            "{}: no 4-D tensor larger than 1x1 leads to the scores",
+            "{}: no spatial tensor (a map [N,C,h,w] or [N,h,w,C] larger than 1x1, or tokens [N,T,D] on the patch \
+             grid) leads to the scores",
             model.display()
         );
     }
@@ -389,11 +391,16 @@ fn list_targets(setup: &Setup, model: &Path, plain: &PlainArgs) -> anyhow::Resul
         } else {
             format!("  (refused: {})", c.unsupported.join(", "))
         };
+        let default = c
+            .default
+            .map(|why| format!("  <- default: {why}"))
+            .unwrap_or_default();
         println!(
-            "{}  [{}]  head: {}{refused}",
+            "{}  [{}]  head: {}{refused}  layout: {}{default}",
             c.name,
             shape.join(","),
-            c.head_ops.join(" ")
+            c.head_ops.join(" "),
+            c.layout.describe()
         );
     }
     Ok(())

@@ -12,7 +12,7 @@ use crate::config::{PlainModel, TargetLayout};
 
 /// The most prefix tokens a token sequence is taken to have when its grid is inferred (class, distillation and
 /// register tokens; ViTs with registers have 1 + 4, some 1 + 8 or 1 + 16).
-const MAX_PREFIX: i64 = 17;
+pub const MAX_PREFIX: i64 = 17;
 
 /// A target's layout, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
