@@ -306,6 +306,42 @@ pub struct PlainModel {
     /// Differentiate a final Softmax/LogSoftmax instead of the scores before it (Grad-CAM wants the scores).
     #[serde(default)]
     pub keep_softmax: bool,
+    /// How the target lays out its positions, when camserve's guess is wrong (default: inferred: a 3-D target
+    /// [N,T,D] is tokens, a 4-D one NCHW unless a Transpose made it channels-last).
+    #[serde(default)]
+    pub layout: Option<TargetLayout>,
+    /// Tokens before the patch tokens (class, distillation, register tokens), for a token target; default
+    /// T - h*w for the grid.
+    #[serde(default)]
+    pub prefix_tokens: Option<usize>,
+    /// The patch grid [h, w] of a token target; default from the input size and the patch embedding (the Conv
+    /// whose kernel equals its stride).
+    #[serde(default)]
+    pub grid: Option<[usize; 2]>,
+}
+
+/// The layout of a plain model's target; camserve maps it to the contract's NCHW inside the graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetLayout {
+    /// [N,T,D]: P prefix tokens, then h*w patch tokens row by row.
+    Tokens,
+    /// [N,h,w,C], channels last.
+    Nhwc,
+    /// [N,C,h,w].
+    Nchw,
+}
+
+impl std::str::FromStr for TargetLayout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tokens" => Ok(TargetLayout::Tokens),
+            "nhwc" => Ok(TargetLayout::Nhwc),
+            "nchw" => Ok(TargetLayout::Nchw),
+            other => Err(format!("`{other}` is not a layout: tokens, nhwc or nchw")),
+        }
+    }
 }
 
 /// Anything here replaces the value from the ONNX file's `camserve.*` metadata.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
-use camserve::config::{Config, Overrides, PlainModel};
+use camserve::config::{Config, Overrides, PlainModel, TargetLayout};
 use camserve::engine::Caller;
 use camserve::explain::{self, ExplainOptions, Targets};
 use camserve::http::{self, AppState};
@@ -71,6 +71,32 @@ struct PlainArgs {
     input_size: Option<[usize; 2]>,
 }
 
+/// Overrides of the target's layout, for models camserve cannot read it from.
+#[derive(clap::Args)]
+struct LayoutArgs {
+    /// The target's layout: tokens ([N,T,D]), nhwc or nchw (default: inferred).
+    #[arg(long)]
+    layout: Option<TargetLayout>,
+    /// Tokens before the patch tokens (class, distillation, registers) of a token target.
+    #[arg(long)]
+    prefix_tokens: Option<usize>,
+    /// The patch grid HxW of a token target (default: from the patch embedding).
+    #[arg(long, value_parser = parse_grid)]
+    grid: Option<[usize; 2]>,
+}
+
+fn parse_grid(text: &str) -> Result<[usize; 2], String> {
+    let parts: Vec<usize> = text
+        .split(['x', 'X'])
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("`{text}` is not HxW"))?;
+    match parts[..] {
+        [h, w] if h > 0 && w > 0 => Ok([h, w]),
+        _ => Err(format!("`{text}` is not HxW")),
+    }
+}
+
 fn parse_size(text: &str) -> Result<[usize; 2], String> {
     let parts: Vec<usize> = text
         .split(',')
@@ -114,8 +140,9 @@ enum Command {
         #[arg(long, default_value_t = 0.5)]
         alpha: f32,
     },
-    /// Lists the tensors of a plain ONNX classifier that can be its target: 4-D, larger than 1x1, on the path to
-    /// the scores, each with its shape and the ops of its head (the layer Grad-CAM usually wants is the last one).
+    /// Lists the tensors of a plain ONNX classifier that can be its target, on the path to the scores: maps
+    /// [N,C,h,w] or [N,h,w,C] larger than 1x1 and token sequences [N,T,D] on the patch grid, each with its shape,
+    /// the ops of its head and its layout; the one to use by default is marked, with the reason.
     Targets {
         #[command(flatten)]
         setup: Setup,
@@ -138,6 +165,8 @@ enum Command {
         out: PathBuf,
         #[command(flatten)]
         plain: PlainArgs,
+        #[command(flatten)]
+        layout: LayoutArgs,
     },
     /// Exits 0 if the server answers 200 on its readiness URL: the container's HEALTHCHECK, which has no curl.
     Healthcheck {
@@ -188,7 +217,8 @@ fn main() -> ExitCode {
             target,
             out,
             plain,
-        } => augment_file(&setup, &model, target, &out, plain),
+            layout,
+        } => augment_file(&setup, &model, target, &out, plain, layout),
         Command::Healthcheck { url } => healthcheck(&url),
     };
     match result {
@@ -345,7 +375,8 @@ fn list_targets(setup: &Setup, model: &Path, plain: &PlainArgs) -> anyhow::Resul
     .map_err(|e| anyhow::anyhow!("{}: {e}", model.display()))?;
     if candidates.is_empty() {
         bail!(
-            "{}: no 4-D tensor larger than 1x1 leads to the scores",
+            "{}: no spatial tensor (a map [N,C,h,w] or [N,h,w,C] larger than 1x1, or tokens [N,T,D] on the patch \
+             grid) leads to the scores",
             model.display()
         );
     }
@@ -360,11 +391,16 @@ fn list_targets(setup: &Setup, model: &Path, plain: &PlainArgs) -> anyhow::Resul
         } else {
             format!("  (refused: {})", c.unsupported.join(", "))
         };
+        let default = c
+            .default
+            .map(|why| format!("  <- default: {why}"))
+            .unwrap_or_default();
         println!(
-            "{}  [{}]  head: {}{refused}",
+            "{}  [{}]  head: {}{refused}  layout: {}{default}",
             c.name,
             shape.join(","),
-            c.head_ops.join(" ")
+            c.head_ops.join(" "),
+            c.layout.describe()
         );
     }
     Ok(())
@@ -376,12 +412,16 @@ fn augment_file(
     target: String,
     out: &Path,
     plain: PlainArgs,
+    layout: LayoutArgs,
 ) -> anyhow::Result<()> {
     let runtime = load_runtime(&setup.config(Overrides::default())?)?;
     let spec = PlainModel {
         target,
         output: plain.output,
         keep_softmax: plain.keep_softmax,
+        layout: layout.layout,
+        prefix_tokens: layout.prefix_tokens,
+        grid: layout.grid,
     };
     let augmented = camserve::onnx::plain::augment(&runtime, model, &spec, plain.input_size)
         .map_err(|e| anyhow::anyhow!("{}: {e}", model.display()))?;

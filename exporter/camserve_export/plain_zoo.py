@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 from torchvision.models import convnext, densenet, efficientnet, mobilenetv3, resnet, shufflenetv2, squeezenet
+from torchvision.models.vision_transformer import VisionTransformer
 
 from .cam import gradcam_lowres, like_pytorch_grad_cam
 from .metadata import Preprocess
@@ -63,9 +64,14 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
             if isinstance(m, nn.Linear):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features ** 0.5)
                 fill(m.bias, -0.1, 0.1)
+            if isinstance(m, nn.MultiheadAttention):  # its in-projection is a bare parameter, not a Linear
+                m.in_proj_weight.copy_(torch.randn(m.in_proj_weight.shape, generator=g) / m.embed_dim ** 0.5)
+                fill(m.in_proj_bias, -0.1, 0.1)
         for name, p in model.named_parameters():
             if name.endswith("layer_scale"):
                 fill(p, 0.3, 1.0)
+            if name in ("class_token", "encoder.pos_embedding"):  # zeros and N(0, 0.02) in torchvision
+                fill(p, -0.5, 0.5)
     return model.eval()
 
 
@@ -130,6 +136,11 @@ def _convnext():
     return convnext.ConvNeXt([cfg(8, 16, 1), cfg(16, 32, 1), cfg(32, None, 1)], num_classes=NUM_CLASSES)
 
 
+def _vit():
+    return VisionTransformer(image_size=SIZE, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                             num_classes=NUM_CLASSES)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -137,6 +148,8 @@ class Family:
     target: str  # module path; its output is the Grad-CAM target
     exports: tuple  # (exporter, opset) pairs
     covers: str
+    # the target's layout, as the metadata camserve.target_layout writes it; tokens are mapped to NCHW
+    layout: dict | None = None
 
 
 FAMILIES = [
@@ -173,7 +186,34 @@ FAMILIES = [
            "channel split (Split; Slice with bounds computed at run time from the legacy exporter), channel "
            "shuffle (Reshape, Transpose, Reshape; its shape computed with Shape/Gather/Div/Cast by the legacy "
            "exporter), strided depthwise conv, Concat, mean over H,W (ReduceMean)"),
+    # pytorch-grad-cam's recommended ViT target: the last block's first norm (the input of its attention)
+    Family("vit", _vit, "encoder.layers.encoder_layer_1.ln_1", (("legacy", 14), ("legacy", 17), ("dynamo", 18)),
+           "torchvision ViT (patch 16, 2 blocks, hidden 32, 2 heads, MLP 64): a token target [N,17,32] with a class "
+           "token on a 4x4 grid; attention as MatMul/Softmax/Transpose/Reshape on [N*heads,T,d] or [N,heads,T,d], "
+           "LayerNorm (op by op at opset 14), GELU (Erf), residual Adds, the class token picked by Gather",
+           layout={"layout": "tokens", "prefix_tokens": 1, "grid": [4, 4]}),
 ]
+
+
+def to_nchw(a: np.ndarray, layout: dict | None) -> np.ndarray:
+    """A target's value (or gradient) [..., T, D] or [..., h, w, C] as [..., C, h, w], as camserve maps it
+    inside the graph and pytorch-grad-cam's reshape_transform does: prefix tokens dropped, the rest row by row."""
+    kind = (layout or {"layout": "nchw"})["layout"]
+    if kind == "nchw":
+        return a
+    if kind == "tokens":
+        h, w = layout["grid"]
+        a = a[..., layout["prefix_tokens"]:, :]
+        a = a.reshape(*a.shape[:-2], h, w, a.shape[-1])
+    return np.moveaxis(a, -1, -3)
+
+
+def reshape_transform(layout: dict | None):
+    """pytorch-grad-cam's reshape_transform for a layout (None for NCHW targets)."""
+    if layout is None or layout["layout"] == "nchw":
+        return None
+    return lambda t: torch.from_numpy(to_nchw(t.detach().numpy(), layout))
+
 
 
 def build_family(family: Family, seed: int) -> nn.Module:
@@ -652,35 +692,38 @@ def make_seeds(logits: np.ndarray) -> np.ndarray:
     return seeds
 
 
-def pytorch_grad_cam(model: nn.Module, module: nn.Module, x: torch.Tensor, cls: int) -> np.ndarray:
+def pytorch_grad_cam(model: nn.Module, module: nn.Module, x: torch.Tensor, cls: int,
+                     layout: dict | None = None) -> np.ndarray:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     model.requires_grad_(True)
-    with GradCAM(model=model, target_layers=[module]) as cam:
+    with GradCAM(model=model, target_layers=[module], reshape_transform=reshape_transform(layout)) as cam:
         return cam(input_tensor=x, targets=[ClassifierOutputTarget(cls)])[0].astype(np.float32)
 
 
-def degenerate(model: nn.Module, module: nn.Module, x: torch.Tensor) -> bool:
+def degenerate(model: nn.Module, module: nn.Module, x: torch.Tensor, layout: dict | None = None) -> bool:
     """A zero Grad-CAM map for the top class, or a seed whose gradients are all zero (ReLUs can do both with
     random weights): a reference that would let a broken implementation pass."""
     with torch.no_grad():
         seeds = make_seeds(model(x).numpy()[0])
     A, G = autograd_reference(model, module, x, torch.from_numpy(seeds))
+    A, G = to_nchw(A, layout), to_nchw(G, layout)
     return not gradcam_lowres(A[0], G[0, 0]).max() > 0 or not all(np.abs(G[0, k]).max() > 0 for k in range(3))
 
 
-def first_good_seed(build: Callable[[int], nn.Module], target: str, x: torch.Tensor) -> int:
+def first_good_seed(build: Callable[[int], nn.Module], target: str, x: torch.Tensor,
+                    layout: dict | None = None) -> int:
     """The first seed from SEED on whose random weights give a non-degenerate reference."""
     for seed in range(SEED, SEED + 20):
         model = build(seed)
-        if not degenerate(model, model.get_submodule(target), x):
+        if not degenerate(model, model.get_submodule(target), x, layout):
             return seed
     raise RuntimeError("20 seeds in a row gave degenerate references")
 
 
 def references(root: Path, stem: str, model: nn.Module, module: nn.Module, onnx_model: onnx.ModelProto,
-               x: torch.Tensor) -> dict:
+               x: torch.Tensor, layout: dict | None = None) -> dict:
     """Check the ONNX file against torch, find its target by value and write the .npy references."""
     with torch.no_grad():
         logits = model(x).numpy()[0]
@@ -695,17 +738,20 @@ def references(root: Path, stem: str, model: nn.Module, module: nn.Module, onnx_
     seeds = make_seeds(logits)
     A, G = autograd_reference(model, module, x, torch.from_numpy(seeds))
     target = find_target(onnx_model, x.numpy(), A)
+    A, G = to_nchw(A, layout), to_nchw(G, layout)
     cls = int(seeds[0, 0].argmax())
     lowres = gradcam_lowres(A[0], G[0, 0])
-    cam = pytorch_grad_cam(model, module, x, cls)
+    cam = pytorch_grad_cam(model, module, x, cls, layout)
     # pytorch-grad-cam and our autograd must agree (it is wrong where in-place ops follow the target)
     if np.abs(like_pytorch_grad_cam(lowres, cam.shape) - cam).max() > TOLERANCE:
         raise RuntimeError(f"{stem}: pytorch-grad-cam's map differs from autograd's Grad-CAM")
     files = {"seeds": seeds, "gradients": G}
     if softmax:
-        files["gradients_keep_softmax"] = autograd_reference(model, module, x, torch.from_numpy(seeds), softmax)[1]
+        files["gradients_keep_softmax"] = to_nchw(
+            autograd_reference(model, module, x, torch.from_numpy(seeds), softmax)[1], layout)
     files["gradcam"] = cam
-    entry = {"target": target, "target_shape": list(A.shape), "output": onnx_model.graph.output[0].name,
+    entry = {"target": target, "target_shape": list(A.shape), **({"target_layout": layout} if layout else {}),
+             "output": onnx_model.graph.output[0].name,
              "softmax": softmax is not None, "head_ops": sorted({n.op_type for n in head_nodes(onnx_model.graph, target,
                                                                                   onnx_model.graph.output[0].name)}),
              "input_size": [SIZE, SIZE], "input": INPUT_FILE}
@@ -762,7 +808,11 @@ def _readme(cases: dict) -> str:
         "then ImageNet mean/std, what the server feeds.",
         "- `target`: the ONNX tensor name, found by value: the model run in ONNX Runtime with every intermediate "
         "tensor made an output, the one equal (within 1e-4 relative) to the torch target module's output (a "
-        "forward hook); any other equal tensor must be computed from it (an alias). `target_shape` [1,Ch,h,w].",
+        "forward hook); any other equal tensor must be computed from it (an alias). `target_shape` [1,Ch,h,w]: "
+        "for a target that is not NCHW, `target_layout` (as camserve's metadata `camserve.target_layout`: "
+        "`{\"layout\": \"tokens\", \"prefix_tokens\": P, \"grid\": [h, w]}`) says how it maps to NCHW (drop the P "
+        "prefix tokens, the rest row by row on the grid, channels first), and `target_shape`, `gradients` and "
+        "`gradcam` are of the mapped target (pytorch-grad-cam with that `reshape_transform`).",
         "- `head_ops`: the op types of the nodes on a path target -> `output` (computed from the target and needed "
         "for the output), as the file has them.",
         "- `seeds` [1,3,C]: one-hot of the top-1 class `class`, one-hot of the third-best class, and +1 on the "
@@ -803,14 +853,15 @@ def generate(root: Path, log=print) -> dict:
     cases = {"image": IMAGE, "models": [], "refused": []}
 
     for family in FAMILIES:
-        seed = first_good_seed(lambda s: build_family(family, s), family.target, x)
+        seed = first_good_seed(lambda s: build_family(family, s), family.target, x, family.layout)
         for exporter, opset in family.exports:
             stem = f"{family.name}_{exporter}_op{opset}"
             log(stem)
             model = build_family(family, seed)
             onnx_model = export(model, exporter, opset, root / f"{stem}.onnx")
             entry = {"model": f"{stem}.onnx", "family": family.name, "exporter": exporter, "opset": opset}
-            entry.update(references(root, stem, model, model.get_submodule(family.target), onnx_model, x))
+            entry.update(references(root, stem, model, model.get_submodule(family.target), onnx_model, x,
+                                    family.layout))
             entry.update({"torch_seed": seed, "torch_target": family.target, "covers": family.covers})
             cases["models"].append(entry)
 

@@ -63,7 +63,8 @@ def test_onnx_scores_and_references_agree(case):
     batch = sess.run(None, {name: np.concatenate([INPUT[:, :, ::-1], INPUT, INPUT * 0.5])})[0]
     assert np.abs(batch[1] - scores).max() <= 1e-6 * np.abs(scores).max()
 
-    A = zoo.all_tensors(onnx.load(str(PLAIN / case["model"])), INPUT)[case["target"]]
+    A = zoo.to_nchw(zoo.all_tensors(onnx.load(str(PLAIN / case["model"])), INPUT)[case["target"]],
+                    case.get("target_layout"))
     seeds, grads = np.load(PLAIN / case["seeds"]), np.load(PLAIN / case["gradients"])
     assert list(A.shape) == case["target_shape"] and seeds.shape == (1, 3, logits.size)
     assert grads.shape == (1, 3, *A.shape[1:]) and grads.dtype == np.float32
@@ -91,7 +92,8 @@ def test_refused_op_is_in_the_head(case):
     assert zoo.onnx_scores(model, INPUT).shape == (1, zoo.NUM_CLASSES)  # it runs; only differentiating it fails
 
 
-@pytest.mark.parametrize("stem", ["densenet_legacy_op12", "convnext_dynamo_op20", "keras_softmax", "ops_a"])
+@pytest.mark.parametrize("stem", ["densenet_legacy_op12", "convnext_dynamo_op20", "keras_softmax", "ops_a",
+                                  "vit_legacy_op14"])
 def test_gradients_recompute_from_torch(stem):
     """Rebuilt from its family and seed, the torch model gives the committed gradients again (float32 autograd on
     the same CPU ops: equal within 1e-6 of the largest)."""
@@ -103,6 +105,7 @@ def test_gradients_recompute_from_torch(stem):
     keys = ["gradients"] + ["gradients_keep_softmax"] * case["softmax"]
     for key in keys:
         _, grads = zoo.autograd_reference(model, module, x, seeds, softmax=final if key != "gradients" else None)
+        grads = zoo.to_nchw(grads, case.get("target_layout"))
         want = np.load(PLAIN / case[key])
         assert np.abs(grads - want).max() <= 1e-6 * np.abs(want).max(), key
     if case["softmax"]:  # the two differ: keep_softmax is a different derivative

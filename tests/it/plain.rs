@@ -40,6 +40,36 @@ struct Case {
     class: usize,
     #[serde(default)]
     gradcam: Option<String>,
+    #[serde(default)]
+    target_layout: Option<TargetLayout>,
+}
+
+/// How a zoo target maps to NCHW (`camserve.target_layout`).
+#[derive(Deserialize, Debug)]
+struct TargetLayout {
+    layout: String,
+    #[serde(default)]
+    prefix_tokens: usize,
+    #[serde(default)]
+    grid: [usize; 2],
+}
+
+impl Case {
+    /// The target's own shape after the batch: the tokens [T,D] of a token target, else `target_shape`'s.
+    fn raw_shape(&self) -> Vec<i64> {
+        let [_, channels, h, w] = self.target_shape[..] else {
+            panic!("{}", self.model)
+        };
+        match &self.target_layout {
+            Some(l) if l.layout == "tokens" => {
+                vec![
+                    (l.prefix_tokens + l.grid[0] * l.grid[1]) as i64,
+                    channels as i64,
+                ]
+            }
+            _ => vec![channels as i64, h as i64, w as i64],
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -82,8 +112,8 @@ fn augment_case(case: &Case, keep_softmax: bool) -> plain::Augmented {
 fn spec(case: &Case, keep_softmax: bool) -> PlainModel {
     PlainModel {
         target: case.target.clone(),
-        output: None,
         keep_softmax,
+        ..Default::default()
     }
 }
 
@@ -240,8 +270,7 @@ fn candidates_include_the_target_with_its_shape_and_head() {
             .iter()
             .find(|c| c.name == case.target)
             .unwrap_or_else(|| panic!("{}: {} not among the candidates", case.model, case.target));
-        let shape: Vec<i64> = case.target_shape[1..].iter().map(|&d| d as i64).collect();
-        assert_eq!(found.shape[1..], shape[..], "{}", case.model);
+        assert_eq!(found.shape[1..], case.raw_shape()[..], "{}", case.model);
         assert_eq!(
             found.shape[0], -1,
             "{}: the batch dimension is dynamic",
@@ -260,14 +289,22 @@ fn candidates_include_the_target_with_its_shape_and_head() {
             found.unsupported
         );
         for c in &candidates {
-            assert_eq!(c.shape.len(), 4, "{}: {}", case.model, c.name);
+            let dims: Vec<Option<i64>> = c.shape.iter().map(|&d| Some(d)).collect();
+            let nchw = c.layout.nchw_dims(&dims);
+            assert_eq!(nchw.len(), 4, "{}: {}", case.model, c.name);
             assert!(
-                c.shape[2] * c.shape[3] > 1,
+                nchw[2].unwrap() * nchw[3].unwrap() > 1,
                 "{}: {} is 1x1",
                 case.model,
                 c.name
             );
         }
+        assert_eq!(
+            candidates.iter().filter(|c| c.default.is_some()).count(),
+            1,
+            "{}: one default",
+            case.model
+        );
     }
 }
 
@@ -706,4 +743,132 @@ fn uneven_padding_matches_finite_differences() {
     );
     assert!(error < 1e-3, "{error}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// On a ViT, `camserve targets` offers the token sequences [N,17,32] (1 class token, a 4x4 grid) and maps on the
+/// grid only, never a tensor inside attention ([N,heads,T,d], or [N*heads,T,d] from the legacy exporter); the
+/// default is the input of the last block's attention, the target pytorch-grad-cam recommends (the zoo's), with
+/// the reason.
+#[test]
+fn targets_of_a_vit_are_its_token_sequences_with_the_last_attention_input_by_default() {
+    let zoo = zoo();
+    let vits: Vec<&Case> = zoo
+        .cases
+        .iter()
+        .filter(|c| c.model.starts_with("vit_"))
+        .collect();
+    assert_eq!(vits.len(), 3);
+    for case in vits {
+        let candidates =
+            plain::candidates(runtime(), &file(&case.model), None, None, false).unwrap();
+        let tokens = candidates
+            .iter()
+            .filter(|c| matches!(c.layout, plain::Layout::Tokens { .. }))
+            .count();
+        assert!(tokens >= 10, "{}: {tokens} token targets", case.model);
+        for c in &candidates {
+            match &c.layout {
+                plain::Layout::Tokens { prefix, grid } => {
+                    // [N,T,32]: never [N*heads,T,16], the heads' queries, keys or values
+                    assert_eq!(c.shape[2], 32, "{}: {}", case.model, c.name);
+                    assert_eq!(c.shape[1], prefix + grid[0] * grid[1]);
+                    assert_eq!(*grid, [4, 4]);
+                }
+                // never [N,2,17,16] or [N,2,17,17]
+                plain::Layout::Nchw => assert_eq!(c.shape[2..], [4, 4], "{}", c.name),
+                plain::Layout::Nhwc => assert_eq!(c.shape[1..3], [4, 4], "{}", c.name),
+            }
+        }
+        let default: Vec<_> = candidates.iter().filter(|c| c.default.is_some()).collect();
+        assert_eq!(default.len(), 1, "{}", case.model);
+        assert_eq!(default[0].name, case.target, "{}: the default", case.model);
+        assert!(default[0].default.as_ref().unwrap().contains("attention"));
+        let expected = plain::Layout::Tokens {
+            prefix: 1,
+            grid: [4, 4],
+        };
+        assert_eq!(default[0].layout, expected);
+    }
+    // The command line marks it.
+    let case = zoo.case("vit_legacy_op17.onnx");
+    let listing = std::process::Command::new(env!("CARGO_BIN_EXE_camserve"))
+        .args(["targets", "--ort-library"])
+        .arg(crate::support::ort_library())
+        .arg(file(&case.model))
+        .output()
+        .unwrap();
+    assert!(listing.status.success());
+    let listing = String::from_utf8(listing.stdout).unwrap();
+    let marked: Vec<&str> = listing
+        .lines()
+        .filter(|l| l.contains("<- default"))
+        .collect();
+    assert_eq!(marked.len(), 1, "{listing}");
+    assert!(
+        marked[0].starts_with(&format!("{}  [N,17,32]  head: ", case.target))
+            && marked[0].contains("layout: tokens (1 prefix, 4x4 grid)"),
+        "{}",
+        marked[0]
+    );
+}
+
+/// A token target's layout is inferred with no flag and recorded in the metadata; overrides replace the guess;
+/// a layout that does not fit is refused naming the override.
+#[test]
+fn token_layouts_are_inferred_recorded_and_overridable() {
+    use plain::proto::ModelProto;
+    let zoo = zoo();
+    let case = zoo.case("vit_legacy_op17.onnx");
+    let metadata = |model: &[u8]| -> String {
+        ModelProto::decode_bytes(model)
+            .unwrap()
+            .metadata_props
+            .iter()
+            .find(|p| p.key == "camserve.target_layout")
+            .unwrap()
+            .value
+            .clone()
+    };
+    let inferred = augment_case(case, false);
+    assert_eq!(
+        metadata(&inferred.model),
+        r#"{"layout":"tokens","prefix_tokens":1,"grid":[4,4]}"#
+    );
+    // The same values given explicitly give the same model.
+    let explicit = PlainModel {
+        layout: Some(camserve::config::TargetLayout::Tokens),
+        prefix_tokens: Some(1),
+        grid: Some([4, 4]),
+        ..spec(case, false)
+    };
+    let given = plain::augment(runtime(), &file(&case.model), &explicit, None).unwrap();
+    assert_eq!(given.model, inferred.model);
+    // A 2x8 grid holds the 16 patch tokens too: accepted as given.
+    let wide = PlainModel {
+        grid: Some([2, 8]),
+        ..spec(case, false)
+    };
+    let wide = plain::augment(runtime(), &file(&case.model), &wide, None).unwrap();
+    assert!(metadata(&wide.model).contains(r#""grid":[2,8]"#));
+    // Refused: a grid larger than the tokens; a 4-D layout for tokens.
+    let too_large = PlainModel {
+        grid: Some([5, 5]),
+        ..spec(case, false)
+    };
+    let channels_last = PlainModel {
+        layout: Some(camserve::config::TargetLayout::Nhwc),
+        ..spec(case, false)
+    };
+    for (bad, says) in [
+        (too_large, "--grid HxW and --prefix-tokens P"),
+        (channels_last, "needs a 4-D tensor"),
+    ] {
+        let error = plain::augment(runtime(), &file(&case.model), &bad, None)
+            .err()
+            .unwrap();
+        assert!(error.contains(says), "{error}");
+    }
+    // A CNN's map is recorded as NCHW.
+    let cnn = augment_case(zoo.case("resnet_legacy_op11.onnx"), false);
+    assert_eq!(metadata(&cnn.model), r#"{"layout":"nchw"}"#);
 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use super::emit::Writer;
 use super::graph::Head;
+use super::layout::Layout;
 use super::proto::{Attr, GraphProto, NodeProto, ValueInfoProto, data_type};
 use super::rules::{self, Context, SUPPORTED, Statistics, TensorInfo};
 
@@ -82,11 +83,14 @@ pub fn body(
     graph: &GraphProto,
     head: &Head,
     seeds: &str,
+    layout: &Layout,
 ) -> Result<GraphProto, String> {
     let first = w.e.nodes.len();
     let (iteration, condition) = (w.fresh("iteration"), w.fresh("condition"));
     let seed = w.op("Gather", &[seeds, &iteration], vec![("axis", Attr::Int(1))]);
     let target_grad = propagate(context, w, graph, head, seed)?;
+    // The gradient mapped to NCHW as the activations are.
+    let target_grad = layout.emit(w, &target_grad, &context.info(&head.target)?.dims);
     let condition_out = w.op("Identity", &[&condition], vec![]);
     Ok(GraphProto {
         name: "camserve_backward".into(),

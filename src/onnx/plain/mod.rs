@@ -13,12 +13,13 @@ pub mod proto;
 mod backward;
 mod emit;
 mod graph;
+mod layout;
 mod outputs;
 mod read;
 mod rules;
 mod shapes;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,7 @@ use crate::config::PlainModel;
 use crate::onnx::runtime::OnnxRuntime;
 use emit::{Emitter, Writer};
 use graph::{Head, graph, graph_mut};
+pub use layout::Layout;
 use read::Plain;
 pub use rules::{SUPPORTED, TensorInfo};
 
@@ -45,15 +47,23 @@ pub struct Augmented {
 pub struct Candidate {
     pub name: String,
     pub shape: Vec<i64>,
+    /// How its positions are laid out (what `augment` would map to NCHW).
+    pub layout: Layout,
     pub head_ops: Vec<String>,
     /// Ops of its head without a backward rule: choosing it would be refused.
     pub unsupported: Vec<String>,
+    /// Why it is the one to use by default; None for the others.
+    pub default: Option<String>,
 }
 
 /// The name of the batch dimension in the graphs camserve writes.
 const BATCH: &str = "N";
 
-/// Lists the tensors that could be the target: 4-D float tensors larger than 1x1 on the path to the scores.
+/// Lists the tensors that could be the target, spatial ones only, on the path to the scores: NCHW and NHWC maps
+/// larger than 1x1, and token sequences [N,T,D] with T = P + h*w for the patch embedding's grid. In a transformer
+/// (one with such token sequences), a 4-D tensor must be on the patch grid: [N,heads,T,d] inside attention is not
+/// a map. One is marked as the default: for a transformer the input of the last block's attention, else the last
+/// map.
 pub fn candidates(
     runtime: &OnnxRuntime,
     file: &Path,
@@ -62,27 +72,149 @@ pub fn candidates(
     keep_softmax: bool,
 ) -> Result<Vec<Candidate>, String> {
     let plain = read::read(file, output, keep_softmax, input_size)?;
-    let names = graph::leading_to(graph(&plain.model), &plain.output);
+    let graph = graph(&plain.model);
+    let names = graph::leading_to(graph, &plain.output);
     let shapes = shapes::probe(runtime, &plain, &names)?;
-    Ok(names
+    let image = layout::depending_on(graph, &plain.input);
+    let patch = layout::patch_embedding(graph, &plain.input, plain.input_size);
+    let tokens: HashMap<&str, Layout> = names
         .iter()
-        .filter_map(|name| candidate(&plain, name, &shapes))
-        .collect())
+        .filter_map(|n| Some((n.as_str(), token_layout(shapes.get(n)?, patch.as_ref())?)))
+        .collect();
+    let grid = patch
+        .as_ref()
+        .filter(|_| !tokens.is_empty())
+        .map(|p| p.grid);
+    let mut found: Vec<Candidate> = names
+        .iter()
+        .filter_map(|name| {
+            let layout = match tokens.get(name.as_str()) {
+                Some(layout) => layout.clone(),
+                None => map_layout(graph, &image, name, shapes.get(name)?, grid)?,
+            };
+            Some(candidate(&plain, name, &shapes, layout))
+        })
+        .collect();
+    let default = if tokens.is_empty() {
+        found
+            .iter()
+            .rposition(|c| c.unsupported.is_empty())
+            .map(|i| {
+                (
+                    i,
+                    "the last spatial map on the path to the scores".to_owned(),
+                )
+            })
+    } else {
+        found
+            .iter()
+            .rposition(|c| {
+                c.unsupported.is_empty()
+                    && tokens.contains_key(c.name.as_str())
+                    && feeds_attention(graph, &image, &c.name, &tokens)
+            })
+            .map(|i| {
+                (
+                    i,
+                    "the input of the last block's attention (the output of its first norm): after the last \
+                     attention only the prefix tokens reach the scores, so later token tensors give empty maps"
+                        .to_owned(),
+                )
+            })
+    };
+    if let Some((i, reason)) = default {
+        found[i].default = Some(reason);
+    }
+    Ok(found)
 }
 
-/// `name` as a candidate, if it is a 4-D float tensor larger than 1x1.
-fn candidate(plain: &Plain, name: &str, shapes: &HashMap<String, TensorInfo>) -> Option<Candidate> {
-    let info = shapes.get(name)?;
-    let spatial: Option<i64> = info.dims.get(2..)?.iter().copied().product();
-    (info.is_float() && info.dims.len() == 4 && spatial? > 1).then_some(())?;
+/// The layout of a token sequence [N,T,D] on the patch grid: D the patch embedding's channels, T = P + h*w.
+fn token_layout(info: &TensorInfo, patch: Option<&layout::PatchEmbedding>) -> Option<Layout> {
+    let patch = patch?;
+    let [None, Some(tokens), Some(channels)] = info.dims[..] else {
+        return None;
+    };
+    let prefix = tokens - patch.grid[0] * patch.grid[1];
+    (info.is_float() && channels == patch.channels && (0..=layout::MAX_PREFIX).contains(&prefix))
+        .then_some(Layout::Tokens {
+            prefix,
+            grid: patch.grid,
+        })
+}
+
+/// The layout of a 4-D float map [N,C,h,w] or [N,h,w,C] larger than 1x1 (on `grid` where one is given).
+fn map_layout(
+    graph: &proto::GraphProto,
+    image: &HashSet<&str>,
+    name: &str,
+    info: &TensorInfo,
+    grid: Option<[i64; 2]>,
+) -> Option<Layout> {
+    let [_, Some(_), Some(_), Some(_)] = info.dims[..] else {
+        return None;
+    };
+    if !info.is_float() {
+        return None;
+    }
+    let layout = if layout::made_channels_last(graph, image, name) {
+        Layout::Nhwc
+    } else {
+        Layout::Nchw
+    };
+    let dims = layout.nchw_dims(&info.dims);
+    let spatial = [dims[2]?, dims[3]?];
+    match grid {
+        Some(grid) => (spatial == grid).then_some(layout),
+        None => (spatial[0] * spatial[1] > 1).then_some(layout),
+    }
+}
+
+/// Whether the token sequence `name` feeds an attention (a MatMul of two tensors computed from the image)
+/// without passing through another token sequence first.
+fn feeds_attention(
+    graph: &proto::GraphProto,
+    image: &HashSet<&str>,
+    name: &str,
+    tokens: &HashMap<&str, Layout>,
+) -> bool {
+    let mut frontier = vec![name];
+    let mut seen: HashSet<&str> = HashSet::from([name]);
+    while let Some(tensor) = frontier.pop() {
+        for node in graph
+            .node
+            .iter()
+            .filter(|n| n.input.iter().any(|i| i == tensor))
+        {
+            if node.op_type == "MatMul" && node.input.iter().all(|i| image.contains(i.as_str())) {
+                return true;
+            }
+            for output in &node.output {
+                if !tokens.contains_key(output.as_str()) && seen.insert(output.as_str()) {
+                    frontier.push(output.as_str());
+                }
+            }
+        }
+    }
+    false
+}
+
+fn candidate(
+    plain: &Plain,
+    name: &str,
+    shapes: &HashMap<String, TensorInfo>,
+    layout: Layout,
+) -> Candidate {
+    let info = &shapes[name];
     let graph = graph(&plain.model);
     let head = Head::find(graph, name, &plain.output);
-    Some(Candidate {
+    Candidate {
         name: name.to_owned(),
         shape: info.dims.iter().map(|d| d.unwrap_or(-1)).collect(),
+        layout,
         head_ops: head.ops(graph),
         unsupported: backward::unsupported(graph, &head.nodes, shapes),
-    })
+        default: None,
+    }
 }
 
 /// Augments a plain classifier file so it meets the contract (the file is not modified); `input_size` is needed
@@ -100,22 +232,34 @@ pub fn augment(
     let shapes = shapes::of_head(runtime, &plain, &head)?;
     let probe_time = started.elapsed();
     let started = Instant::now();
-    let target_dims = target_dims(&shapes, &target)?;
+    let target_info = shapes
+        .get(&target)
+        .ok_or_else(|| format!("the shape of the target `{target}` is unknown"))?;
+    let layout = layout::resolve(
+        graph(&plain.model),
+        &plain.input,
+        plain.input_size,
+        &target,
+        target_info,
+        spec,
+    )?;
+    let target_dims = layout.nchw_dims(&target_info.dims);
     backward::check_supported(graph(&plain.model), &head, &shapes)?;
     let class_count = shapes
         .get(&plain.output)
         .and_then(|i| *i.dims.last()?)
         .ok_or("the scores' class count is unknown")?;
     let head_ops = head.ops(graph(&plain.model));
-    let backward_nodes = append_backward(&mut plain, &head, &shapes, class_count)?;
+    let (backward_nodes, mapped) =
+        append_backward(&mut plain, &head, &shapes, class_count, &layout)?;
     outputs::declare(
         graph_mut(&mut plain.model),
         &plain.output,
-        &target,
+        &mapped,
         class_count,
         &target_dims,
     );
-    outputs::write_metadata(&mut plain, class_count, &spec.target, &head_ops);
+    outputs::write_metadata(&mut plain, class_count, &spec.target, &head_ops, &layout);
     Ok(Augmented {
         model: plain.model.encode_bytes(),
         head_ops,
@@ -137,27 +281,15 @@ fn find_head(plain: &Plain, target: &str) -> Result<Head, String> {
     Ok(head)
 }
 
-fn target_dims(
-    shapes: &HashMap<String, TensorInfo>,
-    target: &str,
-) -> Result<Vec<Option<i64>>, String> {
-    match shapes.get(target) {
-        Some(info) if info.dims.len() == 4 && info.is_float() => Ok(info.dims.clone()),
-        other => Err(format!(
-            "the target `{target}` must be a 4-D float tensor [N,C,h,w]; it is {:?}",
-            other.map(|i| &i.dims)
-        )),
-    }
-}
-
-/// Appends the backward Loop and the contract's seeds and outputs around it to the graph; returns the count of
-/// backward nodes.
+/// Appends the target mapped to NCHW, the backward Loop and the contract's seeds and outputs around it to the
+/// graph; returns the count of backward nodes and the mapped target (the target itself where it is NCHW).
 fn append_backward(
     plain: &mut Plain,
     head: &Head,
     shapes: &HashMap<String, TensorInfo>,
     class_count: i64,
-) -> Result<usize, String> {
+    layout: &Layout,
+) -> Result<(usize, String), String> {
     let graph = graph_mut(&mut plain.model);
     let mut taken = graph::all_names(graph);
     let mut emitter = Emitter::new(plain.opset);
@@ -172,11 +304,12 @@ fn append_backward(
         constants: &values,
         statistics,
     };
+    let mapped = layout.emit(&mut w, &head.target, &context.info(&head.target)?.dims);
     let seeds = w.fresh("seeds");
-    let body = backward::body(&context, &mut w, graph, head, &seeds)?;
+    let body = backward::body(&context, &mut w, graph, head, &seeds, layout)?;
     let backward_nodes = body.node.len();
     outputs::append(&mut w, &plain.output, &seeds, class_count, body);
     graph.node.append(&mut emitter.nodes);
     graph.initializer.append(&mut emitter.constants);
-    Ok(backward_nodes)
+    Ok((backward_nodes, mapped))
 }

@@ -5,6 +5,7 @@
 use super::BATCH;
 use super::emit::Writer;
 use super::graph::{all_names, free_batch, graph_mut, rename};
+use super::layout::Layout;
 use super::proto::{Attr, Dim, GraphProto, StringStringEntryProto, ValueInfoProto, data_type};
 use super::read::Plain;
 use crate::onnx::contract::{
@@ -183,8 +184,14 @@ pub fn declare(
 }
 
 /// The `camserve.*` metadata a plain file lacks (keys it has are kept): class indices as labels, ImageNet
-/// preprocessing, the input size, the target's name.
-pub fn write_metadata(plain: &mut Plain, class_count: i64, target: &str, head_ops: &[String]) {
+/// preprocessing, the input size, the target's name and its layout (how it was mapped to NCHW).
+pub fn write_metadata(
+    plain: &mut Plain,
+    class_count: i64,
+    target: &str,
+    head_ops: &[String],
+    layout: &Layout,
+) {
     let [height, width] = plain.input_size;
     let labels: Vec<String> = (0..class_count).map(|c| c.to_string()).collect();
     let metadata = [
@@ -196,6 +203,7 @@ pub fn write_metadata(plain: &mut Plain, class_count: i64, target: &str, head_op
         ("input_size", format!("[{height}, {width}]")),
         ("preprocess", IMAGENET_PREPROCESS.to_owned()),
         ("target_layer", target.to_owned()),
+        ("target_layout", layout.metadata()),
         (
             "source",
             format!(

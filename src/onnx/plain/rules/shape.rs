@@ -75,31 +75,57 @@ pub fn split(c: &Context, w: &mut Writer, s: &Step) -> Result<InputGradients, St
     s.only(w.op("Concat", &pieces, vec![("axis", Attr::Int(axis))]))
 }
 
-/// Rows of `g` added back at the rows they were gathered from (repeated indices add up).
-pub fn gather(_: &Context, w: &mut Writer, s: &Step) -> Result<InputGradients, String> {
-    if s.node.int("axis").unwrap_or(0) != 0 {
-        return Err("Gather on an axis other than 0".into());
-    }
+/// Slices of `g` added back where they were gathered from (repeated indices add up), on any axis: the axis is
+/// moved to the front (of `x`'s shape, and of `g`'s the index dims), scattered along it, and moved back.
+pub fn gather(c: &Context, w: &mut Writer, s: &Step) -> Result<InputGradients, String> {
     let (x, g, indices) = (s.x(), s.g(), s.input(1));
+    let rank = c.rank(x)?;
+    let axis = normalize_axis(s.node.int("axis").unwrap_or(0), rank);
+    let index_rank = c.rank(indices)?;
     let shape = w.shape(x);
-    let first = w.ints(&[0]);
-    let rows = w.op("Gather", &[&shape, &first], vec![("axis", Attr::Int(0))]);
+    let (shape, g, back) = if axis == 0 {
+        (shape, g.to_owned(), None)
+    } else {
+        let perm_x: Vec<i64> = std::iter::once(axis)
+            .chain(0..axis)
+            .chain(axis + 1..rank)
+            .collect();
+        let perm_g: Vec<i64> = (axis..axis + index_rank)
+            .chain(0..axis)
+            .chain(axis + index_rank..rank - 1 + index_rank)
+            .collect();
+        let picked = w.ints(&perm_x);
+        let front = w.op("Gather", &[&shape, &picked], vec![("axis", Attr::Int(0))]);
+        let g = w.op("Transpose", &[g], vec![("perm", Attr::Ints(perm_g))]);
+        let mut inverse = vec![0; perm_x.len()];
+        for (i, &p) in perm_x.iter().enumerate() {
+            inverse[p as usize] = i as i64;
+        }
+        (front, g, Some(inverse))
+    };
+    // A scalar, so that the wrapped indices keep the indices' rank.
     let zero = w.int(0);
+    let rows = w.op("Gather", &[&shape, &zero], vec![("axis", Attr::Int(0))]);
     let negative = w.op("Less", &[indices, &zero], vec![]);
     let wrapped = w.op("Add", &[indices, &rows], vec![]);
     let indices = w.op("Where", &[&negative, &wrapped, indices], vec![]);
-    if w.opset() < 16 {
-        return s.only(gather_by_one_hot(w, g, x, &indices, &rows));
-    }
-    let indices = w.unsqueeze(&indices, &[-1]);
-    let zeros = w.op("ConstantOfShape", &[&shape], vec![]);
-    let reduction = vec![("reduction", Attr::Str("add"))];
-    s.only(w.op("ScatterND", &[&zeros, &indices, g], reduction))
+    let scattered = if w.opset() < 16 {
+        gather_by_one_hot(w, &g, &shape, &indices, &rows)
+    } else {
+        let indices = w.unsqueeze(&indices, &[-1]);
+        let zeros = w.op("ConstantOfShape", &[&shape], vec![]);
+        let reduction = vec![("reduction", Attr::Str("add"))];
+        w.op("ScatterND", &[&zeros, &indices, &g], reduction)
+    };
+    s.only(match back {
+        Some(perm) => w.op("Transpose", &[&scattered], vec![("perm", Attr::Ints(perm))]),
+        None => scattered,
+    })
 }
 
 /// Gather's backward without scatter-add (before opset 16), where a plain ScatterND keeps only the last of
-/// repeated indices: one-hot rows summed by a MatMul, [rows,K] x [K,rest].
-fn gather_by_one_hot(w: &mut Writer, g: &str, x: &str, indices: &str, rows: &str) -> String {
+/// repeated indices: one-hot rows summed by a MatMul, [rows,K] x [K,rest], reshaped to `shape`.
+fn gather_by_one_hot(w: &mut Writer, g: &str, shape: &str, indices: &str, rows: &str) -> String {
     let flat = w.ints(&[-1]);
     let picked = w.op("Reshape", &[indices, &flat], vec![]);
     let values = w.floats(&[2], &[0.0, 1.0]);
@@ -112,7 +138,7 @@ fn gather_by_one_hot(w: &mut Writer, g: &str, x: &str, indices: &str, rows: &str
     let g_shape = w.op("Concat", &[&count, &flat], vec![("axis", Attr::Int(0))]);
     let g_rows = w.op("Reshape", &[g, &g_shape], vec![]);
     let summed = w.op("MatMul", &[&one_hot, &g_rows], vec![]);
-    w.reshape_like(&summed, x)
+    w.op("Reshape", &[&summed, shape], vec![])
 }
 
 /// `g` scattered back to the positions the slice took: the same Slice of an iota names them, as indices into
