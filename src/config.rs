@@ -309,7 +309,7 @@ pub struct PlainModel {
     /// How the target lays out its positions, when camserve's guess is wrong (default: inferred: a 3-D target
     /// [N,T,D] is tokens, a 4-D one NCHW unless a Transpose made it channels-last).
     #[serde(default)]
-    pub layout: Option<TargetLayout>,
+    pub layout: Option<LayoutKind>,
     /// Tokens before the patch tokens (class, distillation, register tokens), for a token target; default
     /// T - h*w for the grid.
     #[serde(default)]
@@ -320,10 +320,11 @@ pub struct PlainModel {
     pub grid: Option<[usize; 2]>,
 }
 
-/// The layout of a plain model's target; camserve maps it to the contract's NCHW inside the graph.
+/// Which layout a plain model's target has, as a user names it (`layout`, `--layout`); camserve maps it to the
+/// contract's NCHW inside the graph.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum TargetLayout {
+pub enum LayoutKind {
     /// [N,T,D]: P prefix tokens, then h*w patch tokens row by row.
     Tokens,
     /// [N,h,w,C], channels last.
@@ -332,13 +333,13 @@ pub enum TargetLayout {
     Nchw,
 }
 
-impl std::str::FromStr for TargetLayout {
+impl std::str::FromStr for LayoutKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "tokens" => Ok(TargetLayout::Tokens),
-            "nhwc" => Ok(TargetLayout::Nhwc),
-            "nchw" => Ok(TargetLayout::Nchw),
+            "tokens" => Ok(LayoutKind::Tokens),
+            "nhwc" => Ok(LayoutKind::Nhwc),
+            "nchw" => Ok(LayoutKind::Nchw),
             other => Err(format!("`{other}` is not a layout: tokens, nhwc or nchw")),
         }
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
-use camserve::config::{Config, Overrides, PlainModel, TargetLayout};
+use camserve::config::{Config, LayoutKind, Overrides, PlainModel};
 use camserve::engine::Caller;
 use camserve::explain::{self, ExplainOptions, Targets};
 use camserve::http::{self, AppState};
@@ -76,7 +76,7 @@ struct PlainArgs {
 struct LayoutArgs {
     /// The target's layout: tokens ([N,T,D]), nhwc or nchw (default: inferred).
     #[arg(long)]
-    layout: Option<TargetLayout>,
+    layout: Option<LayoutKind>,
     /// Tokens before the patch tokens (class, distillation, registers) of a token target.
     #[arg(long)]
     prefix_tokens: Option<usize>,

@@ -836,7 +836,7 @@ fn token_layouts_are_inferred_recorded_and_overridable() {
     );
     // The same values given explicitly give the same model.
     let explicit = PlainModel {
-        layout: Some(camserve::config::TargetLayout::Tokens),
+        layout: Some(camserve::config::LayoutKind::Tokens),
         prefix_tokens: Some(1),
         grid: Some([4, 4]),
         ..spec(case, false)
@@ -856,7 +856,7 @@ fn token_layouts_are_inferred_recorded_and_overridable() {
         ..spec(case, false)
     };
     let channels_last = PlainModel {
-        layout: Some(camserve::config::TargetLayout::Nhwc),
+        layout: Some(camserve::config::LayoutKind::Nhwc),
         ..spec(case, false)
     };
     for (bad, says) in [

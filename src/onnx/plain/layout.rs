@@ -8,7 +8,8 @@ use std::collections::{HashMap, HashSet};
 use super::emit::Writer;
 use super::proto::{Attr, GraphProto, NodeProto};
 use super::rules::TensorInfo;
-use crate::config::{PlainModel, TargetLayout};
+use crate::config::{LayoutKind, PlainModel};
+use crate::onnx::metadata::TargetLayout;
 
 /// The most prefix tokens a token sequence is taken to have when its grid is inferred (class, distillation and
 /// register tokens; ViTs with registers have 1 + 4, some 1 + 8 or 1 + 16).
@@ -23,16 +24,17 @@ pub enum Layout {
 }
 
 impl Layout {
-    /// The metadata `camserve.target_layout`.
+    /// The metadata `camserve.target_layout`, as the server reads it.
     pub fn metadata(&self) -> String {
-        match self {
-            Layout::Nchw => r#"{"layout":"nchw"}"#.into(),
-            Layout::Nhwc => r#"{"layout":"nhwc"}"#.into(),
-            Layout::Tokens { prefix, grid } => format!(
-                r#"{{"layout":"tokens","prefix_tokens":{prefix},"grid":[{},{}]}}"#,
-                grid[0], grid[1]
-            ),
-        }
+        let layout = match self {
+            Layout::Nchw => TargetLayout::Nchw,
+            Layout::Nhwc => TargetLayout::Nhwc,
+            Layout::Tokens { prefix, grid } => TargetLayout::Tokens {
+                prefix_tokens: *prefix as usize,
+                grid: grid.map(|side| side as usize),
+            },
+        };
+        serde_json::to_string(&layout).expect("a layout serializes")
     }
 
     /// A short description for listings: `tokens (1 prefix, 4x4 grid)`.
@@ -215,14 +217,14 @@ pub fn resolve(
     let dims = &info.dims;
     let fixed = |d: &[Option<i64>]| d.iter().all(Option::is_some);
     match (dims.len(), spec.layout) {
-        (4, Some(TargetLayout::Tokens)) => Err(format!(
+        (4, Some(LayoutKind::Tokens)) => Err(format!(
             "the target `{target}` is 4-D {dims:?}; tokens are [N,T,D]"
         )),
         (4, _) if !fixed(&dims[1..]) => Err(format!(
             "the target `{target}` has a size that changes with the batch: {dims:?}"
         )),
-        (4, Some(TargetLayout::Nhwc)) => Ok(Layout::Nhwc),
-        (4, Some(TargetLayout::Nchw)) => Ok(Layout::Nchw),
+        (4, Some(LayoutKind::Nhwc)) => Ok(Layout::Nhwc),
+        (4, Some(LayoutKind::Nchw)) => Ok(Layout::Nchw),
         (4, None) => {
             let image = depending_on(graph, input);
             Ok(if made_channels_last(graph, &image, target) {
@@ -231,7 +233,7 @@ pub fn resolve(
                 Layout::Nchw
             })
         }
-        (3, Some(TargetLayout::Tokens) | None) => {
+        (3, Some(LayoutKind::Tokens) | None) => {
             let (Some(tokens), Some(_)) = (dims[1], dims[2]) else {
                 return Err(format!(
                     "the target `{target}` has a size that changes with the batch: {dims:?}"
