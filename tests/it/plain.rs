@@ -439,14 +439,7 @@ fn the_augment_command_writes_a_contract_model() {
         .unwrap();
     assert!(status.success());
     // `camserve targets` lists the target with its shape and head.
-    let listing = std::process::Command::new(env!("CARGO_BIN_EXE_camserve"))
-        .args(["targets", "--ort-library"])
-        .arg(crate::support::ort_library())
-        .arg(file(&case.model))
-        .output()
-        .unwrap();
-    assert!(listing.status.success());
-    let listing = String::from_utf8(listing.stdout).unwrap();
+    let listing = targets_listing(&file(&case.model));
     let [_, channels, h, w] = case.target_shape[..] else {
         panic!()
     };
@@ -791,14 +784,7 @@ fn targets_of_a_vit_are_its_token_sequences_with_the_last_attention_input_by_def
     }
     // The command line marks it.
     let case = zoo.case("vit_legacy_op17.onnx");
-    let listing = std::process::Command::new(env!("CARGO_BIN_EXE_camserve"))
-        .args(["targets", "--ort-library"])
-        .arg(crate::support::ort_library())
-        .arg(file(&case.model))
-        .output()
-        .unwrap();
-    assert!(listing.status.success());
-    let listing = String::from_utf8(listing.stdout).unwrap();
+    let listing = targets_listing(&file(&case.model));
     let marked: Vec<&str> = listing
         .lines()
         .filter(|l| l.contains("<- default"))
@@ -871,4 +857,16 @@ fn token_layouts_are_inferred_recorded_and_overridable() {
     // A CNN's map is recorded as NCHW.
     let cnn = augment_case(zoo.case("resnet_legacy_op11.onnx"), false);
     assert_eq!(metadata(&cnn.model), r#"{"layout":"nchw"}"#);
+}
+
+/// What `camserve targets FILE` prints; it must succeed.
+fn targets_listing(model: &std::path::Path) -> String {
+    let listing = std::process::Command::new(env!("CARGO_BIN_EXE_camserve"))
+        .args(["targets", "--ort-library"])
+        .arg(crate::support::ort_library())
+        .arg(model)
+        .output()
+        .unwrap();
+    assert!(listing.status.success());
+    String::from_utf8(listing.stdout).unwrap()
 }
