@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
-from torchvision.models import convnext, densenet, efficientnet, mobilenetv3, resnet, shufflenetv2, squeezenet
+from torchvision.models import (convnext, densenet, efficientnet, mobilenetv3, resnet, shufflenetv2, squeezenet,
+                                swin_transformer)
 from torchvision.models.vision_transformer import VisionTransformer
 
 from .cam import gradcam_lowres, like_pytorch_grad_cam
@@ -44,7 +45,7 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
     """Eval mode, no in-place ops (a hooked output must not be overwritten after the hook saw it), and random
     values where torchvision's init is trivial: BatchNorm running stats and affine parameters (else BN is the
     identity), LayerNorm affine parameters, ConvNeXt's layer scale (1e-6, which would make its blocks identities),
-    and Linear weights of variance 1/fan_in (MobileNetV3's N(0, 0.01) gives scores near 1e-3 and gradients near
+    Swin's relative position bias, and Linear weights of variance 1/fan_in (MobileNetV3's N(0, 0.01) gives scores near 1e-3 and gradients near
     1e-6, too small for relative tolerances)."""
     g = torch.Generator().manual_seed(seed)
 
@@ -63,7 +64,8 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
                 fill(m.bias, -0.3, 0.3)
             if isinstance(m, nn.Linear):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features ** 0.5)
-                fill(m.bias, -0.1, 0.1)
+                if m.bias is not None:  # Swin's patch merging has none
+                    fill(m.bias, -0.1, 0.1)
             if isinstance(m, nn.MultiheadAttention):  # its in-projection is a bare parameter, not a Linear
                 m.in_proj_weight.copy_(torch.randn(m.in_proj_weight.shape, generator=g) / m.embed_dim ** 0.5)
                 fill(m.in_proj_bias, -0.1, 0.1)
@@ -72,6 +74,8 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
                 fill(p, 0.3, 1.0)
             if name in ("class_token", "encoder.pos_embedding"):  # zeros and N(0, 0.02) in torchvision
                 fill(p, -0.5, 0.5)
+            if name.endswith("relative_position_bias_table"):  # N(0, 0.02): attention nearly uniform
+                fill(p, -1.0, 1.0)
     return model.eval()
 
 
@@ -141,6 +145,14 @@ def _vit():
                              num_classes=NUM_CLASSES)
 
 
+def _swin():
+    # 64 px, patch 4: a 16x16 grid, then 8x8 after patch merging. Windows of 3 make both stages pad (to 18 and
+    # 9), and the last stage's second block shifts its windows (by 1), so the head holds Pad, the shift's
+    # Slice/Concat and the unpadding Slice.
+    return swin_transformer.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 2], num_heads=[2, 4],
+                                            window_size=[3, 3], num_classes=NUM_CLASSES)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -192,6 +204,15 @@ FAMILIES = [
            "token on a 4x4 grid; attention as MatMul/Softmax/Transpose/Reshape on [N*heads,T,d] or [N,heads,T,d], "
            "LayerNorm (op by op at opset 14), GELU (Erf), residual Adds, the class token picked by Gather",
            layout={"layout": "tokens", "prefix_tokens": 1, "grid": [4, 4]}),
+    # pytorch-grad-cam's recommended Swin target: the last block's first norm, channels-last [N,h,w,C]
+    Family("swin", _swin, "features.3.1.norm1", (("legacy", 17), ("dynamo", 18)),
+           "torchvision Swin (patch 4, stages of 1 and 2 blocks, windows of 3): a channels-last target [N,8,8,32] "
+           "(found by the Transpose [0,2,3,1] after the patch embedding, through patch merging's Slice/Concat); "
+           "windows padded (Pad) and shifted (Slice/Concat), window partition as Reshape/Transpose, attention "
+           "with relative position bias and the shift's mask (built from the map's shape by the legacy exporter: "
+           "ConstantOfShape, ScatterND, Where, no gradient), the padding sliced off, GELU, LayerNorm, Transpose to "
+           "NCHW and global average pool",
+           layout={"layout": "nhwc"}),
 ]
 
 
@@ -296,6 +317,7 @@ OPS_B_PICKS = [3, 0, 7, 7, 12, 5, 9, 14, 1, 3]
 LEAKY_ALPHA = 0.2
 HARD_SIGMOID_ALPHA, HARD_SIGMOID_BETA = 8.0, -0.1  # not ONNX's defaults (0.2, 0.5); both clamps reached
 CLIP_MIN = -0.05
+SELECT_LEVEL, SELECT_SCALE = 0.5, -0.25  # Where: both branches carry gradients
 
 
 class OpsA(nn.Module):
@@ -324,7 +346,8 @@ class OpsA(nn.Module):
 
 class OpsB(nn.Module):
     """Two 1x1 convs combined by elementwise Max and Min; padded AveragePool counting the padding; HardSigmoid with
-    its own alpha and beta; Clip with only a min; a global average broadcast back with Expand; channels picked with
+    its own alpha and beta; Clip with only a min; a global average broadcast back with Expand; Where choosing
+    between two expressions of the gate by its value; channels picked with
     Gather on the transposed [C,N,h,w] map; Cast float -> float; GlobalAveragePool, Flatten, Gemm."""
 
     def __init__(self):
@@ -340,6 +363,7 @@ class OpsB(nn.Module):
                 + HARD_SIGMOID_BETA).clamp(0.0, 1.0)
         floor = torch.minimum(u, v).clamp(min=CLIP_MIN).mean(dim=(2, 3), keepdim=True)
         z = gate * floor.expand(-1, -1, *gate.shape[2:])
+        z = torch.where(gate > SELECT_LEVEL, z, gate * SELECT_SCALE)
         z = z.permute(1, 0, 2, 3)[OPS_B_PICKS].permute(1, 0, 2, 3).float()
         return self.fc(z.mean(dim=(2, 3)))
 
@@ -486,7 +510,10 @@ def ops_b_graph(m: OpsB) -> onnx.ModelProto:
     floor = b.node("GlobalAveragePool", [floor], "floor/mean")
     floor = b.node("Expand", [floor, b.const("floor/shape", np.array([1, 1, SIZE // 8, SIZE // 8], np.int64))],
                    "floor/expand")
-    x = _pick_channels(b, b.node("Mul", [gate, floor], "gated"), OPS_B_PICKS, [1, 0, 2, 3], "pick")
+    above = b.node("Greater", [gate, b.const("select/level", np.float32(SELECT_LEVEL))], "select/above")
+    scaled = b.node("Mul", [gate, b.const("select/scale", np.float32(SELECT_SCALE))], "select/scaled")
+    x = b.node("Where", [above, b.node("Mul", [gate, floor], "gated"), scaled], "select")
+    x = _pick_channels(b, x, OPS_B_PICKS, [1, 0, 2, 3], "pick")
     x = b.node("Cast", [x], "cast", to=TensorProto.FLOAT)
     x = b.node("Flatten", [b.node("GlobalAveragePool", [x], "gap")], "flat", axis=1)
     b.node("Gemm", [x, b.param("fc/weight", m.fc.weight), b.param("fc/bias", m.fc.bias)], "scores", transB=1)
@@ -521,7 +548,8 @@ HAND_MADE = [
     HandMade("ops_b", OpsB, ops_b_graph, 17,
              "elementwise Max and Min of two convs, AveragePool 3x3/2 padded with count_include_pad=1, HardSigmoid "
              f"(alpha {HARD_SIGMOID_ALPHA}, beta {HARD_SIGMOID_BETA}), Clip with only a min, GlobalAveragePool + "
-             "Expand, Mul, Gather on axis 0 with repeated indices of a [C,N,h,w] transpose, Cast float -> float, "
+             "Expand, Mul, Where (both branches differentiated, the condition a Greater), Gather on axis 0 with "
+             "repeated indices of a [C,N,h,w] transpose, Cast float -> float, "
              "Flatten, Gemm"),
 ]
 

@@ -55,7 +55,8 @@ struct TargetLayout {
 }
 
 impl Case {
-    /// The target's own shape after the batch: the tokens [T,D] of a token target, else `target_shape`'s.
+    /// The target's own shape after the batch: the tokens [T,D] of a token target, [h,w,C] of a channels-last one,
+    /// else `target_shape`'s.
     fn raw_shape(&self) -> Vec<i64> {
         let [_, channels, h, w] = self.target_shape[..] else {
             panic!("{}", self.model)
@@ -67,6 +68,7 @@ impl Case {
                     channels as i64,
                 ]
             }
+            Some(l) if l.layout == "nhwc" => vec![h as i64, w as i64, channels as i64],
             _ => vec![channels as i64, h as i64, w as i64],
         }
     }
@@ -798,6 +800,48 @@ fn targets_of_a_vit_are_its_token_sequences_with_the_last_attention_input_by_def
     );
 }
 
+/// On a Swin, `camserve targets` offers the channels-last maps of the stages' grids (16x16, 8x8), never the
+/// windows ([N*windows,3,3,C]), the padded maps (9x9) or the attention's tensors; the default is the last
+/// block's first norm, pytorch-grad-cam's Swin target (the zoo's), channels-last; the legacy exporter's attention
+/// mask, built from the map's shape with ConstantOfShape and ScatterND, needs no rule.
+#[test]
+fn targets_of_a_swin_are_its_channels_last_stage_maps_with_the_last_attention_input_by_default() {
+    let zoo = zoo();
+    let swins: Vec<&Case> = zoo
+        .cases
+        .iter()
+        .filter(|c| c.model.starts_with("swin_"))
+        .collect();
+    assert_eq!(swins.len(), 2);
+    for case in swins {
+        let candidates =
+            plain::candidates(runtime(), &file(&case.model), None, None, false).unwrap();
+        for c in &candidates {
+            let dims: Vec<Option<i64>> = c.shape.iter().map(|&d| Some(d)).collect();
+            let nchw = c.layout.nchw_dims(&dims);
+            let grid = [nchw[2].unwrap(), nchw[3].unwrap()];
+            assert!(
+                grid == [16, 16] || grid == [8, 8],
+                "{}: {} {:?} is on no stage's grid",
+                case.model,
+                c.name,
+                c.shape
+            );
+            assert!(c.unsupported.is_empty(), "{}: {:?}", c.name, c.unsupported);
+        }
+        let nhwc = candidates
+            .iter()
+            .filter(|c| c.layout == plain::Layout::Nhwc)
+            .count();
+        assert!(nhwc >= 30, "{}: {nhwc} channels-last maps", case.model);
+        let default: Vec<_> = candidates.iter().filter(|c| c.default.is_some()).collect();
+        assert_eq!(default.len(), 1, "{}", case.model);
+        assert_eq!(default[0].name, case.target, "{}: the default", case.model);
+        assert_eq!(default[0].layout, plain::Layout::Nhwc);
+        assert!(default[0].default.as_ref().unwrap().contains("attention"));
+    }
+}
+
 /// A token target's layout is inferred with no flag and recorded in the metadata; overrides replace the guess;
 /// a layout that does not fit is refused naming the override.
 #[test]
@@ -854,9 +898,11 @@ fn token_layouts_are_inferred_recorded_and_overridable() {
             .unwrap();
         assert!(error.contains(says), "{error}");
     }
-    // A CNN's map is recorded as NCHW.
+    // A CNN's map is recorded as NCHW, a Swin's as channels-last.
     let cnn = augment_case(zoo.case("resnet_legacy_op11.onnx"), false);
     assert_eq!(metadata(&cnn.model), r#"{"layout":"nchw"}"#);
+    let swin = augment_case(zoo.case("swin_legacy_op17.onnx"), false);
+    assert_eq!(metadata(&swin.model), r#"{"layout":"nhwc"}"#);
 }
 
 /// What `camserve targets FILE` prints; it must succeed.

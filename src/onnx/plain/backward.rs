@@ -9,21 +9,24 @@ use super::layout::Layout;
 use super::proto::{Attr, GraphProto, NodeProto, ValueInfoProto, data_type};
 use super::rules::{self, Context, SUPPORTED, Statistics, TensorInfo};
 
-/// Whether the node carries gradients: it computes a float tensor (the rest is shape arithmetic). A tensor of
-/// unknown type counts as float, so that its node is refused rather than skipped if no rule covers it.
-fn carries_gradient(node: &NodeProto, shapes: &HashMap<String, TensorInfo>) -> bool {
-    shapes.get(&node.output[0]).is_none_or(TensorInfo::is_float)
+/// Whether the node carries gradients: it computes a float tensor from the target's values (the rest is shape
+/// arithmetic). A tensor of unknown type counts as float, so that its node is refused rather than skipped if no
+/// rule covers it.
+fn carries_gradient(node: &NodeProto, head: &Head, shapes: &HashMap<String, TensorInfo>) -> bool {
+    node.output.iter().any(|o| head.need.contains(o))
+        && shapes.get(&node.output[0]).is_none_or(TensorInfo::is_float)
 }
 
 /// The head's nodes that carry gradients and have no rule, as "Op (node `name`)".
 pub fn unsupported(
     graph: &GraphProto,
-    head: &[usize],
+    head: &Head,
     shapes: &HashMap<String, TensorInfo>,
 ) -> Vec<String> {
-    head.iter()
+    head.nodes
+        .iter()
         .map(|&i| &graph.node[i])
-        .filter(|n| carries_gradient(n, shapes) && rules::rule(n).is_none())
+        .filter(|n| carries_gradient(n, head, shapes) && rules::rule(n).is_none())
         .map(|n| format!("{} (node `{}`)", n.op_type, n.label()))
         .collect()
 }
@@ -34,7 +37,7 @@ pub fn check_supported(
     head: &Head,
     shapes: &HashMap<String, TensorInfo>,
 ) -> Result<(), String> {
-    let refused = unsupported(graph, &head.nodes, shapes);
+    let refused = unsupported(graph, head, shapes);
     if refused.is_empty() {
         return Ok(());
     }
@@ -121,7 +124,8 @@ fn propagate(
         let node = &graph.node[i];
         let output_grads: Vec<Option<String>> =
             node.output.iter().map(|o| grads.get(o).cloned()).collect();
-        if output_grads.iter().all(Option::is_none) || !carries_gradient(node, context.shapes) {
+        if output_grads.iter().all(Option::is_none) || !carries_gradient(node, head, context.shapes)
+        {
             continue;
         }
         let inputs = rules::backward(context, w, node, &output_grads, &head.need)

@@ -22,27 +22,35 @@ pub struct Head {
     pub scores: String,
     /// Indices into the graph's nodes, in graph order.
     pub nodes: Vec<usize>,
-    /// The tensors of the head that need a gradient: those that depend on the target and lead to the scores.
+    /// The tensors of the head that need a gradient: those whose values depend on the target's and that lead to
+    /// the scores.
     pub need: HashSet<String>,
 }
 
 impl Head {
     pub fn find(graph: &GraphProto, target: &str, scores: &str) -> Head {
         let mut depends: HashSet<&str> = HashSet::from([target]);
+        // Shape and Size read a tensor's shape only: what is computed from them (Swin's attention mask, built
+        // with ConstantOfShape and ScatterND by the legacy exporter) does not change with the target's values.
+        let mut values: HashSet<&str> = HashSet::from([target]);
         let mut forward = Vec::new();
         for (i, node) in graph.node.iter().enumerate() {
             if node.input.iter().any(|x| depends.contains(x.as_str())) {
                 forward.push(i);
                 depends.extend(node.output.iter().map(String::as_str));
+                let reads_values = !matches!(node.op_type.as_str(), "Shape" | "Size");
+                if reads_values && node.input.iter().any(|x| values.contains(x.as_str())) {
+                    values.extend(node.output.iter().map(String::as_str));
+                }
             }
         }
-        let mut need: HashSet<String> = HashSet::from([scores.to_owned()]);
+        let mut leads: HashSet<String> = HashSet::from([scores.to_owned()]);
         let mut nodes = Vec::new();
         for &i in forward.iter().rev() {
             let node = &graph.node[i];
-            if node.output.iter().any(|o| need.contains(o)) {
+            if node.output.iter().any(|o| leads.contains(o)) {
                 nodes.push(i);
-                need.extend(
+                leads.extend(
                     node.input
                         .iter()
                         .filter(|x| depends.contains(x.as_str()))
@@ -51,6 +59,10 @@ impl Head {
             }
         }
         nodes.reverse();
+        let need = leads
+            .into_iter()
+            .filter(|t| values.contains(t.as_str()))
+            .collect();
         Head {
             target: target.to_owned(),
             scores: scores.to_owned(),

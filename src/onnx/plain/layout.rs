@@ -171,6 +171,10 @@ const KEEP_LAYOUT: &[&str] = &[
     "Pow",
     "Sqrt",
     "ReduceMean",
+    // Swin's patch merging: the 2x2 neighbours sliced out on h and w, joined on C (and padded to even sides)
+    "Slice",
+    "Concat",
+    "Pad",
 ];
 
 /// Whether a 4-D tensor is channels-last by the way it was made: a Transpose [0,2,3,1], then only ops that act

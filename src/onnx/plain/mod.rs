@@ -61,9 +61,9 @@ const BATCH: &str = "N";
 
 /// Lists the tensors that could be the target, spatial ones only, on the path to the scores: NCHW and NHWC maps
 /// larger than 1x1, and token sequences [N,T,D] with T = P + h*w for the patch embedding's grid. In a transformer
-/// (one with such token sequences), a 4-D tensor must be on the patch grid: [N,heads,T,d] inside attention is not
-/// a map. One is marked as the default: for a transformer the input of the last block's attention, else the last
-/// map.
+/// (one with such token sequences or an attention), a 4-D tensor must be on a stage's grid: [N,heads,T,d] inside
+/// attention and Swin's windows are not maps. One is marked as the default: for a transformer the input of the
+/// last block's attention, else the last map.
 pub fn candidates(
     runtime: &OnnxRuntime,
     file: &Path,
@@ -81,21 +81,24 @@ pub fn candidates(
         .iter()
         .filter_map(|n| Some((n.as_str(), token_layout(shapes.get(n)?, patch.as_ref())?)))
         .collect();
-    let grid = patch
+    // In a transformer, a map must lie on one of the stages' grids (the patch grid, halved by each patch
+    // merging): the tensors of windowed or multi-head attention are 4-D too, but no image grid.
+    let transformer = !tokens.is_empty() || has_attention(graph, &image);
+    let grids = patch
         .as_ref()
-        .filter(|_| !tokens.is_empty())
-        .map(|p| p.grid);
+        .filter(|_| transformer)
+        .map(|p| stage_grids(p.grid));
     let mut found: Vec<Candidate> = names
         .iter()
         .filter_map(|name| {
             let layout = match tokens.get(name.as_str()) {
                 Some(layout) => layout.clone(),
-                None => map_layout(graph, &image, name, shapes.get(name)?, grid)?,
+                None => map_layout(graph, &image, name, shapes.get(name)?, grids.as_deref())?,
             };
             Some(candidate(&plain, name, &shapes, layout))
         })
         .collect();
-    let default = if tokens.is_empty() {
+    let default = if !transformer {
         found
             .iter()
             .rposition(|c| c.unsupported.is_empty())
@@ -106,19 +109,25 @@ pub fn candidates(
                 )
             })
     } else {
+        let targets: HashSet<&str> = found.iter().map(|c| c.name.as_str()).collect();
         found
             .iter()
             .rposition(|c| {
-                c.unsupported.is_empty()
-                    && tokens.contains_key(c.name.as_str())
-                    && feeds_attention(graph, &image, &c.name, &tokens)
+                c.unsupported.is_empty() && feeds_attention(graph, &image, &c.name, &targets)
             })
             .map(|i| {
+                let why = match found[i].layout {
+                    Layout::Tokens { .. } => {
+                        "after the last attention only the prefix tokens reach the scores, so later token \
+                         tensors give empty maps"
+                    }
+                    _ => "the target pytorch-grad-cam recommends for windowed attention (Swin)",
+                };
                 (
                     i,
-                    "the input of the last block's attention (the output of its first norm): after the last \
-                     attention only the prefix tokens reach the scores, so later token tensors give empty maps"
-                        .to_owned(),
+                    format!(
+                        "the input of the last block's attention (the output of its first norm): {why}"
+                    ),
                 )
             })
     };
@@ -142,13 +151,13 @@ fn token_layout(info: &TensorInfo, patch: Option<&layout::PatchEmbedding>) -> Op
         })
 }
 
-/// The layout of a 4-D float map [N,C,h,w] or [N,h,w,C] larger than 1x1 (on `grid` where one is given).
+/// The layout of a 4-D float map [N,C,h,w] or [N,h,w,C] larger than 1x1 (on one of `grids` where given).
 fn map_layout(
     graph: &proto::GraphProto,
     image: &HashSet<&str>,
     name: &str,
     info: &TensorInfo,
-    grid: Option<[i64; 2]>,
+    grids: Option<&[[i64; 2]]>,
 ) -> Option<Layout> {
     let [_, Some(_), Some(_), Some(_)] = info.dims[..] else {
         return None;
@@ -163,19 +172,38 @@ fn map_layout(
     };
     let dims = layout.nchw_dims(&info.dims);
     let spatial = [dims[2]?, dims[3]?];
-    match grid {
-        Some(grid) => (spatial == grid).then_some(layout),
+    match grids {
+        Some(grids) => grids.contains(&spatial).then_some(layout),
         None => (spatial[0] * spatial[1] > 1).then_some(layout),
     }
 }
 
-/// Whether the token sequence `name` feeds an attention (a MatMul of two tensors computed from the image)
-/// without passing through another token sequence first.
+/// The grids of a hierarchical transformer's stages: the patch grid, then each side halved (rounded up, as
+/// patch merging pads odd sides) down to 2x2.
+fn stage_grids(patch: [i64; 2]) -> Vec<[i64; 2]> {
+    let mut grids = vec![patch];
+    while let Some(&[h, w]) = grids.last().filter(|g| g[0] * g[1] > 4) {
+        grids.push([(h + 1) / 2, (w + 1) / 2]);
+    }
+    grids
+}
+
+/// Whether the graph holds an attention: a MatMul of two tensors computed from the image (a Linear layer's
+/// MatMul has a weight for one side).
+fn has_attention(graph: &proto::GraphProto, image: &HashSet<&str>) -> bool {
+    graph.node.iter().any(|n| is_attention_matmul(n, image))
+}
+
+fn is_attention_matmul(node: &proto::NodeProto, image: &HashSet<&str>) -> bool {
+    node.op_type == "MatMul" && node.input.iter().all(|i| image.contains(i.as_str()))
+}
+
+/// Whether the target `name` feeds an attention without passing through another of `targets` first.
 fn feeds_attention(
     graph: &proto::GraphProto,
     image: &HashSet<&str>,
     name: &str,
-    tokens: &HashMap<&str, Layout>,
+    targets: &HashSet<&str>,
 ) -> bool {
     let mut frontier = vec![name];
     let mut seen: HashSet<&str> = HashSet::from([name]);
@@ -185,11 +213,11 @@ fn feeds_attention(
             .iter()
             .filter(|n| n.input.iter().any(|i| i == tensor))
         {
-            if node.op_type == "MatMul" && node.input.iter().all(|i| image.contains(i.as_str())) {
+            if is_attention_matmul(node, image) {
                 return true;
             }
             for output in &node.output {
-                if !tokens.contains_key(output.as_str()) && seen.insert(output.as_str()) {
+                if !targets.contains(output.as_str()) && seen.insert(output.as_str()) {
                     frontier.push(output.as_str());
                 }
             }
@@ -212,7 +240,7 @@ fn candidate(
         shape: info.dims.iter().map(|d| d.unwrap_or(-1)).collect(),
         layout,
         head_ops: head.ops(graph),
-        unsupported: backward::unsupported(graph, &head.nodes, shapes),
+        unsupported: backward::unsupported(graph, &head, shapes),
         default: None,
     }
 }

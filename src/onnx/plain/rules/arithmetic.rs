@@ -99,3 +99,22 @@ pub fn sqrt(_: &Context, w: &mut Writer, s: &Step) -> Result<InputGradients, Str
     let twice = w.op("Mul", &[s.y(), &two], vec![]);
     s.only(w.op("Div", &[s.g(), &twice], vec![]))
 }
+
+/// Where(cond, a, b): `g` goes to `a` where `cond` holds and to `b` elsewhere, each summed back to its own shape.
+pub fn select(c: &Context, w: &mut Writer, s: &Step) -> Result<InputGradients, String> {
+    let (cond, g) = (s.input(0), s.g());
+    let zero = w.float(0.0);
+    let mut grads = Vec::new();
+    for (i, input) in s.node.input.iter().enumerate().skip(1) {
+        if s.needs(input) {
+            let (then, otherwise) = if i == 1 {
+                (g, zero.as_str())
+            } else {
+                (zero.as_str(), g)
+            };
+            let picked = w.op("Where", &[cond, then, otherwise], vec![]);
+            grads.push((input.clone(), unbroadcast(c, w, &picked, input, s.y())?));
+        }
+    }
+    Ok(grads)
+}

@@ -211,6 +211,8 @@ pub const RULES: &[Rule] = &[
     first("Sum", arithmetic::sum),
     first("Slice", shape::slice),
     every("Split", shape::split),
+    first("Pad", shape::pad),
+    first("Where", arithmetic::select),
 ];
 
 /// The op names of `RULES`, in its order.

@@ -164,3 +164,25 @@ pub fn slice(_: &Context, w: &mut Writer, s: &Step) -> Result<InputGradients, St
     );
     s.only(w.op("Reshape", &[&scattered, &shape], vec![]))
 }
+
+/// Constant-mode Pad: the gradient of the input is `g` with the pads taken off again, i.e. padded by the negated
+/// pads (a negative pad crops). Edge and reflect modes repeat input values and are refused.
+pub fn pad(_: &Context, w: &mut Writer, s: &Step) -> Result<InputGradients, String> {
+    let mode = s.node.string("mode").unwrap_or_else(|| "constant".into());
+    if mode != "constant" {
+        return Err(format!(
+            "Pad in mode `{mode}` has no backward rule (only `constant`)"
+        ));
+    }
+    if w.opset() < 11 {
+        let pads = s.node.ints("pads").ok_or("Pad has no `pads`")?;
+        let negated = pads.iter().map(|p| -p).collect();
+        return s.only(w.op("Pad", &[s.g()], vec![("pads", Attr::Ints(negated))]));
+    }
+    let negated = w.op("Neg", &[s.input(1)], vec![]);
+    let mut inputs = vec![s.g(), negated.as_str()];
+    if let Some(axes) = s.node.input.get(3).filter(|a| !a.is_empty()) {
+        inputs.extend(["", axes.as_str()]);
+    }
+    s.only(w.op("Pad", &inputs, vec![]))
+}
