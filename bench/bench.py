@@ -245,7 +245,7 @@ def plain_classifiers(workdir: Path, threads: int, iterations: int) -> list[dict
         model = json.loads(line)
         out = subprocess.run([RELEASE / "examples/bench_ort", "plain", ORT_LIBRARY, model["file"], model["target"],
                               str(threads), str(iterations)], check=True, capture_output=True, text=True).stdout
-        results.append({"arch": model["arch"], **json.loads(out)})
+        results.append({"arch": model["arch"], "goal": model["goal"], **json.loads(out)})
     return results
 
 
@@ -427,9 +427,10 @@ def table(r: dict) -> str:
     else:
         rows.append(("pytorch-grad-cam", "not measured: run `make venv` first", "", ""))
     for p in r["plain"] or []:
-        rows.append((f"plain {p['arch']} 224 px (head {' '.join(p['head'])}): augmented vs plain Run",
+        head = " ".join(p["head"]) if len(p["head"]) <= 6 else f"{len(p['head'])} op types"
+        rows.append((f"plain {p['arch']} 224 px (head {head}): augmented vs plain Run",
                      f"{p['augmented_ms']:.2f} vs {p['plain_ms']:.2f} ms; augmenting {p['augment_ms']:.0f} ms "
-                     f"(shape probe {p['probe_ms']:.0f}, graph {p['edit_ms']:.1f})", f"{p['ratio']:.2f}x", "<= 1.2x"))
+                     f"(shape probe {p['probe_ms']:.0f}, graph {p['edit_ms']:.1f})", f"{p['ratio']:.2f}x", f"<= {p['goal']}x"))
     if r["plain"] is None:
         rows.append(("plain classifiers", "not measured: run `make venv` first", "", ""))
     lines = [f"machine: {r['machine']}; ONNX Runtime threads: {r['threads']}" + (" (QUICK: not a measurement)"
