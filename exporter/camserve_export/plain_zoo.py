@@ -43,10 +43,11 @@ NORMALIZERS = {"Softmax": torch.softmax, "LogSoftmax": torch.log_softmax}  # fin
 # ------------------------------------------------------------------------------------------- weights and modes
 def randomize(model: nn.Module, seed: int) -> nn.Module:
     """Eval mode, no in-place ops (a hooked output must not be overwritten after the hook saw it), and random
-    values where torchvision's init is trivial: BatchNorm running stats and affine parameters (else BN is the
+    values where the usual init is trivial: BatchNorm running stats and affine parameters (else BN is the
     identity), LayerNorm affine parameters, ConvNeXt's layer scale (1e-6, which would make its blocks identities),
-    Swin's relative position bias, and Linear weights of variance 1/fan_in (MobileNetV3's N(0, 0.01) gives scores near 1e-3 and gradients near
-    1e-6, too small for relative tolerances)."""
+    prefix tokens, position embeddings and Swin's relative position bias (zeros or N(0, 0.02)), and Linear weights
+    of variance 1/fan_in (MobileNetV3's N(0, 0.01) gives scores near 1e-3 and gradients near 1e-6, too small for
+    relative tolerances)."""
     g = torch.Generator().manual_seed(seed)
 
     def fill(t, lo, hi):
@@ -72,7 +73,9 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
         for name, p in model.named_parameters():
             if name.endswith("layer_scale"):
                 fill(p, 0.3, 1.0)
-            if name in ("class_token", "encoder.pos_embedding"):  # zeros and N(0, 0.02) in torchvision
+            # zeros or N(0, 0.02) in torchvision, timm and Hugging Face: prefix tokens and positions that matter
+            if name in ("class_token", "encoder.pos_embedding") or name.endswith(
+                    ("cls_token", "dist_token", "reg_token", "pos_embed", "embeddings.position_embeddings")):
                 fill(p, -0.5, 0.5)
             if name.endswith("relative_position_bias_table"):  # N(0, 0.02): attention nearly uniform
                 fill(p, -1.0, 1.0)
@@ -153,6 +156,32 @@ def _swin():
                                             window_size=[3, 3], num_classes=NUM_CLASSES)
 
 
+def _timm_vit(name: str, **kwargs):
+    import timm
+
+    return timm.create_model(name, pretrained=False, img_size=SIZE, depth=2, embed_dim=32, num_heads=2,
+                             num_classes=NUM_CLASSES, **kwargs)
+
+
+class HfLogits(nn.Module):
+    """A Hugging Face image classifier returning its logits (its forward returns an output object)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+def _hf_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=SIZE, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=NUM_CLASSES)
+    return HfLogits(ViTForImageClassification(config))
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -203,6 +232,22 @@ FAMILIES = [
            "torchvision ViT (patch 16, 2 blocks, hidden 32, 2 heads, MLP 64): a token target [N,17,32] with a class "
            "token on a 4x4 grid; attention as MatMul/Softmax/Transpose/Reshape on [N*heads,T,d] or [N,heads,T,d], "
            "LayerNorm (op by op at opset 14), GELU (Erf), residual Adds, the class token picked by Gather",
+           layout={"layout": "tokens", "prefix_tokens": 1, "grid": [4, 4]}),
+    Family("deit_distilled", lambda: _timm_vit("deit_tiny_distilled_patch16_224"), "blocks.1.norm1",
+           (("legacy", 14),),
+           "timm DeiT with its distillation token (2 blocks, hidden 32): a token target [N,18,32] with 2 prefix "
+           "tokens; qkv as one Linear split by Reshape/Transpose and Gather/Split, LayerNorm op by op, the mean of "
+           "the class and distillation heads",
+           layout={"layout": "tokens", "prefix_tokens": 2, "grid": [4, 4]}),
+    Family("vit_registers", lambda: _timm_vit("vit_small_patch16_224", reg_tokens=4), "blocks.1.norm1",
+           (("dynamo", 18),),
+           "timm ViT with 4 register tokens (2 blocks, hidden 32): a token target [N,21,32] with 5 prefix tokens, "
+           "the class token picked for the head",
+           layout={"layout": "tokens", "prefix_tokens": 5, "grid": [4, 4]}),
+    Family("hf_vit", _hf_vit, "model.vit.layers.1.layernorm_before", (("legacy", 14), ("dynamo", 18)),
+           "Hugging Face ViTForImageClassification (2 layers, hidden 32): a token target [N,17,32]; query, key "
+           "and value as three Linears, each a token sequence itself (not the default), attention's NaN guard "
+           "(IsNaN, Where) from the dynamo exporter",
            layout={"layout": "tokens", "prefix_tokens": 1, "grid": [4, 4]}),
     # pytorch-grad-cam's recommended Swin target: the last block's first norm, channels-last [N,h,w,C]
     Family("swin", _swin, "features.3.1.norm1", (("legacy", 17), ("dynamo", 18)),

@@ -30,9 +30,13 @@ def _cam_class(method: str):
 def orient(projection: np.ndarray, weighted: np.ndarray) -> tuple[np.ndarray, bool]:
     """camserve's sign for a principal-component map (an SVD's sign is arbitrary; LAPACK's is whatever it is):
     the one whose projection correlates positively with the channel sum of the projected tensor `weighted`
-    [Ch,h,w]; on an exact tie, the one whose entry of largest magnitude (first such) is positive.
+    [Ch,h,w]; on a tie, or where that sum is flat (its range within 1e-5 x channels x the largest |value|, as
+    for a LayerNorm's output), the one whose entry of largest magnitude (first such) is positive.
     Returns the oriented projection and whether it was flipped."""
-    score = float((projection.astype(np.float64) * np.nan_to_num(weighted).sum(axis=0)).sum())
+    weighted = np.nan_to_num(weighted)
+    total = weighted.sum(axis=0)
+    flat = float(total.max() - total.min()) <= 1e-5 * weighted.shape[0] * float(np.abs(weighted).max())
+    score = 0.0 if flat else float((projection.astype(np.float64) * total).sum())
     if score == 0.0:
         flat = projection.ravel()
         score = float(flat[np.argmax(np.abs(flat))])
@@ -40,9 +44,10 @@ def orient(projection: np.ndarray, weighted: np.ndarray) -> tuple[np.ndarray, bo
 
 
 def pytorch_grad_cam_map(split, x: torch.Tensor, cls: int, method: str, aug_smooth=False,
-                         eigen_smooth=False) -> tuple[np.ndarray, int]:
+                         eigen_smooth=False, reshape_transform=None) -> tuple[np.ndarray, int]:
     """pytorch-grad-cam's map [H,W] for one image and class, with its principal components oriented as camserve
-    orients them (see `orient`). Returns the map and how many projections had LAPACK's sign flipped."""
+    orients them (see `orient`), through `reshape_transform` for a target that is not NCHW. Returns the map and
+    how many projections had LAPACK's sign flipped."""
     from pytorch_grad_cam.utils import svd_on_activations
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -61,7 +66,8 @@ def pytorch_grad_cam_map(split, x: torch.Tensor, cls: int, method: str, aug_smoo
     with ExitStack() as stack:
         for module in _PROJECTING_MODULES:
             stack.enter_context(mock.patch(f"pytorch_grad_cam.{module}.get_2d_projection", oriented))
-        cam = stack.enter_context(_cam_class(method)(model=split.root, target_layers=[split.target_module]))
+        cam = stack.enter_context(_cam_class(method)(model=split.root, target_layers=[split.target_module],
+                                                     reshape_transform=reshape_transform))
         result = cam(input_tensor=x, targets=[ClassifierOutputTarget(cls)], aug_smooth=aug_smooth,
                      eigen_smooth=eigen_smooth)[0]
     return result.astype(np.float32), sum(flips)

@@ -125,6 +125,7 @@ def write_fixtures(root: Path) -> None:
 
     from .cam import gradcam_lowres
     from .export import export_contract
+    from .references import METHODS, pytorch_grad_cam_map
 
     root.mkdir(parents=True, exist_ok=True)
     photo = Image.fromarray(data.chelsea())
@@ -145,8 +146,18 @@ def write_fixtures(root: Path) -> None:
         np.save(root / f"{c.name}.gradients.npy", G[0].astype(np.float32))
         np.save(root / f"{c.name}.lowres.npy", gradcam_lowres(A[0], G[0]))
         np.save(root / f"{c.name}.gradcam.npy", pytorch_grad_cam(split, x, [top])[0].astype(np.float32))
+        # The rest of the CAM family and Score-CAM (every channel) through pytorch-grad-cam with the same
+        # reshape_transform, principal components oriented as camserve orients them.
+        methods, flipped = {"gradcam": f"{c.name}.gradcam.npy"}, []
+        for method in [*(m for m in METHODS if m != "gradcam"), "scorecam"]:
+            cam, flips = pytorch_grad_cam_map(split, x, top, method, reshape_transform=reshape_transform(split.layout))
+            methods[method] = f"{c.name}.{method}.npy"
+            np.save(root / methods[method], cam)
+            if flips:
+                flipped.append(method)
         listing.append(dict(name=c.name, what=c.what, input_size=[h, w], target=split.name,
-                            target_layout=json.loads(split.layout.to_json()), top_class=top,
+                            target_layout=json.loads(split.layout.to_json()), top_class=top, methods=methods,
+                            lapack_sign_flipped=flipped,
                             activations=list(result.activations_shape),
                             bytes=(root / f"{c.name}.onnx").stat().st_size,
                             max_relative_error=result.errors))
@@ -173,6 +184,10 @@ def _write_readme(root: Path, listing) -> None:
         "- `NAME.lowres.npy`: relu(sum_c mean_hw(dY/dA_c) A_c) on the layer grid [h,w], not normalized (what",
         "  `output=raw` returns), from PyTorch autograd through the unmodified model.",
         "- `NAME.gradients.npy`: d(logit[top]) / d(target) by autograd, mapped to NCHW, [D,h,w].",
+        "- `NAME.METHOD.npy`: the other methods (`methods` in `cases.json`: Grad-CAM++, XGrad-CAM, HiResCAM,",
+        "  element-wise Grad-CAM, LayerCAM, Eigen-CAM, Eigen-Grad-CAM, Score-CAM over every channel) from",
+        "  pytorch-grad-cam's classes with the same `reshape_transform`, principal components oriented as camserve",
+        "  orients them (`lapack_sign_flipped` lists where LAPACK's sign was the other one).",
         "",
         "`cases.json` has each model's input size, target, layout, top class, activations shape and the export's",
         "parity check (max relative error vs autograd).",

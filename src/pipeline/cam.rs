@@ -458,8 +458,9 @@ fn reduce(weighted: &[f32], shape: [usize; 3], project: bool) -> Map {
 /// That vector comes from the smaller of the two Gram matrices X Xᵀ (pixels) or Xᵀ X (channels), by Jacobi.
 ///
 /// An SVD's sign is arbitrary (LAPACK returns either). camserve's is the one whose projection correlates
-/// positively with `channel_sum`, the unsmoothed map; on an exact tie, the one whose entry of largest
-/// magnitude is positive.
+/// positively with `channel_sum`, the unsmoothed map; on a tie, or where the channel sum is flat (its range
+/// within 1e-5 x channels x the largest |value|: a LayerNorm's output, whose channels sum to a constant, so that
+/// the correlation's sign would be rounding noise), the one whose entry of largest magnitude is positive.
 fn principal_projection(
     weighted: &[f32],
     channels: usize,
@@ -511,11 +512,25 @@ fn principal_projection(
                 .for_each(|(p, x)| *p += x * v);
         }
     }
-    let mut score: f64 = projection
+    let largest = weighted
         .iter()
-        .zip(channel_sum)
-        .map(|(p, s)| p * f64::from(*s))
-        .sum();
+        .filter(|v| !v.is_nan())
+        .fold(0.0f64, |m, v| m.max(f64::from(v.abs())));
+    let (low, high) = channel_sum
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &s| {
+            (lo.min(f64::from(s)), hi.max(f64::from(s)))
+        });
+    let flat = high - low <= 1e-5 * channels as f64 * largest;
+    let mut score: f64 = if flat {
+        0.0
+    } else {
+        projection
+            .iter()
+            .zip(channel_sum)
+            .map(|(p, s)| p * f64::from(*s))
+            .sum()
+    };
     if score == 0.0 {
         score =
             projection.iter().copied().fold(

@@ -740,20 +740,26 @@ fn uneven_padding_matches_finite_differences() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// On a ViT, `camserve targets` offers the token sequences [N,17,32] (1 class token, a 4x4 grid) and maps on the
-/// grid only, never a tensor inside attention ([N,heads,T,d], or [N*heads,T,d] from the legacy exporter); the
-/// default is the input of the last block's attention, the target pytorch-grad-cam recommends (the zoo's), with
-/// the reason.
+/// On a ViT, `camserve targets` offers the token sequences [N,T,32] (1 class token, 2 with DeiT's distillation
+/// token, 5 with 4 registers; a 4x4 grid) and maps on the grid only, never a tensor inside attention
+/// ([N,heads,T,d], or [N*heads,T,d] from the legacy exporter); the default is the input of the last block's
+/// attention, the target pytorch-grad-cam recommends (the zoo's), with the reason, and not Hugging Face's query,
+/// key or value projections, which are token sequences too but reach one side of the attention only.
 #[test]
 fn targets_of_a_vit_are_its_token_sequences_with_the_last_attention_input_by_default() {
     let zoo = zoo();
     let vits: Vec<&Case> = zoo
         .cases
         .iter()
-        .filter(|c| c.model.starts_with("vit_"))
+        .filter(|c| {
+            c.target_layout
+                .as_ref()
+                .is_some_and(|l| l.layout == "tokens")
+        })
         .collect();
-    assert_eq!(vits.len(), 3);
+    assert_eq!(vits.len(), 7);
     for case in vits {
+        let layout = case.target_layout.as_ref().unwrap();
         let candidates =
             plain::candidates(runtime(), &file(&case.model), None, None, false).unwrap();
         let tokens = candidates
@@ -767,6 +773,12 @@ fn targets_of_a_vit_are_its_token_sequences_with_the_last_attention_input_by_def
                     // [N,T,32]: never [N*heads,T,16], the heads' queries, keys or values
                     assert_eq!(c.shape[2], 32, "{}: {}", case.model, c.name);
                     assert_eq!(c.shape[1], prefix + grid[0] * grid[1]);
+                    // the patch tokens before the prefix tokens are prepended have none
+                    assert!(
+                        *prefix == 0 || *prefix as usize == layout.prefix_tokens,
+                        "{}: {prefix} prefix tokens",
+                        c.name
+                    );
                     assert_eq!(*grid, [4, 4]);
                 }
                 // never [N,2,17,16] or [N,2,17,17]
@@ -779,7 +791,7 @@ fn targets_of_a_vit_are_its_token_sequences_with_the_last_attention_input_by_def
         assert_eq!(default[0].name, case.target, "{}: the default", case.model);
         assert!(default[0].default.as_ref().unwrap().contains("attention"));
         let expected = plain::Layout::Tokens {
-            prefix: 1,
+            prefix: layout.prefix_tokens as i64,
             grid: [4, 4],
         };
         assert_eq!(default[0].layout, expected);

@@ -1,7 +1,8 @@
 //! Vision transformers exported by camserve-export (tests/fixtures/transformers, `make transformer-fixtures`):
 //! token targets with 1, 2 and 5 prefix tokens, a non-square input and a channels-last Swin, mapped to NCHW inside
 //! their graphs. Served by the real server, their maps equal the references computed in PyTorch: pytorch-grad-cam
-//! 1.5.7 with the `reshape_transform` of each layout, and Grad-CAM from autograd on the layer's grid.
+//! 1.5.7 with the `reshape_transform` of each layout (Grad-CAM and every other method), and Grad-CAM from autograd
+//! on the layer's grid.
 
 use serde_json::Value;
 
@@ -86,6 +87,54 @@ async fn transformer_maps_equal_pytorch_grad_cam_with_its_reshape_transform() {
             "{name}: pytorch-grad-cam's map off by {worst:.2e}"
         );
     }
+}
+
+/// Every other method of the CAM family, and Score-CAM over every channel, equals pytorch-grad-cam's with the
+/// same `reshape_transform`: a transformer target is an ordinary NCHW target once the graph has mapped it.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_method_equals_pytorch_grad_cam_on_transformer_targets() {
+    let server = server().await;
+    let mut compared = 0;
+    for case in cases() {
+        let name = name(&case);
+        let channels = case["activations"][0].as_u64().unwrap();
+        let methods = case["methods"].as_object().unwrap();
+        assert_eq!(methods.len(), 9, "{name}: references missing");
+        for (method, path) in methods {
+            let budget = if method == "scorecam" {
+                format!("&max_channels={channels}")
+            } else {
+                String::new()
+            };
+            let png = explain(
+                &server,
+                &case,
+                &format!("output=heatmap&heatmap=gray16&method={method}{budget}"),
+            )
+            .await
+            .bytes()
+            .await
+            .unwrap();
+            let heat = image::load_from_memory(&png).unwrap().into_luma16();
+            let served: Vec<f32> = heat.pixels().map(|p| f32::from(p[0]) / 65535.0).collect();
+            let (_, expected) = read_npy_file(&fixture(&format!(
+                "transformers/{}",
+                path.as_str().unwrap()
+            )));
+            let worst = served
+                .iter()
+                .zip(&expected)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            println!("{name} {method}: {worst:.2e}");
+            assert!(
+                worst < TOLERANCE,
+                "{name} {method}: {worst:.2e} from pytorch-grad-cam (LAPACK's sign flipped for {})",
+                case["lapack_sign_flipped"]
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 6 * 9);
 }
 
 /// Guided backpropagation is not defined through GELU: these models have no `input_gradients`, and asking for

@@ -109,11 +109,12 @@ pub fn candidates(
                 )
             })
     } else {
-        let targets: HashSet<&str> = found.iter().map(|c| c.name.as_str()).collect();
         found
             .iter()
             .rposition(|c| {
-                c.unsupported.is_empty() && feeds_attention(graph, &image, &c.name, &targets)
+                c.unsupported.is_empty()
+                    && !is_copy(graph, &c.name)
+                    && feeds_attention(graph, &image, &c.name)
             })
             .map(|i| {
                 let why = match found[i].layout {
@@ -198,32 +199,32 @@ fn is_attention_matmul(node: &proto::NodeProto, image: &HashSet<&str>) -> bool {
     node.op_type == "MatMul" && node.input.iter().all(|i| image.contains(i.as_str()))
 }
 
-/// Whether the target `name` feeds an attention without passing through another of `targets` first.
-fn feeds_attention(
-    graph: &proto::GraphProto,
-    image: &HashSet<&str>,
-    name: &str,
-    targets: &HashSet<&str>,
-) -> bool {
-    let mut frontier = vec![name];
-    let mut seen: HashSet<&str> = HashSet::from([name]);
-    while let Some(tensor) = frontier.pop() {
-        for node in graph
-            .node
-            .iter()
-            .filter(|n| n.input.iter().any(|i| i == tensor))
-        {
-            if is_attention_matmul(node, image) {
-                return true;
-            }
-            for output in &node.output {
-                if !targets.contains(output.as_str()) && seen.insert(output.as_str()) {
-                    frontier.push(output.as_str());
-                }
-            }
+/// Whether the target `name` is an attention's input: both operands of a MatMul of two image-dependent tensors
+/// (the queries and the keys) are computed from it. A query, key or value projection reaches one operand only.
+fn feeds_attention(graph: &proto::GraphProto, image: &HashSet<&str>, name: &str) -> bool {
+    let mut reached: HashSet<&str> = HashSet::from([name]);
+    // ONNX lists nodes in topological order
+    for node in &graph.node {
+        if !node.input.iter().any(|i| reached.contains(i.as_str())) {
+            continue;
         }
+        if is_attention_matmul(node, image)
+            && node.input.iter().all(|i| reached.contains(i.as_str()))
+        {
+            return true;
+        }
+        reached.extend(node.output.iter().map(String::as_str));
     }
     false
+}
+
+/// Whether `name` is a copy of its input made by Identity, Dropout or a Pad (Swin pads its windows even where the
+/// padding is zero): the target is the tensor it copies.
+fn is_copy(graph: &proto::GraphProto, name: &str) -> bool {
+    graph.node.iter().any(|n| {
+        n.output.first().is_some_and(|o| o == name)
+            && matches!(n.op_type.as_str(), "Identity" | "Dropout" | "Pad")
+    })
 }
 
 fn candidate(
