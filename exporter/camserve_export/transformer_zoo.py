@@ -72,8 +72,31 @@ CASES = [
 ]
 
 
+
+
+def _torchvision(arch: str, size, **args):
+    def build():
+        model, size_hw = families.torchvision_transformer(arch, NUM_CLASSES, args, size)
+        return families.Built(model, model, families.torchvision_family(model), Preprocess(), None,
+                              f"torchvision {arch} (small), random weights", size_hw)
+    return build
+
+
+# More families, checked by the exporter's tests against autograd and pytorch-grad-cam but not kept as fixtures
+# (the fixtures stay small).
+MORE_CASES = [
+    Case("hf_beit", "Hugging Face BeitForImageClassification, P=1, 64x64", _hf("Beit", image_size=64, **_SMALL_HF)),
+    Case("hf_dinov2", "Hugging Face Dinov2ForImageClassification, P=1, 64x64",
+         _hf("Dinov2", image_size=64, **_SMALL_HF)),
+    Case("hf_convnext", "Hugging Face ConvNextForImageClassification: an NCHW stage, 64x64",
+         _hf("ConvNext", image_size=64, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)),
+    Case("torchvision_swin_v2", "torchvision Swin v2 (post-norm blocks), channels-last, 64x64",
+         _torchvision("swin_v2_t", (64, 64), embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=[4, 4])),
+]
+
+
 def case(name: str) -> Case:
-    return next(c for c in CASES if c.name == name)
+    return next(c for c in CASES + MORE_CASES if c.name == name)
 
 
 def build_split(c: Case, seed: int = 0):

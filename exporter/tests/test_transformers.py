@@ -20,7 +20,8 @@ from conftest import PARITY, REPO, metadata, run, session
 from camserve_export import export_contract
 from camserve_export.cam import gradcam_lowres, like_pytorch_grad_cam
 from camserve_export.cli import main
-from camserve_export.transformer_zoo import CASES, autograd_gradients, build_split, case, pytorch_grad_cam
+from camserve_export.transformer_zoo import (CASES, MORE_CASES, autograd_gradients, build_split, case,
+                                             pytorch_grad_cam)
 
 MAP_TOLERANCE = 1e-4
 EXPECTED_LAYOUT = {
@@ -30,6 +31,10 @@ EXPECTED_LAYOUT = {
     "torchvision_vit": {"layout": "tokens", "prefix_tokens": 1, "grid": [4, 4]},
     "hf_vit": {"layout": "tokens", "prefix_tokens": 1, "grid": [4, 4]},
     "hf_deit": {"layout": "tokens", "prefix_tokens": 2, "grid": [3, 4]},
+    "hf_beit": {"layout": "tokens", "prefix_tokens": 1, "grid": [4, 4]},
+    "hf_dinov2": {"layout": "tokens", "prefix_tokens": 1, "grid": [4, 4]},
+    "hf_convnext": {"layout": "nchw"},
+    "torchvision_swin_v2": {"layout": "nhwc"},
 }
 
 
@@ -39,7 +44,7 @@ def _export(name, tmp_path):
     return built, split, result
 
 
-@pytest.mark.parametrize("name", [c.name for c in CASES])
+@pytest.mark.parametrize("name", [c.name for c in CASES + MORE_CASES])
 def test_transformer_family(name, tmp_path):
     built, split, result = _export(name, tmp_path)
     assert max(result.errors.values()) <= 1e-4  # the export's own check: ORT vs eager autograd at N=3, K=4
