@@ -430,7 +430,8 @@ def table(r: dict) -> str:
         head = " ".join(p["head"]) if len(p["head"]) <= 6 else f"{len(p['head'])} op types"
         rows.append((f"plain {p['arch']} 224 px (head {head}): augmented vs plain Run",
                      f"{p['augmented_ms']:.2f} vs {p['plain_ms']:.2f} ms; augmenting {p['augment_ms']:.0f} ms "
-                     f"(shape probe {p['probe_ms']:.0f}, graph {p['edit_ms']:.1f})", f"{p['ratio']:.2f}x", f"<= {p['goal']}x"))
+                     f"(shape probe {p['probe_ms']:.0f}, graph {p['edit_ms']:.1f})", f"{p['ratio']:.2f}x",
+                     f"<= {p['goal']}x"))
     if r["plain"] is None:
         rows.append(("plain classifiers", "not measured: run `make venv` first", "", ""))
     lines = [f"machine: {r['machine']}; ONNX Runtime threads: {r['threads']}" + (" (QUICK: not a measurement)"
