@@ -48,7 +48,8 @@ def _hf(kind: str, **config):
         cfg = getattr(transformers, f"{kind}Config")(num_labels=NUM_CLASSES, **config)
         torch.manual_seed(0)
         model = getattr(transformers, f"{kind}ForImageClassification")(cfg).eval()
-        folder = Path(tempfile.mkdtemp(prefix=f"camserve-hf-{kind.lower()}-"))
+        # a fixed folder name: the export records it in camserve.source, and the fixtures must not change
+        folder = Path(tempfile.mkdtemp()) / f"camserve-hf-{kind.lower()}"
         model.save_pretrained(folder)
         return families.hf_model(str(folder), None, None)
     return build
