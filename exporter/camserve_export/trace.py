@@ -190,13 +190,15 @@ def _math_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=No
     return scores.softmax(-1) @ v
 
 
+_adaptive_avg_pool1d = torch.nn.functional.adaptive_avg_pool1d
 _adaptive_avg_pool2d = torch.nn.functional.adaptive_avg_pool2d
 
 
-def _contiguous_adaptive_avg_pool2d(x, output_size):
-    """On a channels-last view (torchvision Swin's permute before its pooling) the 1x1 pooling traces to a mean
-    plus as_strided, whose backward (as_strided_scatter) has no ONNX translation. A contiguous input avoids it."""
-    return _adaptive_avg_pool2d(x.contiguous(), output_size)
+def _contiguous(pool):
+    """On a transposed view (torchvision Swin's permute, Hugging Face Swin's transpose before their pooling) the
+    pooling traces to a mean plus as_strided, whose backward (as_strided_scatter) has no ONNX translation. A
+    contiguous input avoids it."""
+    return lambda x, output_size: pool(x.contiguous(), output_size)
 
 
 @contextlib.contextmanager
@@ -205,11 +207,12 @@ def _traceable_functions():
     pooling of a contiguous input (module code looks these up in torch.nn.functional at call time)."""
     F = torch.nn.functional
     F.linear, F.scaled_dot_product_attention = _folded_linear, _math_sdpa
-    F.adaptive_avg_pool2d = _contiguous_adaptive_avg_pool2d
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d = _contiguous(_adaptive_avg_pool1d), _contiguous(_adaptive_avg_pool2d)
     try:
         yield
     finally:
-        F.linear, F.scaled_dot_product_attention, F.adaptive_avg_pool2d = _linear, _sdpa, _adaptive_avg_pool2d
+        F.linear, F.scaled_dot_product_attention = _linear, _sdpa
+        F.adaptive_avg_pool1d, F.adaptive_avg_pool2d = _adaptive_avg_pool1d, _adaptive_avg_pool2d
 
 
 def trace(split, x: torch.Tensor, class_weights: torch.Tensor, extra=None, guided: bool = False

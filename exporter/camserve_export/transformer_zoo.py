@@ -48,7 +48,8 @@ def _hf(kind: str, **config):
         cfg = getattr(transformers, f"{kind}Config")(num_labels=NUM_CLASSES, **config)
         torch.manual_seed(0)
         model = getattr(transformers, f"{kind}ForImageClassification")(cfg).eval()
-        folder = Path(tempfile.mkdtemp(prefix=f"camserve-hf-{kind.lower()}-"))
+        # a fixed folder name: the export records it in camserve.source, and the fixtures must not change
+        folder = Path(tempfile.mkdtemp()) / f"camserve-hf-{kind.lower()}"
         model.save_pretrained(folder)
         return families.hf_model(str(folder), None, None)
     return build
@@ -88,6 +89,8 @@ MORE_CASES = [
     Case("hf_beit", "Hugging Face BeitForImageClassification, P=1, 64x64", _hf("Beit", image_size=64, **_SMALL_HF)),
     Case("hf_dinov2", "Hugging Face Dinov2ForImageClassification, P=1, 64x64",
          _hf("Dinov2", image_size=64, **_SMALL_HF)),
+    Case("hf_swin", "Hugging Face SwinForImageClassification: tokens without prefix on an 8x8 grid, 64x64",
+         _hf("Swin", image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4)),
     Case("hf_convnext", "Hugging Face ConvNextForImageClassification: an NCHW stage, 64x64",
          _hf("ConvNext", image_size=64, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)),
     Case("torchvision_swin_v2", "torchvision Swin v2 (post-norm blocks), channels-last, 64x64",

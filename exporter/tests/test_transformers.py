@@ -33,6 +33,7 @@ EXPECTED_LAYOUT = {
     "hf_deit": {"layout": "tokens", "prefix_tokens": 2, "grid": [3, 4]},
     "hf_beit": {"layout": "tokens", "prefix_tokens": 1, "grid": [4, 4]},
     "hf_dinov2": {"layout": "tokens", "prefix_tokens": 1, "grid": [4, 4]},
+    "hf_swin": {"layout": "tokens", "prefix_tokens": 0, "grid": [8, 8]},
     "hf_convnext": {"layout": "nchw"},
     "torchvision_swin_v2": {"layout": "nhwc"},
 }
