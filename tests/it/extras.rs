@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::support::{TestServer, fixture, read_npy, read_npy_file, status_and_json};
+use crate::support::{
+    TestServer, fixture, max_abs_difference, read_npy, read_npy_file, status_and_json,
+};
 
 #[derive(serde::Deserialize)]
 struct Case {
@@ -31,11 +33,6 @@ async fn server() -> TestServer {
         .model("tiny", &fixture("tiny_cnn.onnx"))
         .start()
         .await
-}
-
-fn max_abs_difference(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -7,7 +7,7 @@ use camserve::explain::DEFAULT_SCORE_CAM_CHANNELS;
 use serde_json::Value;
 
 use crate::support::reference::{Case, cases};
-use crate::support::{TestServer, fixture, model_config, served_name};
+use crate::support::{TestServer, fixture, max_abs_difference, model_config, served_name};
 
 const TOLERANCE: f32 = 1e-4;
 const ONE_RUN_METHODS: [&str; 8] = [
@@ -58,13 +58,6 @@ async fn served_map(server: &TestServer, case: &Case, options: &str) -> Vec<f32>
 
 fn reference(path: &str) -> Vec<f32> {
     crate::support::read_npy_file(&fixture(path)).1
-}
-
-fn max_abs_difference(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "map sizes differ");
-    a.iter()
-        .zip(b)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
 fn sign_note(flipped: bool) -> &'static str {

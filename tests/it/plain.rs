@@ -786,15 +786,11 @@ fn targets_of_a_vit_are_its_token_sequences_with_the_last_attention_input_by_def
                 plain::Layout::Nhwc => assert_eq!(c.shape[1..3], [4, 4], "{}", c.name),
             }
         }
-        let default: Vec<_> = candidates.iter().filter(|c| c.default.is_some()).collect();
-        assert_eq!(default.len(), 1, "{}", case.model);
-        assert_eq!(default[0].name, case.target, "{}: the default", case.model);
-        assert!(default[0].default.as_ref().unwrap().contains("attention"));
         let expected = plain::Layout::Tokens {
             prefix: layout.prefix_tokens as i64,
             grid: [4, 4],
         };
-        assert_eq!(default[0].layout, expected);
+        assert_default_is_the_last_attention_input(case, &candidates, expected);
     }
     // The command line marks it.
     let case = zoo.case("vit_legacy_op17.onnx");
@@ -846,12 +842,21 @@ fn targets_of_a_swin_are_its_channels_last_stage_maps_with_the_last_attention_in
             .filter(|c| c.layout == plain::Layout::Nhwc)
             .count();
         assert!(nhwc >= 30, "{}: {nhwc} channels-last maps", case.model);
-        let default: Vec<_> = candidates.iter().filter(|c| c.default.is_some()).collect();
-        assert_eq!(default.len(), 1, "{}", case.model);
-        assert_eq!(default[0].name, case.target, "{}: the default", case.model);
-        assert_eq!(default[0].layout, plain::Layout::Nhwc);
-        assert!(default[0].default.as_ref().unwrap().contains("attention"));
+        assert_default_is_the_last_attention_input(case, &candidates, plain::Layout::Nhwc);
     }
+}
+
+/// Exactly one candidate is the default: the zoo's target, in `layout`, marked as an attention's input.
+fn assert_default_is_the_last_attention_input(
+    case: &Case,
+    candidates: &[plain::Candidate],
+    layout: plain::Layout,
+) {
+    let default: Vec<_> = candidates.iter().filter(|c| c.default.is_some()).collect();
+    assert_eq!(default.len(), 1, "{}", case.model);
+    assert_eq!(default[0].name, case.target, "{}: the default", case.model);
+    assert_eq!(default[0].layout, layout, "{}", case.model);
+    assert!(default[0].default.as_ref().unwrap().contains("attention"));
 }
 
 /// A token target's layout is inferred with no flag and recorded in the metadata; overrides replace the guess;

@@ -6,7 +6,7 @@
 
 use serde_json::Value;
 
-use crate::support::{TestServer, fixture, max_relative_error, read_npy_file};
+use crate::support::{TestServer, fixture, max_abs_difference, max_relative_error, read_npy_file};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -42,6 +42,21 @@ async fn explain(server: &TestServer, case: &Value, output: &str) -> reqwest::Re
     response
 }
 
+/// The served map as pytorch-grad-cam returns it, read from the 16-bit grey heatmap (quantization 7.7e-6).
+async fn served_map(server: &TestServer, case: &Value, options: &str) -> Vec<f32> {
+    let png = explain(
+        server,
+        case,
+        &format!("output=heatmap&heatmap=gray16{options}"),
+    )
+    .await
+    .bytes()
+    .await
+    .unwrap();
+    let heat = image::load_from_memory(&png).unwrap().into_luma16();
+    heat.pixels().map(|p| f32::from(p[0]) / 65535.0).collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn transformer_maps_equal_pytorch_grad_cam_with_its_reshape_transform() {
     let server = server().await;
@@ -69,19 +84,10 @@ async fn transformer_maps_equal_pytorch_grad_cam_with_its_reshape_transform() {
             "{name}: raw map off by {error:.2e} (relative)"
         );
 
-        // pytorch-grad-cam's picture at the input size, read from the 16-bit grey heatmap (quantization 7.7e-6).
-        let png = explain(&server, &case, "output=heatmap&heatmap=gray16")
-            .await
-            .bytes()
-            .await
-            .unwrap();
-        let heat = image::load_from_memory(&png).unwrap().into_luma16();
-        let served: Vec<f32> = heat.pixels().map(|p| f32::from(p[0]) / 65535.0).collect();
+        // pytorch-grad-cam's picture at the input size.
+        let served = served_map(&server, &case, "").await;
         let (_, expected) = read_npy_file(&fixture(&format!("transformers/{name}.gradcam.npy")));
-        let worst = served
-            .iter()
-            .zip(&expected)
-            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        let worst = max_abs_difference(&served, &expected);
         assert!(
             worst < TOLERANCE,
             "{name}: pytorch-grad-cam's map off by {worst:.2e}"
@@ -106,25 +112,12 @@ async fn every_method_equals_pytorch_grad_cam_on_transformer_targets() {
             } else {
                 String::new()
             };
-            let png = explain(
-                &server,
-                &case,
-                &format!("output=heatmap&heatmap=gray16&method={method}{budget}"),
-            )
-            .await
-            .bytes()
-            .await
-            .unwrap();
-            let heat = image::load_from_memory(&png).unwrap().into_luma16();
-            let served: Vec<f32> = heat.pixels().map(|p| f32::from(p[0]) / 65535.0).collect();
+            let served = served_map(&server, &case, &format!("&method={method}{budget}")).await;
             let (_, expected) = read_npy_file(&fixture(&format!(
                 "transformers/{}",
                 path.as_str().unwrap()
             )));
-            let worst = served
-                .iter()
-                .zip(&expected)
-                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            let worst = max_abs_difference(&served, &expected);
             println!("{name} {method}: {worst:.2e}");
             assert!(
                 worst < TOLERANCE,

@@ -141,6 +141,15 @@ pub fn read_npy_file(path: &Path) -> (Vec<usize>, Vec<f32>) {
     read_npy(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
 }
 
+/// Largest absolute difference, element by element.
+pub fn max_abs_difference(actual: &[f32], expected: &[f32]) -> f32 {
+    assert_eq!(actual.len(), expected.len(), "lengths differ");
+    actual
+        .iter()
+        .zip(expected)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+}
+
 /// Largest absolute difference, relative to the largest absolute expected value.
 pub fn max_relative_error(actual: &[f32], expected: &[f32]) -> f32 {
     assert_eq!(actual.len(), expected.len(), "lengths differ");
