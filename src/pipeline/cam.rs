@@ -512,16 +512,10 @@ fn principal_projection(
                 .for_each(|(p, x)| *p += x * v);
         }
     }
-    let largest = weighted
-        .iter()
-        .filter(|v| !v.is_nan())
-        .fold(0.0f64, |m, v| m.max(f64::from(v.abs())));
-    let (low, high) = channel_sum
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &s| {
-            (lo.min(f64::from(s)), hi.max(f64::from(s)))
-        });
-    let flat = high - low <= 1e-5 * channels as f64 * largest;
+    let (least, most) = range_of(weighted);
+    let largest = f64::from(most.max(-least).max(0.0));
+    let (low, high) = range_of(channel_sum);
+    let flat = f64::from(high) - f64::from(low) <= 1e-5 * channels as f64 * largest;
     let mut score: f64 = if flat {
         0.0
     } else {
