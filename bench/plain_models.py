@@ -16,7 +16,6 @@ import torchvision
 from camserve_export.plain_zoo import find_target
 
 
-
 def vit_s_16() -> torch.nn.Module:
     """ViT-S/16 (DeiT-S's shape), which torchvision has no builder for."""
     return torchvision.models.VisionTransformer(image_size=224, patch_size=16, num_layers=12, num_heads=6,

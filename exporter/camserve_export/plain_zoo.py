@@ -28,6 +28,7 @@ from torchvision.models import (convnext, densenet, efficientnet, mobilenetv3, r
 from torchvision.models.vision_transformer import VisionTransformer
 
 from .cam import gradcam_lowres, like_pytorch_grad_cam
+from .families import HFClassifier
 from .metadata import Preprocess
 
 SEED = 0
@@ -163,23 +164,12 @@ def _timm_vit(name: str, **kwargs):
                              num_classes=NUM_CLASSES, **kwargs)
 
 
-class HfLogits(nn.Module):
-    """A Hugging Face image classifier returning its logits (its forward returns an output object)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(pixel_values=x).logits
-
-
 def _hf_vit():
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(image_size=SIZE, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                        intermediate_size=64, num_labels=NUM_CLASSES)
-    return HfLogits(ViTForImageClassification(config))
+    return HFClassifier(ViTForImageClassification(config))
 
 
 @dataclass(frozen=True)
@@ -244,7 +234,7 @@ FAMILIES = [
            "timm ViT with 4 register tokens (2 blocks, hidden 32): a token target [N,21,32] with 5 prefix tokens, "
            "the class token picked for the head",
            layout={"layout": "tokens", "prefix_tokens": 5, "grid": [4, 4]}),
-    Family("hf_vit", _hf_vit, "model.vit.layers.1.layernorm_before", (("legacy", 14), ("dynamo", 18)),
+    Family("hf_vit", _hf_vit, "hf.vit.layers.1.layernorm_before", (("legacy", 14), ("dynamo", 18)),
            "Hugging Face ViTForImageClassification (2 layers, hidden 32): a token target [N,17,32]; query, key "
            "and value as three Linears, each a token sequence itself (not the default), attention's NaN guard "
            "(IsNaN, Where) from the dynamo exporter",
