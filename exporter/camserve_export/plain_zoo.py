@@ -157,6 +157,26 @@ def _swin():
                                             window_size=[3, 3], num_classes=NUM_CLASSES)
 
 
+def _swin_v2():
+    # Swin v2: cosine attention (normalized queries and keys, a clamped learned scale), post-norm blocks, the
+    # relative position bias from a small MLP over constant coordinates; windows of 4 on the 16x16 and 8x8 grids.
+    # Channels (12, 24) differ from the grids' sides, so the layout can be read from the shape.
+    return swin_transformer.SwinTransformer(patch_size=[4, 4], embed_dim=12, depths=[1, 2], num_heads=[2, 4],
+                                            window_size=[4, 4], num_classes=NUM_CLASSES,
+                                            block=swin_transformer.SwinTransformerBlockV2,
+                                            downsample_layer=swin_transformer.PatchMergingV2)
+
+
+def _timm_swin():
+    import timm
+
+    # Windows of 4 on a 16x16 grid: a window's 16 tokens equal the grid's side, so the attention's
+    # [N*16,heads,16,16] has a stage grid's shape and only its first axis (16 at batch 1) tells it from a map.
+    # Channels (12, 24) differ from the grids' sides, so the layout can be read from the shape.
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=SIZE, embed_dim=12,
+                             depths=(1, 2), num_heads=(2, 4), window_size=4, num_classes=NUM_CLASSES)
+
+
 def _timm_vit(name: str, **kwargs):
     import timm
 
@@ -247,6 +267,18 @@ FAMILIES = [
            "with relative position bias and the shift's mask (built from the map's shape by the legacy exporter: "
            "ConstantOfShape, ScatterND, Where, no gradient), the padding sliced off, GELU, LayerNorm, Transpose to "
            "NCHW and global average pool",
+           layout={"layout": "nhwc"}),
+    # v2's blocks are post-norm: the input of the last block's attention is the previous block's output
+    Family("swin_v2", _swin_v2, "features.3.0", (("legacy", 17), ("dynamo", 18)),
+           "torchvision Swin v2 (windows of 4): a channels-last target [N,8,8,24], the input of the last block; "
+           "its cosine attention (queries and keys divided by their L2 norms, ReduceL2; a learned scale clamped "
+           "and exponentiated), the position bias's MLP on constants (no gradient), the norm after the attention "
+           "(post-norm), the windows' shift, PatchMergingV2's Slice/Concat",
+           layout={"layout": "nhwc"}),
+    Family("timm_swin", _timm_swin, "layers.1.blocks.1.norm1", (("legacy", 17), ("dynamo", 18)),
+           "timm Swin (windows of 4): a channels-last target [N,8,8,24]; patch merging as a 6-D Reshape and "
+           "Transpose (the layout read from the stage grid's axes), the windows' cyclic shift as Slice/Concat "
+           "(torch.roll) before the window partition, attention on [N*windows,heads,16,16]",
            layout={"layout": "nhwc"}),
 ]
 

@@ -95,6 +95,11 @@ MORE_CASES = [
          _hf("ConvNext", image_size=64, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)),
     Case("torchvision_swin_v2", "torchvision Swin v2 (post-norm blocks), channels-last, 64x64",
          _torchvision("swin_v2_t", (64, 64), embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=[4, 4])),
+    # One block: with two, torch's symbolic shape reasoning (sympy) on the window and grid partitions does not
+    # finish tracing in 7 minutes.
+    Case("torchvision_maxvit", "torchvision MaxViT, one block (MBConv, block and grid attention), NCHW, 64x64",
+         _torchvision("maxvit_t", (64, 64), stem_channels=16, block_channels=[32], block_layers=[1], head_dim=8,
+                      partition_size=4)),
 ]
 
 

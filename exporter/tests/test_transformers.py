@@ -36,6 +36,7 @@ EXPECTED_LAYOUT = {
     "hf_swin": {"layout": "tokens", "prefix_tokens": 0, "grid": [8, 8]},
     "hf_convnext": {"layout": "nchw"},
     "torchvision_swin_v2": {"layout": "nhwc"},
+    "torchvision_maxvit": {"layout": "nchw"},
 }
 
 

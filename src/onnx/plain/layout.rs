@@ -204,8 +204,48 @@ pub fn made_channels_last(graph: &GraphProto, image: &HashSet<&str>, name: &str)
     false
 }
 
+/// The layout of a 4-D map of `dims`: channels-last where a Transpose [0,2,3,1] made it so. In a transformer
+/// (`grids`: its stages' grids) also where its axes 1 and 2 hold a grid and axes 2 and 3 don't: timm's Swin
+/// merges patches with a 6-D Reshape and Transpose, which hides how the map was made.
+pub fn map_layout(
+    graph: &GraphProto,
+    image: &HashSet<&str>,
+    name: &str,
+    dims: &[Option<i64>],
+    grids: Option<&[[i64; 2]]>,
+) -> Layout {
+    let on_grid = |axes: &[Option<i64>]| {
+        grids.is_some_and(|grids| matches!(axes, &[Some(h), Some(w)] if grids.contains(&[h, w])))
+    };
+    if made_channels_last(graph, image, name) || (on_grid(&dims[1..3]) && !on_grid(&dims[2..4])) {
+        Layout::Nhwc
+    } else {
+        Layout::Nchw
+    }
+}
+
+/// The grids of a hierarchical transformer's stages: the patch grid, then each side halved (rounded up, as
+/// patch merging pads odd sides) down to 2x2.
+pub fn stage_grids(patch: [i64; 2]) -> Vec<[i64; 2]> {
+    let mut grids = vec![patch];
+    while let Some(&[h, w]) = grids.last().filter(|g| g[0] * g[1] > 4) {
+        grids.push([(h + 1) / 2, (w + 1) / 2]);
+    }
+    grids
+}
+
+/// Whether the graph holds an attention: a MatMul of two tensors computed from the image (a Linear layer's
+/// MatMul has a weight for one side).
+pub fn has_attention(graph: &GraphProto, image: &HashSet<&str>) -> bool {
+    graph.node.iter().any(|n| is_attention_matmul(n, image))
+}
+
+pub fn is_attention_matmul(node: &NodeProto, image: &HashSet<&str>) -> bool {
+    node.op_type == "MatMul" && node.input.iter().all(|i| image.contains(i.as_str()))
+}
+
 /// The target's layout, from the overrides in `spec`, else inferred: a 3-D target is tokens on the patch grid, a
-/// 4-D one channels-last where a Transpose made it so, else NCHW. A guess that cannot be made is refused,
+/// 4-D one as `map_layout` reads it. A guess that cannot be made is refused,
 /// naming the override.
 pub fn resolve(
     graph: &GraphProto,
@@ -231,11 +271,10 @@ pub fn resolve(
         (4, Some(LayoutKind::Nchw)) => Ok(Layout::Nchw),
         (4, None) => {
             let image = depending_on(graph, input);
-            Ok(if made_channels_last(graph, &image, target) {
-                Layout::Nhwc
-            } else {
-                Layout::Nchw
-            })
+            let grids = patch_embedding(graph, input, input_size)
+                .filter(|_| has_attention(graph, &image))
+                .map(|p| stage_grids(p.grid));
+            Ok(map_layout(graph, &image, target, dims, grids.as_deref()))
         }
         (3, Some(LayoutKind::Tokens) | None) => {
             let (Some(tokens), Some(_)) = (dims[1], dims[2]) else {

@@ -83,17 +83,29 @@ pub fn candidates(
         .collect();
     // In a transformer, a map must lie on one of the stages' grids (the patch grid, halved by each patch
     // merging): the tensors of windowed or multi-head attention are 4-D too, but no image grid.
-    let transformer = !tokens.is_empty() || has_attention(graph, &image);
+    let transformer = !tokens.is_empty() || layout::has_attention(graph, &image);
     let grids = patch
         .as_ref()
         .filter(|_| transformer)
-        .map(|p| stage_grids(p.grid));
+        .map(|p| layout::stage_grids(p.grid));
+    let first_axes = match grids {
+        Some(_) => shapes::first_axis_at_batch_one(runtime, &plain, &names)?,
+        None => HashMap::new(),
+    };
     let mut found: Vec<Candidate> = names
         .iter()
+        .filter(|name| image.contains(name.as_str()))
         .filter_map(|name| {
             let layout = match tokens.get(name.as_str()) {
                 Some(layout) => layout.clone(),
-                None => map_layout(graph, &image, name, shapes.get(name)?, grids.as_deref())?,
+                None => map_layout(
+                    graph,
+                    &image,
+                    name,
+                    shapes.get(name)?,
+                    grids.as_deref(),
+                    first_axes.get(name).copied(),
+                )?,
             };
             Some(candidate(&plain, name, &shapes, layout))
         })
@@ -122,12 +134,13 @@ pub fn candidates(
                         "after the last attention only the prefix tokens reach the scores, so later token \
                          tensors give empty maps"
                     }
-                    _ => "the target pytorch-grad-cam recommends for windowed attention (Swin)",
+                    _ => "for windowed attention (Swin), the target pytorch-grad-cam recommends",
                 };
                 (
                     i,
                     format!(
-                        "the input of the last block's attention (the output of its first norm): {why}"
+                        "the input of the last block's attention (in a pre-norm block, the output of its first \
+                         norm): {why}"
                     ),
                 )
             })
@@ -152,13 +165,16 @@ fn token_layout(info: &TensorInfo, patch: Option<&layout::PatchEmbedding>) -> Op
         })
 }
 
-/// The layout of a 4-D float map [N,C,h,w] or [N,h,w,C] larger than 1x1 (on one of `grids` where given).
+/// The layout of a 4-D float map [N,C,h,w] or [N,h,w,C] larger than 1x1. In a transformer (`grids` given) it
+/// must lie on one of the stages' grids, with its first axis the batch itself: 1 in the Run at batch size 1, where
+/// Swin's windows [N*windows,...] have more.
 fn map_layout(
     graph: &proto::GraphProto,
     image: &HashSet<&str>,
     name: &str,
     info: &TensorInfo,
     grids: Option<&[[i64; 2]]>,
+    first_axis_at_one: Option<i64>,
 ) -> Option<Layout> {
     let [_, Some(_), Some(_), Some(_)] = info.dims[..] else {
         return None;
@@ -166,37 +182,13 @@ fn map_layout(
     if !info.is_float() {
         return None;
     }
-    let layout = if layout::made_channels_last(graph, image, name) {
-        Layout::Nhwc
-    } else {
-        Layout::Nchw
-    };
+    let layout = layout::map_layout(graph, image, name, &info.dims, grids);
     let dims = layout.nchw_dims(&info.dims);
     let spatial = [dims[2]?, dims[3]?];
     match grids {
-        Some(grids) => grids.contains(&spatial).then_some(layout),
+        Some(grids) => (grids.contains(&spatial) && first_axis_at_one == Some(1)).then_some(layout),
         None => (spatial[0] * spatial[1] > 1).then_some(layout),
     }
-}
-
-/// The grids of a hierarchical transformer's stages: the patch grid, then each side halved (rounded up, as
-/// patch merging pads odd sides) down to 2x2.
-fn stage_grids(patch: [i64; 2]) -> Vec<[i64; 2]> {
-    let mut grids = vec![patch];
-    while let Some(&[h, w]) = grids.last().filter(|g| g[0] * g[1] > 4) {
-        grids.push([(h + 1) / 2, (w + 1) / 2]);
-    }
-    grids
-}
-
-/// Whether the graph holds an attention: a MatMul of two tensors computed from the image (a Linear layer's
-/// MatMul has a weight for one side).
-fn has_attention(graph: &proto::GraphProto, image: &HashSet<&str>) -> bool {
-    graph.node.iter().any(|n| is_attention_matmul(n, image))
-}
-
-fn is_attention_matmul(node: &proto::NodeProto, image: &HashSet<&str>) -> bool {
-    node.op_type == "MatMul" && node.input.iter().all(|i| image.contains(i.as_str()))
 }
 
 /// Whether the target `name` is an attention's input: both operands of a MatMul of two image-dependent tensors
@@ -208,7 +200,7 @@ fn feeds_attention(graph: &proto::GraphProto, image: &HashSet<&str>, name: &str)
         if !node.input.iter().any(|i| reached.contains(i.as_str())) {
             continue;
         }
-        if is_attention_matmul(node, image)
+        if layout::is_attention_matmul(node, image)
             && node.input.iter().all(|i| reached.contains(i.as_str()))
         {
             return true;
@@ -218,13 +210,35 @@ fn feeds_attention(graph: &proto::GraphProto, image: &HashSet<&str>, name: &str)
     false
 }
 
-/// Whether `name` is a copy of its input made by Identity, Dropout or a Pad (Swin pads its windows even where the
-/// padding is zero): the target is the tensor it copies.
+/// Whether `name` is a copy of one tensor, the target being that tensor: made by Identity, Dropout, a Pad (Swin
+/// pads its windows even where the padding is zero), or a Concat of Slices of one tensor (a cyclic shift,
+/// torch.roll, as timm's Swin shifts its windows; a map of it would be shifted too).
 fn is_copy(graph: &proto::GraphProto, name: &str) -> bool {
-    graph.node.iter().any(|n| {
-        n.output.first().is_some_and(|o| o == name)
-            && matches!(n.op_type.as_str(), "Identity" | "Dropout" | "Pad")
-    })
+    let producer = |name: &str| {
+        graph
+            .node
+            .iter()
+            .find(|n| n.output.iter().any(|o| o == name))
+    };
+    let Some(node) = producer(name) else {
+        return false;
+    };
+    match node.op_type.as_str() {
+        "Identity" | "Dropout" | "Pad" => true,
+        "Concat" => {
+            let sources: Option<HashSet<&str>> = node
+                .input
+                .iter()
+                .map(|i| {
+                    producer(i)
+                        .filter(|p| p.op_type == "Slice")
+                        .map(|p| p.input[0].as_str())
+                })
+                .collect();
+            sources.is_some_and(|s| s.len() == 1)
+        }
+        _ => false,
+    }
 }
 
 fn candidate(

@@ -66,6 +66,20 @@ pub fn probe(
     Ok(batch_dims(&one, &two))
 }
 
+/// The first axis of each of `names` in a Run at batch size 1: 1 where it is the batch, more where the batch is
+/// folded with something else (Swin's windows, [N*windows,...]).
+pub fn first_axis_at_batch_one(
+    runtime: &OnnxRuntime,
+    plain: &Plain,
+    names: &[String],
+) -> Result<HashMap<String, i64>, String> {
+    let mut session = open_exposing(runtime, plain, names)?;
+    Ok(run_at(&mut session, plain, 1)?
+        .into_iter()
+        .filter_map(|(name, (dims, _))| Some((name, *dims.first()?)))
+        .collect())
+}
+
 /// A session of the model with `names` as its outputs, at camserve's input size and a free batch size.
 fn open_exposing(
     runtime: &OnnxRuntime,

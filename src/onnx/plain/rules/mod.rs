@@ -200,6 +200,7 @@ pub const RULES: &[Rule] = &[
     first("LayerNormalization", normalization::layer_norm),
     first("ReduceMean", reduce::reduce),
     first("ReduceSum", reduce::reduce),
+    first("ReduceL2", reduce::reduce_l2),
     first("GlobalAveragePool", pooling::global_average_pool),
     first("GlobalMaxPool", pooling::global_max_pool),
     first("AveragePool", pooling::average_pool),

@@ -1,4 +1,4 @@
-//! ReduceSum and ReduceMean: `g` spread back over the reduced axes.
+//! ReduceSum, ReduceMean and ReduceL2: `g` spread back over the reduced axes.
 
 use super::{Context, InputGradients, Step, normalize_axis};
 use crate::onnx::plain::emit::Writer;
@@ -6,24 +6,50 @@ use crate::onnx::plain::proto::Attr;
 
 /// ReduceMean and ReduceSum, with their axes as an attribute or a constant input.
 pub fn reduce(c: &Context, w: &mut Writer, s: &Step) -> Result<InputGradients, String> {
-    let x = s.x();
-    let rank = c.rank(x)?;
+    let Some((axes, keepdims)) = reduction(c, s)? else {
+        return s.only(s.g().to_owned());
+    };
+    let g = kept(w, s.g(), &axes, keepdims);
+    s.only(spread_over(c, w, &g, s.x(), &axes, s.op() == "ReduceMean")?)
+}
+
+/// ReduceL2, y = sqrt(sum x^2) (Swin v2's cosine attention normalizes with it): dx = x * g / y. Where y = 0, x is
+/// 0 and so is its gradient, as in torch.
+pub fn reduce_l2(c: &Context, w: &mut Writer, s: &Step) -> Result<InputGradients, String> {
+    let Some((axes, keepdims)) = reduction(c, s)? else {
+        return s.only(s.g().to_owned());
+    };
+    let g = kept(w, s.g(), &axes, keepdims);
+    let y = kept(w, s.y(), &axes, keepdims);
+    let smallest = w.float(f32::MIN_POSITIVE);
+    let y = w.op("Max", &[&y, &smallest], vec![]);
+    let g_over_y = w.op("Div", &[&g, &y], vec![]);
+    s.only(w.op("Mul", &[s.x(), &g_over_y], vec![]))
+}
+
+/// The reduced axes, sorted and non-negative, and keepdims; None where the op copies its input (no axes and
+/// `noop_with_empty_axes`).
+fn reduction(c: &Context, s: &Step) -> Result<Option<(Vec<i64>, bool)>, String> {
+    let rank = c.rank(s.x())?;
     let mut axes = reduced_axes(c, s)?;
     if axes.is_empty() {
         if s.node.int("noop_with_empty_axes").unwrap_or(0) != 0 {
-            return s.only(s.g().to_owned());
+            return Ok(None);
         }
         axes = (0..rank).collect();
     }
     let mut axes: Vec<i64> = axes.iter().map(|&a| normalize_axis(a, rank)).collect();
     axes.sort_unstable();
-    let keepdims = s.node.int("keepdims").unwrap_or(1) != 0;
-    let g = if keepdims {
-        s.g().to_owned()
+    Ok(Some((axes, s.node.int("keepdims").unwrap_or(1) != 0)))
+}
+
+/// A reduction's output (or its gradient) with the reduced axes kept, as size 1.
+fn kept(w: &mut Writer, x: &str, axes: &[i64], keepdims: bool) -> String {
+    if keepdims {
+        x.to_owned()
     } else {
-        w.unsqueeze(s.g(), &axes)
-    };
-    s.only(spread_over(c, w, &g, x, &axes, s.op() == "ReduceMean")?)
+        w.unsqueeze(x, axes)
+    }
 }
 
 /// The axes as written (empty: none given).
