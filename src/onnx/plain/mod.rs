@@ -4,15 +4,17 @@
 //! from memory. The forward graph stays as it is; the backward for one seed runs inside a Loop over the seeds,
 //! so no batch-dependent shape logic of the original graph runs twice.
 //!
-//! The steps, by module: `read` (the file and its image input and scores), `graph` (the head, renames and other
-//! edits), `shapes` (the head's shapes, from ONNX Runtime), `backward` (the Loop body, from the op `rules`),
-//! `outputs` (the contract's inputs, outputs and metadata); `emit` writes new nodes, `proto` is ONNX's messages.
+//! The steps, by module: `read` (the file and its image input and scores; `hugging_face`, the files Hugging Face
+//! writes beside it), `graph` (the head, renames and other edits), `shapes` (the head's shapes, from ONNX
+//! Runtime), `backward` (the Loop body, from the op `rules`), `outputs` (the contract's inputs, outputs and
+//! metadata); `emit` writes new nodes, `proto` is ONNX's messages.
 
 pub mod proto;
 
 mod backward;
 mod emit;
 mod graph;
+mod hugging_face;
 mod layout;
 mod outputs;
 mod read;

@@ -193,7 +193,15 @@ pub fn write_metadata(
     layout: &Layout,
 ) {
     let [height, width] = plain.input_size;
-    let labels: Vec<String> = (0..class_count).map(|c| c.to_string()).collect();
+    let labels: Vec<String> = match &plain.hugging_face.labels {
+        Some(names) if names.len() as i64 == class_count => names.clone(),
+        _ => (0..class_count).map(|c| c.to_string()).collect(),
+    };
+    let preprocess = plain
+        .hugging_face
+        .preprocess
+        .as_deref()
+        .unwrap_or(IMAGENET_PREPROCESS);
     let metadata = [
         ("contract_version", CONTRACT_VERSION.to_owned()),
         (
@@ -201,7 +209,7 @@ pub fn write_metadata(
             serde_json::to_string(&labels).expect("strings serialize"),
         ),
         ("input_size", format!("[{height}, {width}]")),
-        ("preprocess", IMAGENET_PREPROCESS.to_owned()),
+        ("preprocess", preprocess.to_owned()),
         ("target_layer", target.to_owned()),
         ("target_layout", layout.metadata()),
         (

@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path};
 
 use super::graph::graph;
+use super::hugging_face::{self, HuggingFace};
 use super::proto::{
     DimensionValue, GraphProto, ModelProto, TensorProto, ValueInfoProto, data_type,
 };
@@ -18,11 +19,13 @@ pub struct Plain {
     /// The scores: the graph's output (or the one named), before a final softmax unless it is kept.
     pub output: String,
     pub input_size: [usize; 2],
+    /// What Hugging Face's files beside it say (input size, normalization, class names).
+    pub hugging_face: HuggingFace,
     pub notes: Vec<String>,
 }
 
 /// Reads the file (weights in external files included) and finds its image input, its scores, and the input
-/// size (`input_size`, else the size the file declares).
+/// size (`input_size`, else the size the file declares, else the one Hugging Face's files beside it give).
 pub fn read(
     file: &Path,
     output: Option<&str>,
@@ -34,19 +37,37 @@ pub fn read(
     let graph = graph(&model);
     let image = image_input(graph)?;
     let declared = declared_dims(image)?;
-    let input_size = match input_size {
+    let hugging_face = hugging_face::beside(file)?;
+    let input_size = match input_size
+        .or(declared_size(&declared))
+        .or(hugging_face.input_size)
+    {
         Some(size) => size,
-        None => declared_size(image, &declared)?,
+        None => {
+            return Err(format!(
+                "the image input `{}` has no fixed height and width: give the input size (--input-size H,W, \
+                 or overrides.input_size in the config)",
+                image.name
+            ));
+        }
     };
     let input = image.name.clone();
     let (output, note) = scores(graph, output, keep_softmax)?;
+    let mut notes: Vec<String> = note.into_iter().collect();
+    if hugging_face.preprocess.is_some() {
+        notes.push("input size and normalization from preprocessor_config.json beside it".into());
+    }
+    if hugging_face.labels.is_some() {
+        notes.push("class names from config.json beside it".into());
+    }
     Ok(Plain {
         model,
         opset,
         input,
         output,
         input_size,
-        notes: note.into_iter().collect(),
+        hugging_face,
+        notes,
     })
 }
 
@@ -122,13 +143,10 @@ fn declared_dims(image: &ValueInfoProto) -> Result<Vec<Option<i64>>, String> {
     Ok(dims)
 }
 
-fn declared_size(image: &ValueInfoProto, declared: &[Option<i64>]) -> Result<[usize; 2], String> {
+fn declared_size(declared: &[Option<i64>]) -> Option<[usize; 2]> {
     match declared.get(2..4) {
-        Some(&[Some(h), Some(w)]) => Ok([h as usize, w as usize]),
-        _ => Err(format!(
-            "the image input `{}` has no fixed height and width: set the input size (overrides.input_size)",
-            image.name
-        )),
+        Some(&[Some(h), Some(w)]) => Some([h as usize, w as usize]),
+        _ => None,
     }
 }
 
