@@ -4,8 +4,8 @@
 
 optimum-onnx needs transformers < 4.58, so this runs in its own venv (.tools/optimum-venv), not the exporter's.
 Writes into tests/fixtures/hf_export/: model.onnx with the config.json and preprocessor_config.json optimum writes
-beside it, input.npy (one image, preprocessed), and reference.json with the logits, the default target's tensor
-name and, for two target classes, the Grad-CAM target's activations and gradients mapped to NCHW (.npy files).
+beside it, input.npy (one image, preprocessed), reference.json with the logits and the default target's tensor
+name, and gradients.npy: for two target classes, the gradients of the target mapped to NCHW.
 """
 
 import json
@@ -38,7 +38,7 @@ def build() -> ViTForImageClassification:
 
 
 def references(model: ViTForImageClassification, x: torch.Tensor, classes: list[int]) -> dict:
-    """Activations and per-class gradients of the target, tokens -> [C, h, w] (the class token dropped)."""
+    """Logits, and per-class gradients of the target, tokens -> [C, h, w] (the class token dropped)."""
     saved = {}
 
     def keep(_module, _inputs, output):
@@ -55,8 +55,7 @@ def references(model: ViTForImageClassification, x: torch.Tensor, classes: list[
             gradients.append(to_nchw(saved["target"].grad[0]))
     finally:
         hook.remove()
-    return {"logits": logits.detach().numpy(), "activations": to_nchw(saved["target"][0].detach()),
-            "gradients": np.stack(gradients)}
+    return {"logits": logits.detach().numpy(), "gradients": np.stack(gradients)}
 
 
 def to_nchw(tokens: torch.Tensor) -> np.ndarray:
@@ -77,7 +76,6 @@ def main(out: Path) -> int:
         order = model(pixel_values=x).logits[0].argsort(descending=True).tolist()
     classes = [order[0], order[2]]
     ref = references(model, x, classes)
-    np.save(out / "activations.npy", ref["activations"])
     np.save(out / "gradients.npy", ref["gradients"])
     (out / "reference.json").write_text(json.dumps({
         "target": TARGET, "classes": classes, "labels": LABELS, "input_size": [SIZE, SIZE],
