@@ -91,7 +91,8 @@ fn main() -> anyhow::Result<()> {
         ..plain.clone()
     };
     let full = explain::explain_image(&model, &bytes, &limits, &full, &ticket)?;
-    let full = &full.targets[0].heat;
+    let (width, height) = full.photo_size;
+    let full = full.targets[0].heat_at(width, height).into_owned();
 
     println!(
         "| what | median ms | inference ms | largest Run (images) | max abs difference from all {all_channels} channels |"
@@ -107,8 +108,9 @@ fn main() -> anyhow::Result<()> {
                 samples.push((started.elapsed(), e.timings.inference, e.timings.batch_size));
             }
             if options.method == CamMethod::ScoreCam {
-                let heat = &e.targets[0].heat.data;
+                let heat = e.targets[0].heat_at(width, height);
                 let d = heat
+                    .data
                     .iter()
                     .zip(&full.data)
                     .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));

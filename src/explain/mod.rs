@@ -175,8 +175,6 @@ pub struct TargetMap {
     pub raw: Map,
     /// With `aug_smooth`, each augmented copy's raw map, de-augmented (mirrored back); else empty.
     pub variants: Vec<Map>,
-    /// pytorch-grad-cam's display map (ReLU, min-max normalized, upsampled) at the analysis size.
-    pub heat: Map,
     /// In original-image pixels.
     pub boxes: Vec<Region>,
     /// How the boxes were made.
@@ -189,7 +187,8 @@ pub struct TargetMap {
 
 /// Where a target's boxes (and labeling masks) were cut: which map, at which level.
 pub struct Localization {
-    /// The localization Run's display map at the analysis size; `None`: the target's own `heat`.
+    /// The display map (pytorch-grad-cam's: ReLU, min-max normalized, upsampled) the boxes were cut on, at the
+    /// analysis size: the localization Run's, or the target's own; `None` where the request wants no boxes.
     pub map: Option<Map>,
     /// Pixels at or above it are in a box; `None` when the map has no positive maximum.
     pub level: Option<f32>,

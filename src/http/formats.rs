@@ -156,11 +156,15 @@ fn spans(source: usize, target: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// The target's mask at the photo's size: where its boxes were cut.
+/// The target's mask at the photo's size: where its boxes were cut; empty where none were asked (`max_boxes=0`).
 fn mask_of<'a>(target: &'a TargetMap, explanation: &Explanation) -> Mask<'a> {
+    static NO_MAP: std::sync::LazyLock<Map> =
+        std::sync::LazyLock::new(|| Map::new(1, 1, vec![0.0]));
     let (width, height) = explanation.photo_size;
-    let map = target.localization.map.as_ref().unwrap_or(&target.heat);
-    Mask::at_level(map, target.localization.level, width, height)
+    match &target.localization.map {
+        Some(map) => Mask::at_level(map, target.localization.level, width, height),
+        None => Mask::at_level(&NO_MAP, None, width, height),
+    }
 }
 
 fn label<'a>(info: &'a ModelInfo, target: &TargetMap) -> &'a str {
