@@ -149,9 +149,9 @@ fn locate(
     photo_size: (usize, usize),
 ) -> (Vec<Region>, Option<f32>) {
     let level = options.threshold.level(map);
-    let boxes = match (options.max_boxes, level) {
-        (0, _) | (_, None) => Vec::new(),
-        (max_boxes, Some(_)) => boxes::regions(map, options.threshold, max_boxes),
+    let boxes = match level {
+        Some(level) => boxes::regions_at(map, level, options.max_boxes),
+        None => Vec::new(),
     };
     let analysis_size = (map.width, map.height);
     let boxes = boxes

@@ -125,9 +125,14 @@ pub struct Region {
 /// (equal areas keep the raster order of their first pixel). A map whose maximum is not a
 /// positive finite number has no regions; NaN pixels are never in a segment.
 pub fn regions(map: &Map, threshold: Threshold, max_boxes: usize) -> Vec<Region> {
-    let Some(threshold) = threshold.level(map) else {
-        return Vec::new();
-    };
+    match threshold.level(map) {
+        Some(level) => regions_at(map, level, max_boxes),
+        None => Vec::new(),
+    }
+}
+
+/// [`regions`] at a level already found with [`Threshold::level`].
+pub fn regions_at(map: &Map, threshold: f32, max_boxes: usize) -> Vec<Region> {
     if max_boxes == 0 {
         return Vec::new();
     }
