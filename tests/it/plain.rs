@@ -406,58 +406,70 @@ async fn served_gradcam_of_plain_models_matches_pytorch_grad_cam() {
     }
 }
 
-/// A Hugging Face ViT exported by Hugging Face's own exporter (optimum-onnx, `make hf-export-fixture`). The file
-/// leaves height and width open: the size comes from the preprocessor_config.json beside it, with its
-/// normalization, and the class names from config.json, with no flag and no overrides. `targets` marks the last
-/// block's layernorm_before, and the augmented gradients equal PyTorch autograd's for two classes.
+/// Hugging Face classifiers exported by Hugging Face's own exporter (optimum-onnx, `make hf-export-fixture`): a
+/// ViT, a DeiT with its distillation token and a Swin. The files leave height and width open: the size comes from
+/// the preprocessor_config.json beside them, with its normalization, and the class names from config.json, with
+/// no flag and no overrides. `targets` marks the last block's layernorm_before with its prefix tokens (Swin: its
+/// view as a channels-last map, the same values), and the augmented gradients equal PyTorch autograd's for two
+/// classes.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_hugging_face_export_is_read_with_the_files_beside_it() {
+async fn hugging_face_exports_are_read_with_the_files_beside_them() {
     #[derive(Deserialize)]
     struct Reference {
         target: String,
+        layout: TargetLayout,
+        shape: [usize; 3],
         classes: Vec<usize>,
         labels: Vec<String>,
         input_size: [usize; 2],
         logits: Vec<f32>,
     }
-    let folder = fixture("hf_export");
-    let model = folder.join("model.onnx");
+    for name in ["vit", "deit_distilled", "swin"] {
+        let folder = fixture(&format!("hf_export/{name}"));
+        let model = folder.join("model.onnx");
+        let text = std::fs::read_to_string(folder.join("reference.json")).unwrap();
+        let reference: Reference = serde_json::from_str(&text).unwrap();
+
+        let candidates = plain::candidates(runtime(), &model, None, None, false).unwrap();
+        let default = candidates.iter().find(|c| c.default.is_some()).unwrap();
+        assert_eq!(default.name, reference.target, "{name}");
+        let layout = match reference.layout.layout.as_str() {
+            "nhwc" => plain::Layout::Nhwc,
+            _ => plain::Layout::Tokens {
+                prefix: reference.layout.prefix_tokens as i64,
+                grid: reference.layout.grid.map(|side| side as i64),
+            },
+        };
+        assert_eq!(default.layout, layout, "{name}");
+
+        let spec = PlainModel {
+            target: reference.target.clone(),
+            ..Default::default()
+        };
+        let augmented = plain::augment(runtime(), &model, &spec, None).unwrap();
+        let classes = reference.labels.len();
+        let mut seeds = vec![0.0; 2 * classes];
+        seeds[reference.classes[0]] = 1.0;
+        seeds[classes + reference.classes[1]] = 1.0;
+        let (_, input) = read_npy_file(&folder.join("input.npy"));
+        let (logits, shape, gradients, _) =
+            run(&augmented.model, &input, reference.input_size, &seeds, 2);
+        assert_eq!(shape[1..], reference.shape, "{name}");
+        let (_, expected) = read_npy_file(&folder.join("gradients.npy"));
+        let error = crate::support::max_relative_error(&gradients, &expected);
+        println!("optimum's {name}: gradients {error:.1e} from autograd");
+        assert!(error < TOLERANCE, "{name}: gradients {error}");
+        assert!(crate::support::max_relative_error(&logits, &reference.logits) < TOLERANCE);
+    }
+
+    // Served with nothing but the file and the target: the names, size and normalization of the files beside it.
+    let folder = fixture("hf_export/vit");
     let reference: Reference =
         serde_json::from_str(&std::fs::read_to_string(folder.join("reference.json")).unwrap())
             .unwrap();
-
-    let candidates = plain::candidates(runtime(), &model, None, None, false).unwrap();
-    let default = candidates.iter().find(|c| c.default.is_some()).unwrap();
-    assert_eq!(default.name, reference.target);
-    let tokens = plain::Layout::Tokens {
-        prefix: 1,
-        grid: [4, 4],
-    };
-    assert_eq!(default.layout, tokens);
-
-    let spec = PlainModel {
-        target: reference.target.clone(),
-        ..Default::default()
-    };
-    let augmented = plain::augment(runtime(), &model, &spec, None).unwrap();
-    let classes = reference.labels.len();
-    let mut seeds = vec![0.0; 2 * classes];
-    seeds[reference.classes[0]] = 1.0;
-    seeds[classes + reference.classes[1]] = 1.0;
-    let (_, input) = read_npy_file(&folder.join("input.npy"));
-    let (logits, shape, gradients, _) =
-        run(&augmented.model, &input, reference.input_size, &seeds, 2);
-    assert_eq!(shape, [1, 32, 4, 4]);
-    let (_, expected) = read_npy_file(&folder.join("gradients.npy"));
-    let error = crate::support::max_relative_error(&gradients, &expected);
-    println!("optimum's ViT: gradients {error:.1e} from autograd");
-    assert!(error < TOLERANCE, "gradients: {error}");
-    assert!(crate::support::max_relative_error(&logits, &reference.logits) < TOLERANCE);
-
-    // Served with nothing but the file and the target: the names, size and normalization of the files beside it.
     let toml = format!(
         "[runtime]\nlibrary = \"x\"\n[[models]]\nname = \"vit\"\nfile = \"{}\"\n[models.plain]\ntarget = \"{}\"\n",
-        model.display(),
+        folder.join("model.onnx").display(),
         reference.target
     );
     let config = Config::from_toml(&toml, std::path::Path::new("/")).unwrap();

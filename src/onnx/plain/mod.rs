@@ -178,7 +178,8 @@ fn map_layout(
     grids: Option<&[[i64; 2]]>,
     first_axis_at_one: Option<i64>,
 ) -> Option<Layout> {
-    let [_, Some(_), Some(_), Some(_)] = info.dims[..] else {
+    // The first axis follows the batch: a [1,h,w,1] mask built from shapes is no map of the image.
+    let [None, Some(_), Some(_), Some(_)] = info.dims[..] else {
         return None;
     };
     if !info.is_float() {
