@@ -103,6 +103,12 @@ def torchvision_transformer(arch: str, num_classes: int, args: dict, input_size)
         if arch in _MAXVIT:
             kw = dict(_MAXVIT[arch], input_size=tuple(input_size or (224, 224)))
             kw.update(args)
+            if sum(kw["block_layers"]) > 1:
+                # Refused rather than left to hang: tracing two blocks or more stalls in torch's symbolic shape
+                # reasoning (sympy) on the reshapes of the window and grid partitions and of the attention's
+                # einsum, for over 5 minutes even at 64 px (torch 2.15).
+                raise UserError(f"{arch}: MaxViT exports with one block only (--model-arg block_layers=[1] and one "
+                                "block_channels entry); with more, torch's symbolic tracing does not finish")
             return maxvit.MaxVit(num_classes=num_classes, **kw), _pair(kw["input_size"])
         v2 = arch.startswith("swin_v2_")
         kw = dict(_SWIN["swin_" + arch.rsplit("_", 1)[1]], patch_size=[4, 4], window_size=[8, 8] if v2 else [7, 7])

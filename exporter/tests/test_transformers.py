@@ -112,6 +112,12 @@ def test_wrong_prefix_override_names_the_flag(capsys, tmp_path):
     assert "has 5 tokens" in err and "--prefix-tokens" in err
 
 
+def test_maxvit_of_several_blocks_is_refused_not_left_to_hang(capsys, tmp_path):
+    err = _fails(capsys, ["--arch", "maxvit_t", "-o", str(tmp_path / "m.onnx")])
+    assert "one block only" in err and "block_layers=[1]" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_timm_never_downloads(capsys, tmp_path):
     err = _fails(capsys, ["--timm", "hf-hub:timm/vit_tiny_patch16_224", "-o", str(tmp_path / "m.onnx")])
     assert "nothing is downloaded" in err
