@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
-use camserve::config::{Config, LayoutKind, Overrides, PlainModel};
+use camserve::config::{Config, LayoutKind, ModelConfig, Overrides, PlainModel};
 use camserve::engine::Caller;
 use camserve::explain::{self, ExplainOptions, Targets};
 use camserve::http::{self, AppState};
@@ -129,6 +129,7 @@ enum Command {
     Explain {
         #[command(flatten)]
         setup: Setup,
+        /// A model of the config, or a contract model's file (camserve-export's, or `camserve augment`'s).
         #[arg(long)]
         model: String,
         image: PathBuf,
@@ -313,7 +314,12 @@ fn explain_file(
     classes: &[String],
     alpha: f32,
 ) -> anyhow::Result<()> {
-    let config = setup.config(Overrides::default())?;
+    let mut config = setup.config(Overrides::default())?;
+    // A file given instead of a configured name is served as a model of that name, at the defaults.
+    if !config.models.iter().any(|m| m.name == model_name) && Path::new(model_name).is_file() {
+        let file = std::path::absolute(model_name)?;
+        config.models.push(ModelConfig::new(model_name, file));
+    }
     let (_, registry) = load_models(&config, Some(model_name))?;
     let model = registry.get(model_name).expect("loaded above").clone();
     let targets = if classes.is_empty() {

@@ -261,6 +261,32 @@ fn subcommands_work_from_any_folder_without_a_config_file() {
         (written.width(), written.height()),
         image::image_dimensions(&photo).unwrap()
     );
+
+    // A contract model's file in this folder, named instead of a configured model.
+    std::fs::copy(
+        fixture("transformers/deit_distilled.onnx"),
+        dir.join("deit.onnx"),
+    )
+    .unwrap();
+    let from_file = run(&[
+        "explain".as_ref(),
+        "--model".as_ref(),
+        "deit.onnx".as_ref(),
+        photo.as_ref(),
+        "-o".as_ref(),
+        "deit.png".as_ref(),
+    ]);
+    assert!(
+        from_file.status.success(),
+        "{}",
+        String::from_utf8_lossy(&from_file.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&from_file.stdout).unwrap();
+    assert!(summary.to_string().contains("deit.onnx"), "{summary}");
+    assert_eq!(
+        image::image_dimensions(dir.join("deit.png")).unwrap(),
+        image::image_dimensions(&photo).unwrap()
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
