@@ -96,6 +96,13 @@ pub fn decode_at_least(
     Ok(Decoded { image, size })
 }
 
+/// The pixels of a JPEG, from its header alone; 0 for other bytes.
+pub fn jpeg_pixels(bytes: &[u8]) -> u64 {
+    ImageReader::with_format(Cursor::new(bytes), ImageFormat::Jpeg)
+        .into_dimensions()
+        .map_or(0, |(width, height)| u64::from(width) * u64::from(height))
+}
+
 /// Any format the `image` crate reads, whole: PNG, WebP, and the JPEGs libjpeg-turbo does not turn into RGB
 /// (CMYK).
 fn decode_whole(
