@@ -41,8 +41,13 @@ impl<'a> Canvas<'a> {
 
     pub fn overlay(&self, target: &TargetMap, alpha: f32, format: ImageFormat) -> Vec<u8> {
         let heat = target.heat_rows(self.width, self.height);
-        let overlay = render::overlay_rows(self.photo(), alpha, |y, row| heat.row(y, row));
-        encoded(format.encode(&overlay))
+        let heat_row = |y, row: &mut [f32]| heat.row(y, row);
+        encoded(match format {
+            ImageFormat::Jpeg { quality } => {
+                render::overlay_jpeg(self.photo(), alpha, heat_row, quality)
+            }
+            _ => format.encode(&render::overlay_rows(self.photo(), alpha, heat_row)),
+        })
     }
 
     /// `format` must be PNG for gray16 (params::parse_explain checks).

@@ -74,18 +74,48 @@ pub fn overlay_rows(
     let mut out = image.clone();
     let width = image.width() as usize;
     bands::for_each_mut(&mut out, 3 * width, |first_row, band| {
-        let mut heat = vec![0.0; width];
-        for (i, pixels) in band.chunks_exact_mut(3 * width).enumerate() {
-            heat_row(first_row + i, &mut heat);
-            for (pixel, &value) in pixels.chunks_exact_mut(3).zip(&heat) {
-                let channels = &blend.values[usize::from(level(value))];
-                for (channel, values) in pixel.iter_mut().zip(channels) {
-                    *channel = values[usize::from(*channel)];
-                }
-            }
-        }
+        blend.rows(first_row, band, width, &heat_row);
     });
     out
+}
+
+/// Rows an overlay is blended in before libjpeg takes them ([`overlay_jpeg`]).
+const JPEG_CHUNK_ROWS: usize = 16;
+
+/// [`overlay_rows`] encoded as JPEG, blended on another thread a few rows at a time while libjpeg-turbo encodes
+/// the rows before: the blend and the encoding then take one core each, at the same time, and the blended photo
+/// is never held whole (a 12-megapixel overlay: 36 MB).
+pub fn overlay_jpeg(
+    image: &RgbImage,
+    alpha: f32,
+    heat_row: impl Fn(usize, &mut [f32]) + Sync,
+    quality: u8,
+) -> Result<Vec<u8>, ImageError> {
+    let blend = Blend::for_alpha(alpha.clamp(0.0, 1.0));
+    let (width, height) = (image.width() as usize, image.height() as usize);
+    let heat_row = &heat_row;
+    std::thread::scope(|scope| {
+        let (send, blended) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        scope.spawn(move || {
+            for (i, rows) in image
+                .as_raw()
+                .chunks(JPEG_CHUNK_ROWS * 3 * width)
+                .enumerate()
+            {
+                let mut chunk = rows.to_vec();
+                blend.rows(i * JPEG_CHUNK_ROWS, &mut chunk, width, heat_row);
+                if send.send(chunk).is_err() {
+                    return; // the encoder failed
+                }
+            }
+        });
+        compress_jpeg(
+            mozjpeg::ColorSpace::JCS_RGB,
+            (width, height),
+            quality,
+            blended.iter(),
+        )
+    })
 }
 
 /// Every result of the blend for one alpha, `values[heat level][channel][photo value]`: a channel's blend depends
@@ -97,6 +127,27 @@ struct Blend {
 }
 
 impl Blend {
+    /// Blends `rows` (RGB, `width` pixels each, the first being row `first_row`) in place with the heat of
+    /// `heat_row(y, row)`.
+    fn rows(
+        &self,
+        first_row: usize,
+        rows: &mut [u8],
+        width: usize,
+        heat_row: impl Fn(usize, &mut [f32]),
+    ) {
+        let mut heat = vec![0.0; width];
+        for (i, pixels) in rows.chunks_exact_mut(3 * width).enumerate() {
+            heat_row(first_row + i, &mut heat);
+            for (pixel, &value) in pixels.chunks_exact_mut(3).zip(&heat) {
+                let channels = &self.values[usize::from(level(value))];
+                for (channel, values) in pixel.iter_mut().zip(channels) {
+                    *channel = values[usize::from(*channel)];
+                }
+            }
+        }
+    }
+
     /// The table of the last alpha asked for, shared: nearly every request uses the default one, and building a
     /// table (192 KiB) costs about as much as blending a 224 px image.
     fn for_alpha(alpha: f32) -> Arc<Blend> {
@@ -267,19 +318,35 @@ where
             ));
         }
     };
+    let size = (image.width() as usize, image.height() as usize);
+    compress_jpeg(
+        color_space,
+        size,
+        quality,
+        std::iter::once(image.as_raw().as_slice()),
+    )
+}
+
+/// Baseline JPEG of the rows `rows` hands over in order, (width, height) pixels in all.
+fn compress_jpeg(
+    color_space: mozjpeg::ColorSpace,
+    (width, height): (usize, usize),
+    quality: u8,
+    rows: impl Iterator<Item = impl AsRef<[u8]>>,
+) -> Result<Vec<u8>, ImageError> {
     // The mozjpeg crate reports libjpeg's fatal errors by unwinding.
-    let pixels = image.as_raw().as_slice();
-    let (width, height) = (image.width() as usize, image.height() as usize);
-    let encoded = std::panic::catch_unwind(|| {
+    let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut compress = mozjpeg::Compress::new(color_space);
         // libjpeg-turbo's own settings (baseline, no trellis search): mozjpeg's defaults spend seconds on a photo.
         compress.set_fastest_defaults();
         compress.set_size(width, height);
         compress.set_quality(f32::from(quality));
         let mut started = compress.start_compress(Vec::new())?;
-        started.write_scanlines(pixels)?;
+        for chunk in rows {
+            started.write_scanlines(chunk.as_ref())?;
+        }
         started.finish()
-    })
+    }))
     .unwrap_or_else(|unwound| {
         Err(std::io::Error::other(
             crate::pipeline::preprocess::unwound_message(unwound),
@@ -433,6 +500,24 @@ mod tests {
         assert_eq!(colors.get_pixel(1, 0).0, JET[255]);
         // 65535 * 0.5 = 32767.5 -> 32768.
         assert_eq!(gray16(&heat).into_raw(), vec![32768, 65535, 65535, 0, 0]);
+    }
+
+    #[test]
+    fn a_streamed_jpeg_overlay_is_the_jpeg_of_the_blended_overlay() {
+        // Taller than one chunk and not a multiple of it, so that the last chunk is short.
+        let (width, height) = (37, 3 * JPEG_CHUNK_ROWS + 5);
+        let image = RgbImage::from_fn(width as u32, height as u32, |x, y| {
+            Rgb([(x * 7) as u8, (y * 5) as u8, ((x + y) * 3) as u8])
+        });
+        let heat = |y: usize, row: &mut [f32]| {
+            for (x, value) in row.iter_mut().enumerate() {
+                *value = ((x + 2 * y) % 50) as f32 / 49.0;
+            }
+        };
+        let whole = ImageFormat::Jpeg { quality: 90 }
+            .encode(&overlay_rows(&image, 0.4, heat))
+            .unwrap();
+        assert_eq!(overlay_jpeg(&image, 0.4, heat, 90).unwrap(), whole);
     }
 
     #[test]
