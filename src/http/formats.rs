@@ -462,22 +462,27 @@ const RUN_WIDTHS: [u32; 4] = [4, 8, 12, 16];
 #[derive(Default)]
 struct BitWriter {
     bytes: Vec<u8>,
-    used: u32,
+    /// The bits not yet in `bytes` are its lowest `pending`.
+    bits: u64,
+    pending: u32,
 }
 
 impl BitWriter {
+    /// The lowest `width` (at most 32) bits of `value`.
     fn write(&mut self, value: u64, width: u32) {
-        for i in (0..width).rev() {
-            if self.used.is_multiple_of(8) {
-                self.bytes.push(0);
-            }
-            let bit = ((value >> i) & 1) as u8;
-            *self.bytes.last_mut().expect("pushed above") |= bit << (7 - self.used % 8);
-            self.used += 1;
+        debug_assert!(width <= 32);
+        self.bits = (self.bits << width) | (value & ((1 << width) - 1));
+        self.pending += width;
+        while self.pending >= 8 {
+            self.pending -= 8;
+            self.bytes.push((self.bits >> self.pending) as u8);
         }
     }
 
-    fn finish(self) -> Vec<u8> {
+    fn finish(mut self) -> Vec<u8> {
+        if self.pending > 0 {
+            self.bytes.push((self.bits << (8 - self.pending)) as u8);
+        }
         self.bytes
     }
 }
