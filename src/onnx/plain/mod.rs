@@ -76,7 +76,7 @@ pub fn candidates(
     let plain = read::read(file, output, keep_softmax, input_size)?;
     let graph = graph(&plain.model);
     let names = graph::leading_to(graph, &plain.output);
-    let shapes = shapes::probe(runtime, &plain, &names)?;
+    let (shapes, first_axes) = shapes::probe_with_first_axes(runtime, &plain, &names)?;
     let image = layout::depending_on(graph, &plain.input);
     let patch = layout::patch_embedding(graph, &plain.input, plain.input_size);
     let tokens: HashMap<&str, Layout> = names
@@ -90,10 +90,6 @@ pub fn candidates(
         .as_ref()
         .filter(|_| transformer)
         .map(|p| layout::stage_grids(p.grid));
-    let first_axes = match grids {
-        Some(_) => shapes::first_axis_at_batch_one(runtime, &plain, &names)?,
-        None => HashMap::new(),
-    };
     let mut found: Vec<Candidate> = names
         .iter()
         .filter(|name| image.contains(name.as_str()))

@@ -58,26 +58,42 @@ pub fn probe(
     names: &[String],
 ) -> Result<HashMap<String, TensorInfo>, String> {
     let mut session = open_exposing(runtime, plain, names)?;
-    if let Some(shapes) = inferred(&session) {
-        return Ok(shapes);
-    }
-    let one = run_at(&mut session, plain, 1)?;
-    let two = run_at(&mut session, plain, 2)?;
-    Ok(batch_dims(&one, &two))
+    shapes_of(&mut session, plain, None)
 }
 
-/// The first axis of each of `names` in a Run at batch size 1: 1 where it is the batch, more where the batch is
-/// folded with something else (Swin's windows, [N*windows,...]).
-pub fn first_axis_at_batch_one(
+type Shapes = HashMap<String, TensorInfo>;
+
+/// [`probe`]'s shapes, and the first axis of each of `names` in a Run at batch size 1: 1 where it is the batch,
+/// more where the batch is folded with something else (Swin's windows, [N*windows,...]). One session serves both.
+pub fn probe_with_first_axes(
     runtime: &OnnxRuntime,
     plain: &Plain,
     names: &[String],
-) -> Result<HashMap<String, i64>, String> {
+) -> Result<(Shapes, HashMap<String, i64>), String> {
     let mut session = open_exposing(runtime, plain, names)?;
-    Ok(run_at(&mut session, plain, 1)?
-        .into_iter()
-        .filter_map(|(name, (dims, _))| Some((name, *dims.first()?)))
-        .collect())
+    let one = run_at(&mut session, plain, 1)?;
+    let first_axes = one
+        .iter()
+        .filter_map(|(name, (dims, _))| Some((name.clone(), *dims.first()?)))
+        .collect();
+    Ok((shapes_of(&mut session, plain, Some(one))?, first_axes))
+}
+
+/// The shapes ONNX Runtime inferred, else those of Runs at batch sizes 1 (`one`, where already run) and 2.
+fn shapes_of(
+    session: &mut Session,
+    plain: &Plain,
+    one: Option<Observed>,
+) -> Result<HashMap<String, TensorInfo>, String> {
+    if let Some(shapes) = inferred(session) {
+        return Ok(shapes);
+    }
+    let one = match one {
+        Some(one) => one,
+        None => run_at(session, plain, 1)?,
+    };
+    let two = run_at(session, plain, 2)?;
+    Ok(batch_dims(&one, &two))
 }
 
 /// A session of the model with `names` as its outputs, at camserve's input size and a free batch size.
