@@ -72,10 +72,11 @@ pub fn prepare(
         (analysis.0.max(drawn.0), analysis.1.max(drawn.1))
     };
     // With a localization Run too, always: every output must get the same boxes.
-    let pixels = preprocess::jpeg_pixels(bytes);
-    let scaled_twice = drawn_side.is_some()
-        && pixels > 0
-        && (localization.is_some() || pixels >= DECODE_TWICE_FROM);
+    // The JPEG's header is read only for answers that draw.
+    let scaled_twice = drawn_side.is_some() && {
+        let pixels = preprocess::jpeg_pixels(bytes);
+        pixels > 0 && (localization.is_some() || pixels >= DECODE_TWICE_FROM)
+    };
     let (photo, analysis) = std::thread::scope(|scope| {
         let analysis = scaled_twice
             .then(|| scope.spawn(|| preprocess::decode_at_least(bytes, &limits, analysis_size)));
