@@ -183,8 +183,9 @@ pub fn declare(
     free_batch(graph, INPUT);
 }
 
-/// The `camserve.*` metadata a plain file lacks (keys it has are kept): class indices as labels, ImageNet
-/// preprocessing, the input size, the target's name and its layout (how it was mapped to NCHW).
+/// The `camserve.*` metadata a plain file lacks (keys it has are kept): the class names of Hugging Face's
+/// config.json beside it, else class indices, as labels; its preprocessor_config.json's preprocessing, else
+/// ImageNet's; the input size, the target's name and its layout (how it was mapped to NCHW).
 pub fn write_metadata(
     plain: &mut Plain,
     class_count: i64,
@@ -194,8 +195,20 @@ pub fn write_metadata(
 ) {
     let [height, width] = plain.input_size;
     let labels: Vec<String> = match &plain.hugging_face.labels {
-        Some(names) if names.len() as i64 == class_count => names.clone(),
-        _ => (0..class_count).map(|c| c.to_string()).collect(),
+        Some(names) if names.len() as i64 == class_count => {
+            plain
+                .notes
+                .push("class names from config.json beside it".into());
+            names.clone()
+        }
+        Some(names) => {
+            plain.notes.push(format!(
+                "config.json beside it names {} classes, the scores have {class_count}: numbered labels",
+                names.len()
+            ));
+            (0..class_count).map(|c| c.to_string()).collect()
+        }
+        None => (0..class_count).map(|c| c.to_string()).collect(),
     };
     let preprocess = plain
         .hugging_face

@@ -57,9 +57,6 @@ pub fn read(
     if hugging_face.preprocess.is_some() {
         notes.push("input size and normalization from preprocessor_config.json beside it".into());
     }
-    if hugging_face.labels.is_some() {
-        notes.push("class names from config.json beside it".into());
-    }
     Ok(Plain {
         model,
         opset,
