@@ -207,8 +207,8 @@ lint:
 	cargo fmt --check
 	cargo clippy --locked --all-targets -- -D warnings
 
-## A small Hugging Face ViT exported by Hugging Face's own exporter (optimum-onnx), with autograd's references:
-## tests/fixtures/hf_export, read by tests/it/plain.rs. optimum-onnx needs transformers < 4.58: its own venv.
+## Small Hugging Face classifiers (ViT, DeiT-distilled, Swin) exported by Hugging Face's own exporter
+## (optimum-onnx), with autograd's references: tests/fixtures/hf_export, read by tests/it/plain.rs. optimum-onnx needs transformers < 4.58: its own venv.
 hf-export-fixture: $(OPTIMUM_STAMP)
 	$(OPTIMUM_VENV)/bin/python scripts/hf-export-fixture.py tests/fixtures/hf_export
 
