@@ -1,12 +1,11 @@
 """tests/fixtures/ is what the Rust server's tests trust: check it is consistent, up to date and that each broken
 model is broken in exactly its one way."""
 
-import hashlib
 import json
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, metadata, run, session
+from conftest import FIXTURES, metadata, run, session, stale_files
 from PIL import Image
 
 from camserve_export.cam import gradcam_lowres, like_pytorch_grad_cam, like_pytorch_grad_cam_layers
@@ -153,15 +152,10 @@ def test_readme_lists_every_fixture():
         assert f"`{path.name}`" in readme, f"{path.name} is not described in tests/fixtures/README.md"
 
 
-def _digest(root):
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def test_fixtures_are_up_to_date(tmp_path):
-    """Regenerating gives the committed bytes: the fixtures match the code that claims to make them. (Files
-    the generator does not write, like README.md or the Rust tests' own fixtures, are not compared.)"""
+    """Regenerating gives the committed files, numbers within float rounding: the fixtures match the code that
+    claims to make them. (Files the generator does not write, like README.md or the Rust tests' own fixtures, are
+    not compared.)"""
     generate(tmp_path, log=lambda msg: None)
-    generated, committed = _digest(tmp_path), _digest(FIXTURES)
-    stale = sorted(k for k, v in generated.items() if committed.get(k) != v)
+    stale = stale_files(tmp_path, FIXTURES)
     assert not stale, f"stale fixtures {stale}: run .venv/bin/python -m camserve_export.fixtures tests/fixtures"
