@@ -123,7 +123,7 @@ def _onnx_export(graph, x, w, dynamic_hw: bool, path: Path, names: list[str]) ->
 def _trace_and_export(split, input_size, num_classes, dynamic_hw, path, log, extra, guided) -> onnx.ModelProto:
     x_shape, w_shape = trace_shapes(input_size, num_classes, dynamic_hw)
     log(f"tracing (make_fx over torch.func.vjp), H/W {'dynamic' if dynamic_hw else 'fixed'}")
-    graph = trace(split, torch.randn(x_shape), torch.zeros(w_shape), extra, guided)
+    graph = trace(split, torch.randn(x_shape), torch.zeros(w_shape), extra, guided, dynamic_hw)
     log("exporting (torch.onnx, dynamo)")
     names = output_names(len(extra.names) if extra else 0, guided)
     _onnx_export(graph, torch.randn(x_shape), torch.zeros(w_shape), dynamic_hw, path, names)
@@ -174,7 +174,15 @@ def export_contract(split, out, *, input_size: int | tuple[int, int] = 224, labe
                 dynamic_hw = False
             auto_hw = dynamic_hw is None
             fixed_at = f"{size_hw[0]}x{size_hw[1]}"
-            if auto_hw:
+            fixed_why = getattr(split, "fixed_size", "")
+            if fixed_why:
+                # A traced graph keeps the branch taken at the example size, and is wrong at sizes that take another.
+                if dynamic_hw:
+                    raise UserError(f"H and W can't be dynamic: {fixed_why}")
+                if auto_hw:
+                    notes.append(f"H and W are fixed at {fixed_at}: {fixed_why}")
+                dynamic_hw = False
+            elif auto_hw:
                 dynamic_hw = accepts_other_sizes(split, size_hw)
                 if not dynamic_hw:
                     notes.append(f"the head needs the fixed input size: H and W are fixed at {fixed_at}")

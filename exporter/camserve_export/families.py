@@ -35,6 +35,7 @@ class Family:
     patch: tuple[int, int] | None = None
     nhwc: bool = False
     nchw_modules: set = field(default_factory=set)  # paths that are NCHW even in an NHWC model
+    fixed_size: str = ""  # why H and W can't change, where the model's code branches on them
 
 
 @dataclass
@@ -99,16 +100,12 @@ def torchvision_transformer(arch: str, num_classes: int, args: dict, input_size)
                     raise UserError(f"torchvision's {arch} takes square inputs only; use --timm for non-square ViTs")
                 kw["image_size"] = input_size[0]
             kw.update(args)
-            return vision_transformer.VisionTransformer(num_classes=num_classes, **kw), _pair(kw["image_size"])
+            model = vision_transformer.VisionTransformer(num_classes=num_classes, **kw)
+            nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision's zero head: all-zero scores and maps
+            return model, _pair(kw["image_size"])
         if arch in _MAXVIT:
             kw = dict(_MAXVIT[arch], input_size=tuple(input_size or (224, 224)))
             kw.update(args)
-            if sum(kw["block_layers"]) > 1:
-                # Refused rather than left to hang: tracing two blocks or more stalls in torch's symbolic shape
-                # reasoning (sympy) on the reshapes of the window and grid partitions and of the attention's
-                # einsum, for over 5 minutes even at 64 px (torch 2.15).
-                raise UserError(f"{arch}: MaxViT exports with one block only (--model-arg block_layers=[1] and one "
-                                "block_channels entry); with more, torch's symbolic tracing does not finish")
             return maxvit.MaxVit(num_classes=num_classes, **kw), _pair(kw["input_size"])
         v2 = arch.startswith("swin_v2_")
         kw = dict(_SWIN["swin_" + arch.rsplit("_", 1)[1]], patch_size=[4, 4], window_size=[8, 8] if v2 else [7, 7])
@@ -128,7 +125,8 @@ def torchvision_family(model: nn.Module) -> Family | None:
                       patch=_pair(model.patch_size))
     if isinstance(model, swin_transformer.SwinTransformer):
         return Family("torchvision Swin", _path_of(model, model.features[-1][-1].norm1), nhwc=True,
-                      nchw_modules={"permute", "avgpool", "flatten", "head"})
+                      nchw_modules={"permute", "avgpool", "flatten", "head"},
+                      fixed_size="torchvision's Swin shifts its windows or not by the feature map's size")
     if isinstance(model, maxvit.MaxVit):
         return Family("torchvision MaxViT", _path_of(model, model.blocks[-1]))
     return None
@@ -331,4 +329,4 @@ def layout_split(model: nn.Module, lookup: nn.Module, family: Family, path: str 
     check_layout(chosen, outputs[0], path, input_hw)
     # a token or channels-last target is a block's first norm: the block's input is its residual
     block = lookup.get_submodule(path.rsplit(".", 1)[0]) if chosen.kind != "nchw" and "." in path else None
-    return LayoutSplit(model, module, path, chosen, block)
+    return LayoutSplit(model, module, path, chosen, block, family.fixed_size)

@@ -82,9 +82,9 @@ class LayoutSplit(HookSplit):
     input from there, so nothing before the block runs again on the N*K rows of the head. The eager `head` (the
     checks' reference) simply recomputes them from x."""
 
-    def __init__(self, model, layer, name: str, layout: Layout, block=None):
+    def __init__(self, model, layer, name: str, layout: Layout, block=None, fixed_size: str = ""):
         super().__init__(model, layer, name)
-        self.layout, self.block = layout, block
+        self.layout, self.block, self.fixed_size = layout, block, fixed_size
 
     def raw_activations(self, x):
         return super().activations(x)

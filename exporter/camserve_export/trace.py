@@ -8,7 +8,9 @@ import contextlib
 import torch
 import torch.nn as nn
 from torch._decomp import decomposition_table
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from .guided import guided_relus
 from .split import capture
@@ -215,22 +217,36 @@ def _traceable_functions():
         F.adaptive_avg_pool1d, F.adaptive_avg_pool2d = _adaptive_avg_pool1d, _adaptive_avg_pool2d
 
 
-def trace(split, x: torch.Tensor, class_weights: torch.Tensor, extra=None, guided: bool = False
-          ) -> torch.fx.GraphModule:
-    """Symbolic trace: every input dim becomes a symbol, so the example sizes must not coincide where the
-    dims are unrelated (duck sizing would give them one symbol); see export.trace_shapes."""
+def trace(split, x: torch.Tensor, class_weights: torch.Tensor, extra=None, guided: bool = False,
+          dynamic_hw: bool = False) -> torch.fx.GraphModule:
+    """Symbolic trace in which N, K and, when dynamic_hw, H and W are symbols; the example sizes must not coincide
+    where those dims are unrelated (duck sizing would give them one symbol); see export.trace_shapes."""
     graph = ContractGraph(split, extra, guided)
     with _out_of_place(split.root), _traceable_functions():
         if guided:
             # functionalize has no rule for an autograd.Function (the guided ReLU): trace first, then
             # functionalize the traced graph, which holds aten ops only.
             graph = make_fx(graph, decomposition_table=DECOMPOSITIONS, tracing_mode="symbolic",
-                            _allow_non_fake_inputs=True)(x, class_weights)
+                            _allow_non_fake_inputs=True)(*_fake_inputs(x, class_weights, dynamic_hw))
         # functionalize removes the in-place ops modules can't switch off (x += y in ResNet, F.relu(inplace=True)
         # in DenseNet) at trace time, where it is cheap.
         graph = make_fx(torch.func.functionalize(graph, remove="mutations"),
                         decomposition_table=DECOMPOSITIONS, tracing_mode="symbolic",
-                        _allow_non_fake_inputs=True)(x, class_weights)
+                        _allow_non_fake_inputs=True)(*_fake_inputs(x, class_weights, dynamic_hw))
     graph.graph.eliminate_dead_code()  # the prefix HookSplit.head recomputes
     graph.recompile()
     return graph
+
+
+def _fake_inputs(x: torch.Tensor, class_weights: torch.Tensor, dynamic_hw: bool):
+    """The inputs as fake tensors whose fixed dims are plain numbers. make_fx on real inputs makes every dim a
+    symbol; a fixed H and W left symbolic turn each window partition's sizes into nested floor divisions that sympy
+    simplifies ever more slowly (MaxViT: 20 s for one block, never finishing for two; 0.7 s with H, W fixed)."""
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    symbol, fixed = DimDynamic.DUCK, DimDynamic.STATIC
+    hw = symbol if dynamic_hw else fixed
+
+    def fake(t, dims):
+        return mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+
+    return fake(x, [symbol, fixed, hw, hw]), fake(class_weights, [symbol, symbol, fixed])

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from . import families
 from .layout import Layout, LayoutSplit
@@ -36,7 +35,6 @@ def _timm(name, size, **kw):
 def _torchvision_vit():
     model, size = families.torchvision_transformer(
         "vit_b_16", NUM_CLASSES, dict(num_layers=2, hidden_dim=32, num_heads=2, mlp_dim=64), (64, 64))
-    nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision zero-initializes the head: all-zero logits
     return families.Built(model, model, families.torchvision_family(model), Preprocess(), None,
                           "torchvision vit_b_16 (2 layers, width 32), random weights", size)
 
@@ -95,10 +93,9 @@ MORE_CASES = [
          _hf("ConvNext", image_size=64, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)),
     Case("torchvision_swin_v2", "torchvision Swin v2 (post-norm blocks), channels-last, 64x64",
          _torchvision("swin_v2_t", (64, 64), embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=[4, 4])),
-    # One block: with two, torch's symbolic shape reasoning (sympy) on the window and grid partitions does not
-    # finish tracing in 7 minutes.
-    Case("torchvision_maxvit", "torchvision MaxViT, one block (MBConv, block and grid attention), NCHW, 64x64",
-         _torchvision("maxvit_t", (64, 64), stem_channels=16, block_channels=[32], block_layers=[1], head_dim=8,
+    Case("torchvision_maxvit", "torchvision MaxViT, two stages of two blocks (MBConv, block and grid attention), "
+         "NCHW, 64x64",
+         _torchvision("maxvit_t", (64, 64), stem_channels=16, block_channels=[16, 32], block_layers=[2, 2], head_dim=8,
                       partition_size=4)),
 ]
 

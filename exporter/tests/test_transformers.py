@@ -50,6 +50,8 @@ def _export(name, tmp_path):
 def test_transformer_family(name, tmp_path):
     built, split, result = _export(name, tmp_path)
     assert max(result.errors.values()) <= 1e-4  # the export's own check: ORT vs eager autograd at N=3, K=4
+    if name == "torchvision_swin_v2":  # its window shift depends on the size: traced at 224x240, wrong at 224x224
+        assert not result.dynamic_hw and any("shifts its windows" in note for note in result.notes)
     PARITY[name] = dict(result.errors)
     h, w = built.input_size
     sess = session(result.path)
@@ -110,12 +112,6 @@ def test_wrong_prefix_override_names_the_flag(capsys, tmp_path):
                           "--model-arg", "num_heads=2", "--input-size", "32", "--prefix-tokens", "3",
                           "-o", str(tmp_path / "m.onnx")])
     assert "has 5 tokens" in err and "--prefix-tokens" in err
-
-
-def test_maxvit_of_several_blocks_is_refused_not_left_to_hang(capsys, tmp_path):
-    err = _fails(capsys, ["--arch", "maxvit_t", "-o", str(tmp_path / "m.onnx")])
-    assert "one block only" in err and "block_layers=[1]" in err
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_timm_never_downloads(capsys, tmp_path):
