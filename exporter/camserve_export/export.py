@@ -167,18 +167,12 @@ def export_contract(split, out, *, input_size: int | tuple[int, int] = 224, labe
             if guided and not relu_modules(split.root):
                 notes.append("the model has no nn.ReLU module: input_gradients are its plain input gradients "
                              "(as pytorch-grad-cam's GuidedBackpropReLUModel gives for it)")
-            if layout.kind == "tokens":
-                if dynamic_hw:
-                    raise UserError(f"target {split.name!r} is tokens on a fixed {layout.grid[0]}x"
-                                    f"{layout.grid[1]} grid: H and W can't be dynamic (export with fixed H/W)")
-                dynamic_hw = False
             auto_hw = dynamic_hw is None
             fixed_at = f"{size_hw[0]}x{size_hw[1]}"
             fixed_why = getattr(split, "fixed_size", "")
             if fixed_why:
-                # A traced graph keeps the branch taken at the example size, and is wrong at sizes that take another.
                 if dynamic_hw:
-                    raise UserError(f"H and W can't be dynamic: {fixed_why}")
+                    raise UserError(f"H and W can't be dynamic (export with fixed H/W): {fixed_why}")
                 if auto_hw:
                     notes.append(f"H and W are fixed at {fixed_at}: {fixed_why}")
                 dynamic_hw = False

@@ -35,7 +35,9 @@ class Family:
     patch: tuple[int, int] | None = None
     nhwc: bool = False
     nchw_modules: set = field(default_factory=set)  # paths that are NCHW even in an NHWC model
-    fixed_size: str = ""  # why H and W can't change, where the model's code branches on them
+    # why H and W can't change: a traced graph keeps the branch its code took at the example size, wrong at sizes
+    # that take another
+    fixed_size: str = ""
 
 
 @dataclass
@@ -329,4 +331,7 @@ def layout_split(model: nn.Module, lookup: nn.Module, family: Family, path: str 
     check_layout(chosen, outputs[0], path, input_hw)
     # a token or channels-last target is a block's first norm: the block's input is its residual
     block = lookup.get_submodule(path.rsplit(".", 1)[0]) if chosen.kind != "nchw" and "." in path else None
-    return LayoutSplit(model, module, path, chosen, block, family.fixed_size)
+    fixed_size = family.fixed_size
+    if chosen.kind == "tokens":  # the position embedding fixes the grid
+        fixed_size = f"target {path!r} is tokens on a fixed {chosen.grid[0]}x{chosen.grid[1]} grid"
+    return LayoutSplit(model, module, path, chosen, block, fixed_size)
